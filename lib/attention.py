@@ -1,0 +1,131 @@
+"""Reference (XLA/jnp) attention of a chunk of new tokens over the cache plus themselves.
+
+Axis letters: B batch, T new tokens (queries), N query heads, K kv heads, G = N // K query heads
+per kv head, S cache slots, H head dim.
+
+One function serves prefill (T = chunk) and decode (T = 1). It never materialises a T x S or
+S x S score matrix for the whole cache: the cache is read in blocks of ``block_size`` slots
+with an online softmax (running max ``m``, normaliser ``l`` and accumulator ``acc``), and the
+loop stops at the longest valid length, so unused capacity is not read. Peak memory is
+O(T * block_size) per head.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+_NEG = -1e30  # finite "minus infinity": keeps fully masked blocks NaN-free
+
+
+def _window_ok(q_pos, k_pos, sliding_window):
+  """``q_pos [..., T, 1]`` vs ``k_pos [..., 1, S]`` -> bool: key inside the sliding window."""
+  if sliding_window is None:
+    return True
+  return (q_pos - k_pos) < sliding_window
+
+
+def chunk_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    cache_k: jax.Array,
+    cache_v: jax.Array,
+    cache_positions: jax.Array,
+    cache_lengths: jax.Array,
+    q_positions: jax.Array,
+    *,
+    sliding_window: int | None = None,
+    block_size: int = 512,
+) -> jax.Array:
+  """Causal GQA attention of T new tokens over the cache and over themselves.
+
+  Args:
+    q: ``[B, T, N, H]`` post-RoPE queries.
+    k_new, v_new: ``[B, K, T, H]`` keys/values of the same T tokens (not yet in the cache).
+    cache_k, cache_v: ``[B, K, S, H]`` cached keys/values; ``S`` a multiple of ``block_size``
+      (or smaller than it).
+    cache_positions: ``[B, K, S]`` original positions of cached tokens (used by windows).
+    cache_lengths: ``[B, K]`` valid slots per head; slots beyond are ignored.
+    q_positions: ``[B, T]`` positions of the new tokens.
+    sliding_window: keys with ``q_pos - k_pos >= sliding_window`` are masked (Mistral).
+    block_size: cache slots per online-softmax block.
+
+  Returns:
+    ``[B, T, N, H]`` attention outputs in ``q.dtype``.
+  """
+  b, t, n, h = q.shape
+  kh = k_new.shape[1]
+  g = n // kh
+  f32 = jnp.float32
+  qg = (q.astype(f32) * (1.0 / math.sqrt(h))).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+  qpos = q_positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+
+  # 1) The new tokens attend to themselves causally. The diagonal is always allowed, so every
+  #    query row gets a finite running max before any cache block is read.
+  s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, k_new.astype(f32))
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  mask = causal & _window_ok(qpos, q_positions[:, None, None, None, :], sliding_window)
+  s = jnp.where(mask, s, _NEG)
+  m = s.max(-1)  # [B, K, G, T]
+  p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
+  l = p.sum(-1)
+  acc = jnp.einsum("BKGTS,BKSH->BKGTH", p, v_new.astype(f32))
+
+  # 2) Cached blocks with an online softmax, up to the longest valid length.
+  s_cap = cache_k.shape[2]
+  bs = min(block_size, s_cap)
+  if s_cap % bs:
+    raise ValueError(f"cache capacity {s_cap} must be a multiple of the attention block size {bs}")
+  n_blocks = (jnp.max(cache_lengths) + bs - 1) // bs
+
+  def body(i, carry):
+    m, l, acc = carry
+    start = i * bs
+    kb = jax.lax.dynamic_slice_in_dim(cache_k, start, bs, axis=2).astype(f32)  # [B, K, bs, H]
+    vb = jax.lax.dynamic_slice_in_dim(cache_v, start, bs, axis=2).astype(f32)
+    pb = jax.lax.dynamic_slice_in_dim(cache_positions, start, bs, axis=2)  # [B, K, bs]
+    idx = start + jnp.arange(bs)
+    valid = (idx[None, None, :] < cache_lengths[..., None])[:, :, None, None, :]  # [B,K,1,1,bs]
+    valid = valid & _window_ok(qpos, pb[:, :, None, None, :], sliding_window)
+    sb = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb)
+    sb = jnp.where(valid, sb, _NEG)
+    m_new = jnp.maximum(m, sb.max(-1))
+    alpha = jnp.exp(m - m_new)
+    pb_ = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
+    l = l * alpha + pb_.sum(-1)
+    acc = acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", pb_, vb)
+    return m_new, l, acc
+
+  m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
+  out = acc / l[..., None]  # [B, K, G, T, H]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def dense_attention_reference(q, k, v, q_positions, k_positions, k_valid, sliding_window=None):
+  """Textbook softmax attention for tests: materialises the full score matrix.
+
+  Args: ``q [B, T, N, H]``, ``k, v [B, K, S, H]``, ``q_positions [B, T]``,
+  ``k_positions [B, K, S]``, ``k_valid [B, K, S]`` bool. Causality is by position.
+  Returns ``[B, T, N, H]``.
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[1]
+  qg = q.reshape(b, t, kh, n // kh, h).astype(jnp.float32) / math.sqrt(h)
+  s = jnp.einsum("BTKGH,BKSH->BKGTS", qg, k.astype(jnp.float32))
+  qp = q_positions[:, None, None, :, None]
+  kp = k_positions[:, :, None, None, :]
+  mask = k_valid[:, :, None, None, :] & (kp <= qp) & _window_ok(qp, kp, sliding_window)
+  s = jnp.where(mask, s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("BKGTS,BKSH->BTKGH", p, v.astype(jnp.float32))
+  return out.reshape(b, t, n, h)
+
+
+# An observation hook sees one layer's tensors inside the forward pass and returns a pytree
+# (stacked over layers by the model's scan). Signature:
+#   observe(q [B,T,N,H], k_new [B,K,T,H], v_new [B,K,T,H], q_positions [B,T], layer_cache) -> Any
+ObserveFn = Callable[..., Any]

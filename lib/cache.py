@@ -1,0 +1,123 @@
+"""The one KV-cache pytree of kvlab.
+
+Axis letters (used in every attention and kernel file):
+  L layers, B batch, K kv heads, S cache slots (capacity), T new tokens, H head dim.
+
+Slots ``[0, lengths[l, b, k])`` of a (layer, row, head) hold valid entries; the rest is free
+space (or, for a compressed cache, simply absent: a compressed cache is allocated with a
+smaller capacity, so its saving shows in ``nbytes``). Every kept slot remembers the original
+position of its token, so keys keep their RoPE phase after eviction and attention can apply
+position-based masks (sliding windows) to a reordered cache.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KVCache:
+  """Stacked per-layer KV cache.
+
+  Attributes:
+    keys: ``[L, B, K, S, H]`` post-RoPE keys.
+    values: ``[L, B, K, S, H]``.
+    positions: ``[L, B, K, S]`` int32 original token position of each slot, -1 if empty.
+    lengths: ``[L, B, K]`` int32 number of valid slots (they are packed at the front).
+    next_position: ``[B]`` int32 position the next appended token receives (the number of
+      tokens the row has seen, compressed or not).
+  """
+
+  keys: jax.Array
+  values: jax.Array
+  positions: jax.Array
+  lengths: jax.Array
+  next_position: jax.Array
+
+  @classmethod
+  def init(
+      cls,
+      *,
+      num_layers: int,
+      batch: int,
+      kv_heads: int,
+      capacity: int,
+      head_dim: int,
+      dtype=jnp.float32,
+  ) -> "KVCache":
+    """Allocates an empty cache with ``capacity`` slots per (layer, row, head)."""
+    if capacity <= 0:
+      raise ValueError(f"cache capacity must be positive, got {capacity}")
+    shape = (num_layers, batch, kv_heads, capacity, head_dim)
+    return cls(
+        keys=jnp.zeros(shape, dtype),
+        values=jnp.zeros(shape, dtype),
+        positions=jnp.full(shape[:-1], -1, jnp.int32),
+        lengths=jnp.zeros(shape[:3], jnp.int32),
+        next_position=jnp.zeros((batch,), jnp.int32),
+    )
+
+  # ---- static facts --------------------------------------------------------------------
+  @property
+  def num_layers(self) -> int:
+    return self.keys.shape[0]
+
+  @property
+  def batch(self) -> int:
+    return self.keys.shape[1]
+
+  @property
+  def kv_heads(self) -> int:
+    return self.keys.shape[2]
+
+  @property
+  def capacity(self) -> int:
+    return self.keys.shape[3]
+
+  @property
+  def head_dim(self) -> int:
+    return self.keys.shape[4]
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes allocated by the cache, summed over its leaves (never from a formula)."""
+    return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+  # ---- updates ---------------------------------------------------------------------------
+  def append(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> "KVCache":
+    """Writes T new tokens per (layer, row, head) after its valid slots.
+
+    Args:
+      k_new: ``[L, B, K, T, H]`` keys of the new tokens (post-RoPE).
+      v_new: ``[L, B, K, T, H]``.
+      n_new: ``[B]`` int32, how many of the T tokens are real for each row (the rest is
+        right padding: written but left outside ``lengths``).
+
+    Returns:
+      The cache with ``lengths += n_new`` and ``next_position += n_new``. The caller must
+      guarantee ``lengths + T <= capacity`` (``lib.generate`` checks it before tracing).
+    """
+    t = k_new.shape[3]
+    offs = jnp.arange(t, dtype=jnp.int32)
+    pos_new = jnp.where(offs[None, :] < n_new[:, None],
+                        self.next_position[:, None] + offs[None, :], -1)  # [B, T]
+    pos_new = jnp.broadcast_to(pos_new[None, :, None, :], k_new.shape[:4])
+
+    def write(buf, new, start):  # buf [S, ...], new [T, ...]
+      return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
+
+    write_lbk = jax.vmap(jax.vmap(jax.vmap(write)))
+    return self.replace(
+        keys=write_lbk(self.keys, k_new, self.lengths),
+        values=write_lbk(self.values, v_new, self.lengths),
+        positions=write_lbk(self.positions, pos_new, self.lengths),
+        lengths=self.lengths + n_new[None, :, None].astype(jnp.int32),
+        next_position=self.next_position + n_new.astype(jnp.int32),
+    )
+
+
+def layer_view(cache: KVCache):
+  """The per-layer arrays a model scans over: ``(keys, values, positions, lengths)``."""
+  return cache.keys, cache.values, cache.positions, cache.lengths

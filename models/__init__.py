@@ -1,0 +1,110 @@
+"""Model families, checkpoint loaders and tokenizer glue. Entry point: ``models.load``."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib import generate as gen
+from lib.cache import KVCache
+from lib.sampling import SamplingConfig
+from models.config import ModelConfig
+from models.decoder import make_apply_fn
+from models.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class LanguageModel:
+  """A loaded model: config, params (a plain pytree), tokenizer and the pure ``apply_fn``."""
+
+  config: ModelConfig
+  params: Any
+  tokenizer: Tokenizer | None
+  apply_fn: Callable
+  dtype: Any = jnp.float32
+  source: str = ""
+  attn_block_size: int = 512
+
+  @property
+  def stop_tokens(self) -> tuple[int, ...]:
+    ids = set(self.config.eos_token_ids)
+    if self.tokenizer is not None:
+      for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+        i = self.tokenizer.token_id(t)
+        if i is not None:
+          ids.add(i)
+      if self.tokenizer.eos_id is not None:
+        ids.add(self.tokenizer.eos_id)
+    return tuple(sorted(ids))
+
+  def new_cache(self, batch: int, capacity: int) -> KVCache:
+    """An empty cache of ``[L, batch, K, capacity', H]``; capacity' is rounded up to a multiple
+    of the attention block size (or of 8 when smaller than one block)."""
+    c = self.config
+    bs = self.attn_block_size
+    cap = gen.round_up(capacity, 8) if capacity <= bs else gen.round_up(capacity, bs)
+    return KVCache.init(num_layers=c.num_layers, batch=batch, kv_heads=c.num_kv_heads,
+                        capacity=cap, head_dim=c.head_dim, dtype=self.dtype)
+
+  def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
+                   sampling: SamplingConfig = SamplingConfig(), seed: int = 0,
+                   chunk_size: int = 512, stop: bool = True) -> dict:
+    """Prefill + jitted decode loop for a batch of token lists (different lengths allowed).
+
+    Returns a dict with ``tokens`` (list of generated id lists), ``prefill_s``, ``decode_s``,
+    ``cache`` (the final cache) and ``num_generated``.
+    """
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    chunk = min(chunk_size, gen.round_up(max(len(p) for p in prompts) if prompts else 1, 8))
+    tokens, lengths = gen.pad_batch(prompts, chunk)
+    gen.check_context(lengths, max_new_tokens, self.config.max_position_embeddings)
+    cache = self.new_cache(len(prompts), tokens.shape[1] + max_new_tokens)
+    gen.check_capacity(cache, tokens.shape[1], max_new_tokens)
+    t0 = time.perf_counter()
+    logits, cache, _ = gen.prefill(self.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                   apply_fn=self.apply_fn, chunk_size=chunk)
+    logits.block_until_ready()
+    t1 = time.perf_counter()
+    out, n_gen, cache = gen.decode_loop(
+        self.params, cache, logits, jax.random.PRNGKey(seed), apply_fn=self.apply_fn,
+        max_new_tokens=max_new_tokens, sampling=sampling,
+        stop_tokens=self.stop_tokens if stop else ())
+    out = np.asarray(out)
+    t2 = time.perf_counter()
+    n_gen = np.asarray(n_gen)
+    return {"tokens": [out[i, : n_gen[i]].tolist() for i in range(len(prompts))],
+            "num_generated": n_gen, "prefill_s": t1 - t0, "decode_s": t2 - t1, "cache": cache,
+            "lengths": lengths}
+
+  def chat(self, user: str, **kw) -> str:
+    """Answers one user message with the checkpoint's chat template; returns the text."""
+    ids = self.tokenizer.encode_chat(user)
+    res = self.generate_ids([ids], **kw)
+    return self.tokenizer.decode(res["tokens"][0])
+
+
+def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
+         attn_block_size: int = 512) -> LanguageModel:
+  """Loads ``smollm2-135m`` (default), an HF checkpoint directory or a ``.gguf`` file."""
+  from models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
+
+  kind, path = registry.resolve(name_or_path)
+  if kind == "gguf":
+    from models.gguf_loader import load_gguf  # pylint: disable=g-import-not-at-top
+    cfg, params, reader = load_gguf(path, dtype, progress)
+    tokenizer = tok_mod.from_gguf(reader)
+  else:
+    from models.safetensors_loader import load_safetensors_dir  # pylint: disable=g-import-not-at-top
+    cfg, params = load_safetensors_dir(path, dtype, progress)
+    try:
+      tokenizer = tok_mod.from_hf_dir(path)
+    except FileNotFoundError:
+      tokenizer = None  # weights-only checkpoints (tests) still run on token ids
+  return LanguageModel(cfg, params, tokenizer, make_apply_fn(cfg, dtype, attn_block_size), dtype,
+                       source=path, attn_block_size=attn_block_size)

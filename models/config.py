@@ -1,0 +1,126 @@
+"""Model hyper-parameters as small frozen data, read from HF ``config.json`` or GGUF metadata."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+from lib.rope import RopeConfig
+
+# HF model_type -> kvlab family. Mistral and SmolLM2 are Llama-architecture checkpoints.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Decoder hyper-parameters (hashable: a static argument under ``jit``).
+
+  Letters: V vocab, D model width, F MLP width, L layers, N query heads, K kv heads, H head dim.
+  """
+
+  family: str                 # "llama" | "mistral" | "qwen2" | "qwen3"
+  vocab_size: int             # V
+  hidden_size: int            # D
+  intermediate_size: int      # F
+  num_layers: int             # L
+  num_heads: int              # N
+  num_kv_heads: int           # K
+  head_dim: int               # H
+  rms_norm_eps: float = 1e-6
+  rope: RopeConfig | None = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False      # Qwen2; Llama's attention_bias
+  o_bias: bool = False        # Llama's attention_bias also biases o_proj
+  mlp_bias: bool = False
+  qk_norm: bool = False       # Qwen3
+  sliding_window: int | None = None  # Mistral
+  bos_token_id: int | None = None
+  eos_token_ids: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} must be a multiple of num_kv_heads "
+                       f"{self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+
+  @property
+  def group_size(self) -> int:
+    return self.num_heads // self.num_kv_heads
+
+  @property
+  def num_params(self) -> int:
+    d, f, l = self.hidden_size, self.intermediate_size, self.num_layers
+    qkvo = d * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    per_layer = qkvo + 3 * d * f + 2 * d
+    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return l * per_layer + emb + d
+
+
+def _eos_tuple(x) -> tuple[int, ...]:
+  if x is None:
+    return ()
+  if isinstance(x, (list, tuple)):
+    return tuple(int(i) for i in x)
+  return (int(x),)
+
+
+def rope_from_hf(cfg: Mapping[str, Any], head_dim: int) -> RopeConfig:
+  """RopeConfig from HF fields ``rope_theta`` and ``rope_scaling`` (or ``rope_parameters``)."""
+  scaling = cfg.get("rope_scaling") or {}
+  params = cfg.get("rope_parameters") or {}  # transformers >= 5 writes this form
+  theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+  if not scaling and params.get("rope_type", "default") != "default":
+    scaling = params
+  rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+  return RopeConfig(
+      head_dim=head_dim,
+      theta=float(theta),
+      rope_type=rope_type,
+      factor=float(scaling.get("factor", 1.0)),
+      low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+      high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+      original_max_position=int(scaling.get(
+          "original_max_position_embeddings", cfg.get("max_position_embeddings", 4096))),
+  )
+
+
+def from_hf_config(cfg: Mapping[str, Any]) -> ModelConfig:
+  """Builds a ModelConfig from a parsed HF ``config.json``; raises on unknown architectures."""
+  model_type = cfg.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    archs = cfg.get("architectures")
+    raise ValueError(f"unknown architecture: model_type={model_type!r} (architectures={archs}). "
+                     f"kvlab supports model_type in {SUPPORTED_MODEL_TYPES}.")
+  n = int(cfg["num_attention_heads"])
+  d = int(cfg["hidden_size"])
+  head_dim = int(cfg.get("head_dim") or d // n)
+  sliding = None
+  if model_type == "mistral":
+    sliding = cfg.get("sliding_window")
+  elif model_type in ("qwen2", "qwen3") and cfg.get("use_sliding_window"):
+    raise ValueError(f"{model_type} with use_sliding_window=true is not supported yet; set it "
+                     "to false in config.json (the released checkpoints use full attention)")
+  attn_bias = bool(cfg.get("attention_bias", False))
+  return ModelConfig(
+      family=model_type,
+      vocab_size=int(cfg["vocab_size"]),
+      hidden_size=d,
+      intermediate_size=int(cfg["intermediate_size"]),
+      num_layers=int(cfg["num_hidden_layers"]),
+      num_heads=n,
+      num_kv_heads=int(cfg.get("num_key_value_heads") or n),
+      head_dim=head_dim,
+      rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+      rope=rope_from_hf(cfg, head_dim),
+      max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+      tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+      qkv_bias=(model_type == "qwen2") or attn_bias,
+      o_bias=attn_bias and model_type != "qwen2",
+      mlp_bias=bool(cfg.get("mlp_bias", False)),
+      qk_norm=model_type == "qwen3",
+      sliding_window=int(sliding) if sliding else None,
+      bos_token_id=cfg.get("bos_token_id"),
+      eos_token_ids=_eos_tuple(cfg.get("eos_token_id")),
+  )

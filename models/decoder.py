@@ -1,0 +1,162 @@
+"""Flax Linen decoder for the Llama family (Llama 2/3.x, Mistral, SmolLM2), Qwen2 and Qwen3.
+
+Letters: B batch, T new tokens, D width, F MLP width, N query heads, K kv heads, H head dim,
+V vocab, L layers, S cache slots.
+
+Layers are stacked on a leading axis and run under ``nn.scan`` (compile time flat in depth).
+The cache is explicit: it goes in and comes out; inside the layer scan it is only read, and
+the new keys/values of every layer are appended once after the scan (``KVCache.append``), so
+no per-layer copy of the cache is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lib.attention import chunk_attention
+from lib.cache import KVCache, layer_view
+from lib.rope import apply_rope, inv_freq_for
+from models.config import ModelConfig
+
+_init = nn.initializers.normal(0.02)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis in float32; returns ``x.dtype``."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (weight.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention + SwiGLU MLP. Called under ``nn.scan`` with one layer's cache slice."""
+
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+  attn_block_size: int = 512
+  observe: Any = None
+
+  @nn.compact
+  def __call__(self, x, layer_cache, ctx):
+    """x ``[B, T, D]``; layer_cache ``(keys [B,K,S,H], values, positions [B,K,S], lengths [B,K])``;
+    ctx ``(q_positions [B, T], inv_freq [H/2])``. Returns ``(x, (k_new, v_new, obs))``."""
+    c = self.cfg
+    d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
+    b, t, _ = x.shape
+    q_positions, inv_freq = ctx
+    p = lambda name, shape, init=_init: self.param(name, init, shape, self.dtype)
+
+    # --- attention -------------------------------------------------------------------------
+    hx = rms_norm(x, p("attn_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
+    q = hx @ p("wq", (d, n * h))   # [B, T, N*H]
+    kk = hx @ p("wk", (d, k * h))  # [B, T, K*H]
+    v = hx @ p("wv", (d, k * h))
+    if c.qkv_bias:
+      q = q + p("bq", (n * h,), nn.initializers.zeros)
+      kk = kk + p("bk", (k * h,), nn.initializers.zeros)
+      v = v + p("bv", (k * h,), nn.initializers.zeros)
+    q = q.reshape(b, t, n, h)
+    kk = kk.reshape(b, t, k, h)
+    v = v.reshape(b, t, k, h)
+    if c.qk_norm:
+      q = rms_norm(q, p("q_norm", (h,), nn.initializers.ones), c.rms_norm_eps)
+      kk = rms_norm(kk, p("k_norm", (h,), nn.initializers.ones), c.rms_norm_eps)
+    q = apply_rope(q, q_positions, inv_freq)
+    kk = apply_rope(kk, q_positions, inv_freq)
+    k_new = kk.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    v_new = v.transpose(0, 2, 1, 3)
+    cache_k, cache_v, cache_pos, cache_len = layer_cache
+    obs = None
+    if self.observe is not None:
+      obs = self.observe(q, k_new, v_new, q_positions, layer_cache)
+    attn = chunk_attention(q, k_new, v_new, cache_k, cache_v, cache_pos, cache_len, q_positions,
+                           sliding_window=c.sliding_window, block_size=self.attn_block_size)
+    o = attn.reshape(b, t, n * h) @ p("wo", (n * h, d))
+    if c.o_bias:
+      o = o + p("bo", (d,), nn.initializers.zeros)
+    x = x + o
+
+    # --- MLP -------------------------------------------------------------------------------
+    hx = rms_norm(x, p("mlp_norm", (d,), nn.initializers.ones), c.rms_norm_eps)
+    gate = hx @ p("w_gate", (d, f))
+    up = hx @ p("w_up", (d, f))
+    if c.mlp_bias:
+      gate = gate + p("b_gate", (f,), nn.initializers.zeros)
+      up = up + p("b_up", (f,), nn.initializers.zeros)
+    y = (nn.silu(gate) * up) @ p("w_down", (f, d))
+    if c.mlp_bias:
+      y = y + p("b_down", (d,), nn.initializers.zeros)
+    return x + y, (k_new, v_new, obs)
+
+
+class Decoder(nn.Module):
+  """Token embedding -> L scanned layers -> final norm -> LM head."""
+
+  cfg: ModelConfig
+  dtype: Any = jnp.float32
+  attn_block_size: int = 512
+  observe: Any = None
+
+  @nn.compact
+  def __call__(self, tokens, cache: KVCache, n_valid, logit_index=None):
+    """Forward over ``tokens [B, T]`` appended after ``cache``.
+
+    Args:
+      n_valid: ``[B]`` how many of the T tokens are real (right padding beyond).
+      logit_index: ``[B]`` which token's logits to return, or None for all.
+
+    Returns:
+      ``(logits [B, V] or [B, T, V] float32, cache with the tokens appended, observations)``.
+    """
+    c = self.cfg
+    embed = self.param("embed", _init, (c.vocab_size, c.hidden_size), self.dtype)
+    x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
+    t = tokens.shape[1]
+    q_positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    inv_freq = inv_freq_for(c.rope, jnp.max(q_positions) + 1)
+
+    layers = nn.scan(
+        DecoderLayer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast),
+        out_axes=0,
+        length=c.num_layers,
+    )(c, self.dtype, self.attn_block_size, self.observe, name="layers")
+    x, (k_new, v_new, obs) = layers(x, layer_view(cache), (q_positions, inv_freq))
+    cache = cache.append(k_new, v_new, n_valid)
+
+    if logit_index is not None:
+      x = jnp.take_along_axis(x, logit_index[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+    x = rms_norm(x, self.param("final_norm", nn.initializers.ones, (c.hidden_size,), self.dtype),
+                 c.rms_norm_eps)
+    if c.tie_word_embeddings:
+      logits = x @ embed.T
+    else:
+      logits = x @ self.param("lm_head", _init, (c.hidden_size, c.vocab_size), self.dtype)
+    return logits.astype(jnp.float32), cache, obs
+
+
+def make_apply_fn(cfg: ModelConfig, dtype=jnp.float32, attn_block_size: int = 512):
+  """Returns the pure ``apply_fn(params, tokens, cache, n_valid, logit_index, observe)`` that
+  ``lib.generate`` expects. Modules are built once per observe hook and cached."""
+  modules: dict[Any, Decoder] = {}
+
+  def apply_fn(params, tokens, cache, n_valid, logit_index=None, observe=None):
+    if observe not in modules:
+      modules[observe] = Decoder(cfg, dtype, attn_block_size, observe)
+    return modules[observe].apply({"params": params}, tokens, cache, n_valid, logit_index)
+
+  return apply_fn
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32):
+  """Random parameters with the exact tree the loaders produce (for tests and shapes)."""
+  cache = KVCache.init(num_layers=cfg.num_layers, batch=1, kv_heads=cfg.num_kv_heads,
+                       capacity=8, head_dim=cfg.head_dim, dtype=dtype)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  return Decoder(cfg, dtype).init(rng, tokens, cache, jnp.ones((1,), jnp.int32))["params"]
