@@ -38,6 +38,7 @@ def chunk_attention(
     cache_lengths: jax.Array,
     q_positions: jax.Array,
     *,
+    layer: jax.Array | None = None,
     sliding_window: int | None = None,
     block_size: int = 512,
 ) -> jax.Array:
@@ -47,10 +48,13 @@ def chunk_attention(
     q: ``[B, T, N, H]`` post-RoPE queries.
     k_new, v_new: ``[B, K, T, H]`` keys/values of the same T tokens (not yet in the cache).
     cache_k, cache_v: ``[B, K, S, H]`` cached keys/values; ``S`` a multiple of ``block_size``
-      (or smaller than it).
-    cache_positions: ``[B, K, S]`` original positions of cached tokens (used by windows).
-    cache_lengths: ``[B, K]`` valid slots per head; slots beyond are ignored.
+      (or smaller than it). With ``layer`` given, the stacked ``[L, B, K, S, H]`` arrays.
+    cache_positions: ``[B, K, S]`` (or ``[L, B, K, S]``) original positions of cached tokens.
+    cache_lengths: ``[B, K]`` (or ``[L, B, K]``) valid slots per head; the rest is ignored.
     q_positions: ``[B, T]`` positions of the new tokens.
+    layer: index into the leading layer axis of the cache arrays. Inside a layer scan, pass
+      the whole stacked cache and the index: only the blocks read are sliced out, whereas
+      scanning over per-layer slices makes XLA copy every layer's cache on every step.
     sliding_window: keys with ``q_pos - k_pos >= sliding_window`` are masked (Mistral).
     block_size: cache slots per online-softmax block.
 
@@ -76,7 +80,12 @@ def chunk_attention(
   acc = jnp.einsum("BKGTS,BKSH->BKGTH", p, v_new.astype(f32))
 
   # 2) Cached blocks with an online softmax, up to the longest valid length.
-  s_cap = cache_k.shape[2]
+  if layer is None:
+    cache_k, cache_v, cache_positions, cache_lengths = jax.tree.map(
+        lambda x: x[None], (cache_k, cache_v, cache_positions, cache_lengths))
+    layer = 0
+  cache_lengths = jax.lax.dynamic_index_in_dim(cache_lengths, layer, 0, keepdims=False)  # [B, K]
+  s_cap = cache_k.shape[3]
   bs = min(block_size, s_cap)
   if s_cap % bs:
     raise ValueError(f"cache capacity {s_cap} must be a multiple of the attention block size {bs}")
@@ -85,9 +94,10 @@ def chunk_attention(
   def body(i, carry):
     m, l, acc = carry
     start = i * bs
-    kb = jax.lax.dynamic_slice_in_dim(cache_k, start, bs, axis=2).astype(f32)  # [B, K, bs, H]
-    vb = jax.lax.dynamic_slice_in_dim(cache_v, start, bs, axis=2).astype(f32)
-    pb = jax.lax.dynamic_slice_in_dim(cache_positions, start, bs, axis=2)  # [B, K, bs]
+    kb = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
+    vb = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
+    pb = jax.lax.dynamic_slice(cache_positions, (layer, 0, 0, start), (1, b, kh, bs))[0]
+    kb, vb = kb.astype(f32), vb.astype(f32)  # [B, K, bs, H]
     idx = start + jnp.arange(bs)
     valid = (idx[None, None, :] < cache_lengths[..., None])[:, :, None, None, :]  # [B,K,1,1,bs]
     valid = valid & _window_ok(qpos, pb[:, :, None, None, :], sliding_window)
@@ -127,5 +137,6 @@ def dense_attention_reference(q, k, v, q_positions, k_positions, k_valid, slidin
 
 # An observation hook sees one layer's tensors inside the forward pass and returns a pytree
 # (stacked over layers by the model's scan). Signature:
-#   observe(q [B,T,N,H], k_new [B,K,T,H], v_new [B,K,T,H], q_positions [B,T], layer_cache) -> Any
+#   observe(layer, q [B,T,N,H], k_new [B,K,T,H], v_new [B,K,T,H], q_positions [B,T],
+#           cache: KVCache (read-only, before this call's tokens are appended)) -> Any
 ObserveFn = Callable[..., Any]

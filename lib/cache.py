@@ -117,7 +117,3 @@ class KVCache:
         next_position=self.next_position + n_new.astype(jnp.int32),
     )
 
-
-def layer_view(cache: KVCache):
-  """The per-layer arrays a model scans over: ``(keys, values, positions, lengths)``."""
-  return cache.keys, cache.values, cache.positions, cache.lengths

@@ -4,9 +4,10 @@ Letters: B batch, T new tokens, D width, F MLP width, N query heads, K kv heads,
 V vocab, L layers, S cache slots.
 
 Layers are stacked on a leading axis and run under ``nn.scan`` (compile time flat in depth).
-The cache is explicit: it goes in and comes out; inside the layer scan it is only read, and
-the new keys/values of every layer are appended once after the scan (``KVCache.append``), so
-no per-layer copy of the cache is made.
+The cache is explicit: it goes in and comes out. Inside the layer scan the whole stacked cache
+is broadcast and only read (attention slices the blocks it needs at ``[layer]``); the new
+keys/values of every layer are appended once after the scan (``KVCache.append``), so no
+per-layer copy of the cache is made.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.attention import chunk_attention
-from lib.cache import KVCache, layer_view
+from lib.cache import KVCache
 from lib.rope import apply_rope, inv_freq_for
 from models.config import ModelConfig
 
@@ -41,13 +42,13 @@ class DecoderLayer(nn.Module):
   observe: Any = None
 
   @nn.compact
-  def __call__(self, x, layer_cache, ctx):
-    """x ``[B, T, D]``; layer_cache ``(keys [B,K,S,H], values, positions [B,K,S], lengths [B,K])``;
-    ctx ``(q_positions [B, T], inv_freq [H/2])``. Returns ``(x, (k_new, v_new, obs))``."""
+  def __call__(self, x, layer, ctx):
+    """x ``[B, T, D]``; layer: this layer's index (scanned); ctx ``(cache, q_positions [B, T],
+    inv_freq [H/2])`` broadcast to every layer. Returns ``(x, (k_new, v_new, obs))``."""
     c = self.cfg
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     b, t, _ = x.shape
-    q_positions, inv_freq = ctx
+    cache, q_positions, inv_freq = ctx
     p = lambda name, shape, init=_init: self.param(name, init, shape, self.dtype)
 
     # --- attention -------------------------------------------------------------------------
@@ -69,11 +70,11 @@ class DecoderLayer(nn.Module):
     kk = apply_rope(kk, q_positions, inv_freq)
     k_new = kk.transpose(0, 2, 1, 3)  # [B, K, T, H]
     v_new = v.transpose(0, 2, 1, 3)
-    cache_k, cache_v, cache_pos, cache_len = layer_cache
     obs = None
     if self.observe is not None:
-      obs = self.observe(q, k_new, v_new, q_positions, layer_cache)
-    attn = chunk_attention(q, k_new, v_new, cache_k, cache_v, cache_pos, cache_len, q_positions,
+      obs = self.observe(layer, q, k_new, v_new, q_positions, cache)
+    attn = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
+                           cache.lengths, q_positions, layer=layer,
                            sliding_window=c.sliding_window, block_size=self.attn_block_size)
     o = attn.reshape(b, t, n * h) @ p("wo", (n * h, d))
     if c.o_bias:
@@ -127,7 +128,8 @@ class Decoder(nn.Module):
         out_axes=0,
         length=c.num_layers,
     )(c, self.dtype, self.attn_block_size, self.observe, name="layers")
-    x, (k_new, v_new, obs) = layers(x, layer_view(cache), (q_positions, inv_freq))
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    x, (k_new, v_new, obs) = layers(x, layer_ids, (cache, q_positions, inv_freq))
     cache = cache.append(k_new, v_new, n_valid)
 
     if logit_index is not None:
