@@ -70,7 +70,7 @@ def rope_from_hf(cfg: Mapping[str, Any], head_dim: int) -> RopeConfig:
   """RopeConfig from HF fields ``rope_theta`` and ``rope_scaling`` (or ``rope_parameters``)."""
   scaling = cfg.get("rope_scaling") or {}
   params = cfg.get("rope_parameters") or {}  # transformers >= 5 writes this form
-  theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+  theta = cfg.get("rope_theta") or params.get("rope_theta") or 10000.0
   if not scaling and params.get("rope_type", "default") != "default":
     scaling = params
   rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"

@@ -118,7 +118,8 @@ class Decoder(nn.Module):
     x = jnp.take(embed, tokens, axis=0)  # [B, T, D]
     t = tokens.shape[1]
     q_positions = cache.next_position[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    inv_freq = inv_freq_for(c.rope, jnp.max(q_positions) + 1)
+    # dynamic NTK scales with the length of the real tokens (right padding must not count).
+    inv_freq = inv_freq_for(c.rope, jnp.max(cache.next_position + n_valid))
 
     layers = nn.scan(
         DecoderLayer,

@@ -1,0 +1,31 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+  """Returns ``make(name) -> (path, torch_model)``; each tiny checkpoint is built once."""
+  from tiny_checkpoints import make_checkpoint  # pylint: disable=g-import-not-at-top
+
+  root = tmp_path_factory.mktemp("tiny")
+  built = {}
+
+  def make(name):
+    if name not in built:
+      path = str(root / name)
+      built[name] = (path, make_checkpoint(name, path))
+    return built[name]
+
+  return make
+
+
+@pytest.fixture(scope="session")
+def default_model():
+  """The embedded default model (SmolLM2-135M-Instruct GGUF), loaded once, fp32."""
+  import models  # pylint: disable=g-import-not-at-top
+
+  return models.load("smollm2-135m", progress=False)
