@@ -1,0 +1,64 @@
+"""Chunked online-softmax attention == textbook softmax attention."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from lib.attention import chunk_attention, dense_attention_reference
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), kh=st.integers(1, 3), g=st.integers(1, 3),
+       t=st.integers(1, 9), blocks=st.integers(1, 4), bs=st.sampled_from([4, 8]),
+       window=st.sampled_from([None, 3, 11]), seed=st.integers(0, 1000))
+def test_chunk_attention_matches_dense(b, kh, g, t, blocks, bs, window, seed):
+  h = 8
+  s = blocks * bs
+  rng = np.random.RandomState(seed)
+  lengths = rng.randint(0, s + 1, size=(b, kh)).astype(np.int32)  # ragged, possibly empty
+  q = rng.randn(b, t, kh * g, h).astype(np.float32)
+  k_new = rng.randn(b, kh, t, h).astype(np.float32)
+  v_new = rng.randn(b, kh, t, h).astype(np.float32)
+  ck = rng.randn(b, kh, s, h).astype(np.float32)
+  cv = rng.randn(b, kh, s, h).astype(np.float32)
+  # Cached tokens keep arbitrary (evicted/reordered) earlier positions.
+  start = 40
+  cpos = np.stack([[np.sort(rng.choice(start, s, replace=False)) for _ in range(kh)]
+                   for _ in range(b)]).astype(np.int32)
+  qpos = (start + np.arange(t))[None].repeat(b, 0).astype(np.int32)
+  out = chunk_attention(jnp.asarray(q), k_new, v_new, ck, cv, cpos, lengths, qpos,
+                        sliding_window=window, block_size=bs)
+  valid = np.arange(s)[None, None] < lengths[..., None]
+  allk = np.concatenate([ck, k_new], 2)
+  allv = np.concatenate([cv, v_new], 2)
+  allpos = np.concatenate([cpos, qpos[:, None].repeat(kh, 1)], 2)
+  allvalid = np.concatenate([valid, np.ones((b, kh, t), bool)], 2)
+  ref = dense_attention_reference(q, allk, allv, qpos, allpos, allvalid, window)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+def test_stacked_layer_indexing_equals_per_layer():
+  rng = np.random.RandomState(0)
+  l, b, kh, s, h, t = 3, 2, 2, 16, 8, 2
+  ck = rng.randn(l, b, kh, s, h).astype(np.float32)
+  cv = rng.randn(l, b, kh, s, h).astype(np.float32)
+  cpos = np.broadcast_to(np.arange(s, dtype=np.int32), (l, b, kh, s))
+  lens = rng.randint(1, s, size=(l, b, kh)).astype(np.int32)
+  q = rng.randn(b, t, kh * 2, h).astype(np.float32)
+  kn = rng.randn(b, kh, t, h).astype(np.float32)
+  qpos = np.full((b, t), s, np.int32) + np.arange(t)
+  for layer in range(l):
+    a = chunk_attention(q, kn, kn, ck, cv, cpos, lens, qpos, layer=jnp.int32(layer), block_size=8)
+    r = chunk_attention(q, kn, kn, ck[layer], cv[layer], cpos[layer], lens[layer], qpos,
+                        block_size=8)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=1e-6)
+
+
+def test_no_nan_with_empty_cache_and_jit():
+  f = jax.jit(lambda *a: chunk_attention(*a, block_size=4))
+  z = jnp.zeros((1, 2, 8, 4))
+  out = f(jnp.ones((1, 1, 2, 4)), jnp.ones((1, 2, 1, 4)), jnp.ones((1, 2, 1, 4)), z, z,
+          jnp.zeros((1, 2, 8), jnp.int32), jnp.zeros((1, 2), jnp.int32),
+          jnp.zeros((1, 1), jnp.int32))
+  np.testing.assert_allclose(np.asarray(out), 1.0)
