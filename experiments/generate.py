@@ -1,0 +1,95 @@
+r"""Generate text with a model: ``python -m experiments.generate --prompt="..."``.
+
+Loads ``--model`` (default: the embedded SmolLM2-135M-Instruct GGUF, or any HF checkpoint
+directory / .gguf file), applies the checkpoint's chat template, prefills in chunks and decodes
+with a jitted loop (or token by token with ``--stream``), then prints timings.
+"""
+
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import models
+from lib import generate as gen
+from lib.sampling import SamplingConfig, sample
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
+flags.DEFINE_string("prompt", "What is the capital of France?", "User prompt.")
+flags.DEFINE_string("system", None, "Optional system message (chat mode).")
+flags.DEFINE_bool("chat", True, "Wrap the prompt in the checkpoint's chat template.")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "0 = off.")
+flags.DEFINE_float("top_p", 1.0, "1 = off.")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype.")
+flags.DEFINE_integer("chunk_size", 512, "Prefill chunk length.")
+flags.DEFINE_bool("stream", False, "Print tokens as they are decoded (Python loop of jitted "
+                  "decode steps; slower than the fused loop).")
+
+
+def _stream(m, ids, sampling):
+  chunk = min(FLAGS.chunk_size, gen.round_up(len(ids), 8))
+  tokens, lengths = gen.pad_batch([ids], chunk)
+  gen.check_context(lengths, FLAGS.max_new_tokens, m.config.max_position_embeddings)
+  cache = m.new_cache(1, tokens.shape[1] + FLAGS.max_new_tokens)
+  t0 = time.perf_counter()
+  logits, cache, _ = gen.prefill(m.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                 apply_fn=m.apply_fn, chunk_size=chunk)
+  logits.block_until_ready()
+  t1 = time.perf_counter()
+  rng = jax.random.PRNGKey(FLAGS.seed)
+  out, shown = [], ""
+  stops = set(m.stop_tokens)
+  for _ in range(FLAGS.max_new_tokens):
+    rng, sub = jax.random.split(rng)
+    tok = int(sample(logits, sub, sampling)[0])
+    out.append(tok)
+    text = m.tokenizer.decode(out)
+    sys.stdout.write(text[len(shown):])
+    sys.stdout.flush()
+    shown = text
+    if tok in stops:
+      break
+    logits, cache = gen.decode_step(m.params, jnp.asarray([tok], jnp.int32), cache,
+                                    apply_fn=m.apply_fn)
+  print()
+  return out, t1 - t0, time.perf_counter() - t1
+
+
+def main(argv):
+  del argv
+  dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
+  t = time.perf_counter()
+  m = models.load(FLAGS.model, dtype=dtype)
+  load_s = time.perf_counter() - t
+  if not FLAGS.prompt:
+    raise app.UsageError("--prompt is empty: give the text to answer")
+  if FLAGS.chat and m.tokenizer.chat_template:
+    ids = m.tokenizer.encode_chat(FLAGS.prompt, system=FLAGS.system)
+  else:
+    ids = m.tokenizer.encode(FLAGS.prompt)
+  sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+  print(f"model: {m.source} ({m.config.family}, {m.config.num_params / 1e6:.0f}M params, "
+        f"{FLAGS.dtype}); loaded in {load_s:.1f}s; prompt: {len(ids)} tokens", file=sys.stderr)
+  if FLAGS.stream:
+    out, prefill_s, decode_s = _stream(m, ids, sampling)
+    n = len(out)
+  else:
+    res = m.generate_ids([ids], max_new_tokens=FLAGS.max_new_tokens, sampling=sampling,
+                         seed=FLAGS.seed, chunk_size=FLAGS.chunk_size)
+    out, prefill_s, decode_s = res["tokens"][0], res["prefill_s"], res["decode_s"]
+    n = len(out)
+    print(m.tokenizer.decode(out))
+  print(f"[prefill {len(ids)} tok in {prefill_s:.2f}s incl. compile | decode {n} tok in "
+        f"{decode_s:.2f}s incl. compile = {1000 * decode_s / max(n, 1):.1f} ms/tok; "
+        f"timings without compile: experiments/bench_generate.py]", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  app.run(main)
