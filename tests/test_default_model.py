@@ -65,3 +65,17 @@ def test_batched_chat_rows_are_independent(default_model):
   batched = m.generate_ids(ids, max_new_tokens=16)["tokens"]
   for one, got in zip(ids, batched):
     assert m.generate_ids([one], max_new_tokens=16)["tokens"][0] == got
+
+
+def test_4096_token_prefill_peak_memory_under_4gib():
+  """Runs the memory probe in a fresh process so the figure is that of prefill alone."""
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  out = subprocess.run([sys.executable, "-m", "experiments.prefill_memory", "--length=4096"],
+                       capture_output=True, text=True, check=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res["prompt_tokens"] == 4096
+  assert res["peak_rss_bytes"] < 4 * 2**30, res
