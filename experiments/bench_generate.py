@@ -17,7 +17,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
 import platform
-import subprocess
 import time
 
 from absl import app, flags
@@ -28,6 +27,8 @@ import numpy as np
 import models
 from lib import generate as gen
 from lib.data.text import text_of_tokens
+from lib.provenance import git_rev
+from lib.reference import load_hf_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model (the reference must load it too).")
@@ -84,28 +85,10 @@ def hf_run(hf, ids, n_decode):
   return t1 - t0, (t3 - t2) / n_decode, toks
 
 
-def load_reference(path):
-  import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
-  if path.endswith(".gguf"):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
-        attn_implementation="eager").eval()
-  return transformers.AutoModelForCausalLM.from_pretrained(
-      path, dtype=torch.float32, attn_implementation="eager").eval()
-
-
-def git_rev():
-  try:
-    return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
 def main(argv):
   del argv
   m = models.load(FLAGS.model, progress=False)
-  hf = load_reference(m.source) if FLAGS.reference else None
+  hf = load_hf_reference(m.source) if FLAGS.reference else None
   if hf is not None:
     import torch  # pylint: disable=g-import-not-at-top
     torch_threads = torch.get_num_threads()
@@ -152,7 +135,8 @@ def main(argv):
       "jax": jax.__version__, "jax_backend": jax.default_backend(),
       "reference": "transformers eager" if hf is not None else None,
       "torch_threads": torch_threads if hf is not None else None,
-      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "reps": FLAGS.reps, "decode_tokens": FLAGS.decode_tokens, "git": git_rev(),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "reps": FLAGS.reps,
+      "decode_tokens": FLAGS.decode_tokens, "git": git_rev(),
       "command": "python -m experiments.bench_generate " + " ".join(
           f"--{k}={v}" for k, v in [("lengths", ",".join(FLAGS.lengths)), ("reps", FLAGS.reps)]),
   }

@@ -16,10 +16,9 @@ pytestmark = pytest.mark.slow
 def hf_model(default_model):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  from lib.reference import load_hf_reference  # pylint: disable=g-import-not-at-top
   path = default_model.source
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32,
-      attn_implementation="eager").eval()
+  model = load_hf_reference(path)
   tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
                                                    gguf_file=os.path.basename(path))
   return model, tok
