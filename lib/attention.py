@@ -138,5 +138,6 @@ def dense_attention_reference(q, k, v, q_positions, k_positions, k_valid, slidin
 # An observation hook sees one layer's tensors inside the forward pass and returns a pytree
 # (stacked over layers by the model's scan). Signature:
 #   observe(layer, q [B,T,N,H], k_new [B,K,T,H], v_new [B,K,T,H], q_positions [B,T],
+#           q_valid [B,T] bool (False for right padding),
 #           cache: KVCache (read-only, before this call's tokens are appended)) -> Any
 ObserveFn = Callable[..., Any]

@@ -86,6 +86,25 @@ class KVCache:
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
   # ---- updates ---------------------------------------------------------------------------
+  def resize(self, capacity: int, check: bool = True) -> "KVCache":
+    """Same contents with ``capacity`` slots (pads with empty slots or drops unused ones).
+
+    Raises if a valid slot would be dropped (``check=False`` skips that, e.g. inside ``jit``).
+    """
+    if check and capacity < int(jnp.max(self.lengths)):
+      raise ValueError(f"cannot shrink the cache to {capacity} slots: it holds "
+                       f"{int(jnp.max(self.lengths))} valid tokens in some head")
+    s = self.capacity
+    if capacity <= s:
+      cut = lambda x: x[:, :, :, :capacity]
+      return self.replace(keys=cut(self.keys), values=cut(self.values),
+                          positions=cut(self.positions))
+    pad = [(0, 0)] * 3 + [(0, capacity - s)]
+    return self.replace(
+        keys=jnp.pad(self.keys, pad + [(0, 0)]),
+        values=jnp.pad(self.values, pad + [(0, 0)]),
+        positions=jnp.pad(self.positions, pad, constant_values=-1))
+
   def append(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> "KVCache":
     """Writes T new tokens per (layer, row, head) after its valid slots.
 
@@ -117,3 +136,10 @@ class KVCache:
         next_position=self.next_position + n_new.astype(jnp.int32),
     )
 
+
+def round_capacity(n: int, block: int) -> int:
+  """Smallest capacity >= n that the attention accepts: a multiple of ``block`` (or of 8 when
+  it fits in one block)."""
+  n = max(int(n), 1)
+  m = 8 if n <= block else block
+  return -(-n // m) * m

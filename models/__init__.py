@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib import generate as gen
-from lib.cache import KVCache
+from lib.cache import KVCache, round_capacity
 from lib.sampling import SamplingConfig
 from models.config import ModelConfig
 from models.decoder import make_apply_fn
@@ -46,8 +46,7 @@ class LanguageModel:
     """An empty cache of ``[L, batch, K, capacity', H]``; capacity' is rounded up to a multiple
     of the attention block size (or of 8 when smaller than one block)."""
     c = self.config
-    bs = self.attn_block_size
-    cap = gen.round_up(capacity, 8) if capacity <= bs else gen.round_up(capacity, bs)
+    cap = round_capacity(capacity, self.attn_block_size)
     return KVCache.init(num_layers=c.num_layers, batch=batch, kv_heads=c.num_kv_heads,
                         capacity=cap, head_dim=c.head_dim, dtype=self.dtype)
 

@@ -44,11 +44,11 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x, layer, ctx):
     """x ``[B, T, D]``; layer: this layer's index (scanned); ctx ``(cache, q_positions [B, T],
-    inv_freq [H/2])`` broadcast to every layer. Returns ``(x, (k_new, v_new, obs))``."""
+    q_valid [B, T] (False for right padding), inv_freq [H/2])`` broadcast to every layer. Returns ``(x, (k_new, v_new, obs))``."""
     c = self.cfg
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     b, t, _ = x.shape
-    cache, q_positions, inv_freq = ctx
+    cache, q_positions, q_valid, inv_freq = ctx
     p = lambda name, shape, init=_init: self.param(name, init, shape, self.dtype)
 
     # --- attention -------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class DecoderLayer(nn.Module):
     v_new = v.transpose(0, 2, 1, 3)
     obs = None
     if self.observe is not None:
-      obs = self.observe(layer, q, k_new, v_new, q_positions, cache)
+      obs = self.observe(layer, q, k_new, v_new, q_positions, q_valid, cache)
     attn = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                            cache.lengths, q_positions, layer=layer,
                            sliding_window=c.sliding_window, block_size=self.attn_block_size)
@@ -130,7 +130,8 @@ class Decoder(nn.Module):
         length=c.num_layers,
     )(c, self.dtype, self.attn_block_size, self.observe, name="layers")
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    x, (k_new, v_new, obs) = layers(x, layer_ids, (cache, q_positions, inv_freq))
+    q_valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
+    x, (k_new, v_new, obs) = layers(x, layer_ids, (cache, q_positions, q_valid, inv_freq))
     cache = cache.append(k_new, v_new, n_valid)
 
     if logit_index is not None:

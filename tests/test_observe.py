@@ -7,9 +7,9 @@ import models
 from lib import generate as gen
 
 
-def key_norms(layer, q, k_new, v_new, q_positions, cache):
+def key_norms(layer, q, k_new, v_new, q_positions, q_valid, cache):
   """Per-layer hook: ``[B, K, T]`` L2 norms of the new keys, and the layer index."""
-  del q, v_new, q_positions, cache
+  del q, v_new, q_positions, q_valid, cache
   return {"layer": layer, "knorm": jnp.linalg.norm(k_new, axis=-1)}
 
 

@@ -1,0 +1,80 @@
+"""Compression methods on the one cache pytree, a registry of names and ``Compose``.
+
+  method = methods.make("snapkv", ratio=0.5)
+  logits, cache, obs = prefill(..., observe=method.observe)
+  cache = methods.compress(method, cache, obs, extra=room_for_question_and_answer)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lib.methods.base import Method, compress, select
+from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
+
+REGISTRY: dict[str, type[Method]] = {
+    "streaming_llm": StreamingLLM,
+    "knorm": Knorm,
+    "snapkv": SnapKV,
+    "tova": TOVA,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Compose:
+  """Applies methods in order (``snapkv+kivi``): each compresses what the previous kept.
+
+  Observations from prefill are shared: every member's ``observe`` runs in the same pass.
+  """
+
+  methods: tuple[Method, ...]
+  name = "compose"
+
+  @property
+  def observe(self):
+    hooks = tuple(m.observe for m in self.methods)
+    if not any(h is not None for h in hooks):
+      return None
+    return _joint_observe(hooks)
+
+  def apply(self, cache, observations, *, extra=0, block=512):
+    for i, m in enumerate(self.methods):
+      obs = None if observations is None else observations[i]
+      last = i == len(self.methods) - 1
+      cache = compress(m, cache, obs, extra=extra if last else 0, block=block)
+    return cache
+
+
+_JOINT: dict[tuple, Any] = {}
+
+
+def _joint_observe(hooks):
+  """One observe hook running several (cached so the object is stable under jit)."""
+  if hooks not in _JOINT:
+    def observe(*args):
+      return tuple(None if h is None else h(*args) for h in hooks)
+    _JOINT[hooks] = observe
+  return _JOINT[hooks]
+
+
+def make(spec: str, **kwargs) -> Method | Compose:
+  """``make("snapkv", ratio=0.5)``; ``"a+b"`` composes (each gets the same kwargs it accepts)."""
+  parts = [p.strip() for p in spec.split("+") if p.strip()]
+  if not parts:
+    raise ValueError("empty method name: pass e.g. --method=snapkv")
+  built = []
+  for p in parts:
+    if p not in REGISTRY:
+      raise ValueError(f"unknown method {p!r}; known: {', '.join(sorted(REGISTRY))}")
+    cls = REGISTRY[p]
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(kwargs) - names
+    if len(parts) == 1 and unknown:
+      raise ValueError(f"{p} does not take {sorted(unknown)}; it takes {sorted(names)}")
+    built.append(cls(**{k: v for k, v in kwargs.items() if k in names}))
+  return built[0] if len(built) == 1 else Compose(tuple(built))
+
+
+__all__ = ["Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
+           "SnapKV", "TOVA"]

@@ -1,0 +1,128 @@
+"""The method interface: a frozen, hashable dataclass that scores cache slots and keeps the best.
+
+Letters: L layers, B batch, K kv heads, S cache slots, N query heads, H head dim, W window.
+
+A method may define
+  * ``observe(layer, q, k_new, v_new, q_positions, q_valid, cache)`` — runs inside prefill,
+    per layer and chunk (see ``lib.attention.ObserveFn``); its outputs arrive stacked
+    ``[chunks, L, ...]`` in ``compress``;
+  * ``scores(cache, obs) -> [L, B, K, S]`` — higher is kept; ``+inf`` forces a slot in;
+  * ``kept(lengths) -> [L, B, K]`` — the budget policy (default: ``ratio`` or ``budget`` of each
+    row's length, the same for every layer and head).
+
+``compress(method, cache, obs)`` then gathers the kept slots (sorted by original position) into a
+cache whose capacity is the largest budget (+ ``extra`` free slots for the question and answer),
+so the saving shows in ``cache.nbytes``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib.cache import KVCache, round_capacity
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """Base class. Give exactly one of ``ratio`` (fraction of each row's tokens kept, in (0, 1])
+  or ``budget`` (tokens kept per head)."""
+
+  ratio: float | None = None
+  budget: int | None = None
+
+  name = "method"
+
+  def __post_init__(self):
+    if (self.ratio is None) == (self.budget is None):
+      raise ValueError(f"{self.name}: give exactly one of ratio (fraction kept) or budget "
+                       f"(tokens kept), got ratio={self.ratio}, budget={self.budget}")
+    if self.ratio is not None and not 0.0 < self.ratio <= 1.0:
+      raise ValueError(f"{self.name}: ratio is the fraction of the cache kept and must be in "
+                       f"(0, 1], got {self.ratio}")
+    if self.budget is not None and self.budget < 1:
+      raise ValueError(f"{self.name}: budget must be >= 1 token, got {self.budget}")
+
+  # -- budget policy -----------------------------------------------------------------------
+  def kept(self, lengths: np.ndarray) -> np.ndarray:
+    """``lengths [L, B, K]`` (concrete) -> tokens kept per (layer, row, head)."""
+    if self.budget is not None:
+      if self.budget > lengths.max():
+        raise ValueError(f"{self.name}: budget {self.budget} is larger than the prompt "
+                         f"({int(lengths.max())} tokens): lower the budget or use ratio=1.0")
+      return np.minimum(lengths, self.budget)
+    return np.minimum(lengths, np.ceil(self.ratio * lengths).astype(np.int32))
+
+  # -- hooks (override) --------------------------------------------------------------------
+  observe = None
+
+  def scores(self, cache: KVCache, obs: Any) -> jax.Array:
+    """``[L, B, K, S]`` keep-scores; every concrete method defines it."""
+    raise TypeError(f"{type(self).__name__} must define scores(cache, obs)")
+
+
+def select(cache: KVCache, scores: jax.Array, kept: jax.Array, capacity: int) -> KVCache:
+  """Keeps the ``kept [L, B, K]`` best-scored valid slots per head in a cache of ``capacity``.
+
+  Args:
+    scores: ``[L, B, K, S]``; invalid slots (beyond ``lengths``) are never kept.
+    capacity: static slot count of the result (>= kept.max()).
+
+  Returns:
+    A new cache ``[L, B, K, capacity, H]``; kept slots are in original-position order.
+  """
+  s_cap = cache.capacity
+  valid = jnp.arange(s_cap)[None, None, None, :] < cache.lengths[..., None]
+  s = jnp.where(valid, scores.astype(jnp.float32), NEG_INF)
+  k = min(capacity, s_cap)
+  _, idx = jax.lax.top_k(s, k)  # [L, B, K, k]
+  kept = jnp.minimum(kept, cache.lengths)
+  in_budget = jnp.arange(k)[None, None, None, :] < kept[..., None]
+  pos = jnp.take_along_axis(cache.positions, idx, axis=-1)
+  order = jnp.argsort(jnp.where(in_budget, pos, jnp.iinfo(jnp.int32).max), axis=-1)
+  idx = jnp.take_along_axis(idx, order, axis=-1)
+  gather = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
+  new_pos = jnp.where(in_budget, jnp.take_along_axis(cache.positions, idx, axis=-1), -1)
+  out = cache.replace(keys=gather(cache.keys), values=gather(cache.values), positions=new_pos,
+                      lengths=kept.astype(jnp.int32))
+  return out.resize(capacity, check=False) if capacity > k else out
+
+
+@functools.partial(jax.jit, static_argnames=("method", "capacity"))
+def _compress(method, cache, obs, kept, capacity):
+  return select(cache, method.scores(cache, obs), kept, capacity)
+
+
+def compress(method: Method, cache: KVCache, observations: Any = None, *, extra: int = 0,
+             block: int = 512) -> KVCache:
+  """Applies ``method`` after prefill; returns a smaller cache with ``extra`` free slots.
+
+  Args:
+    method: a Method (or ``Compose``).
+    observations: what the method's ``observe`` returned during prefill (or None).
+    extra: free slots to leave for tokens appended later (question, answer).
+    block: the model's attention block size (capacity is rounded to it).
+  """
+  if hasattr(method, "apply"):  # Compose and other multi-step methods
+    return method.apply(cache, observations, extra=extra, block=block)
+  kept = method.kept(np.asarray(cache.lengths))
+  capacity = round_capacity(int(kept.max()) + extra, block)
+  return _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity)
+
+
+def merge_chunks(x: jax.Array) -> jax.Array:
+  """``[chunks, L, B, T, ...]`` observations -> ``[L, B, chunks * T, ...]``."""
+  x = jnp.moveaxis(x, 0, 2)  # [L, B, chunks, T, ...]
+  return x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
+
+
+def scale(h: int) -> float:
+  return 1.0 / math.sqrt(h)

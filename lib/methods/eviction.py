@@ -1,0 +1,92 @@
+"""Prefill-time eviction scorers: StreamingLLM, Knorm, SnapKV, TOVA.
+
+Each is a frozen dataclass (a static ``jit`` argument) whose ``scores`` rank cache slots; the
+shared ``lib.methods.base.compress`` keeps the top ``budget`` per head. Keys are post-RoPE and
+keep their original positions, so no re-rotation is needed after eviction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from lib.cache import KVCache
+from lib.methods.base import Method
+from lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
+                                window_queries)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(Method):
+  """Attention sinks + recent window (Xiao et al. 2024): keep the first ``sinks`` tokens and
+  the most recent ones up to the budget. Choice: keys stay post-RoPE at their original
+  positions (no in-cache re-indexing); the paper's position shift matters only for streams
+  past the trained context, which the foundation's context check already forbids."""
+
+  sinks: int = 4
+  name = "streaming_llm"
+
+  def scores(self, cache: KVCache, obs=None):
+    pos = cache.positions.astype(jnp.float32)
+    return jnp.where(cache.positions < self.sinks, jnp.inf, pos)
+
+
+@dataclasses.dataclass(frozen=True)
+class Knorm(Method):
+  """Keep the keys with the smallest L2 norm (Devoto et al. 2024, kvpress ``KnormPress``)."""
+
+  name = "knorm"
+
+  def scores(self, cache: KVCache, obs=None):
+    return -jnp.linalg.norm(cache.keys.astype(jnp.float32), axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV(Method):
+  """SnapKV (Li et al. 2024): the last ``window`` prompt queries vote with their attention
+  (summed over the window), pooled over neighbouring tokens; the window itself is always kept.
+
+  Choices (METHODS.md §2.3): window 32, kernel 5, average pooling (the authors' defaults);
+  GQA: scores reduced over each query group with ``gqa`` ('mean' default, or 'max') so the
+  cache is never expanded to query heads.
+  """
+
+  window: int = 32
+  kernel: int = 5
+  pooling: str = "avg"
+  gqa: str = "mean"
+  name = "snapkv"
+
+  @property
+  def observe(self):
+    return last_queries(self.window)
+
+  def scores(self, cache: KVCache, obs):
+    q, qpos = window_queries(obs, self.window)
+    a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
+    vote = a.sum(-2)  # [L, B, K, G, S]: summed over the window queries
+    if self.gqa not in ("mean", "max"):
+      raise ValueError(f"snapkv: gqa must be 'mean' or 'max', got {self.gqa!r}")
+    vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)  # [L, B, K, S]
+    pool = avg_pool if self.pooling == "avg" else max_pool
+    s = pool(vote, self.kernel)
+    return jnp.where(in_window(cache, qpos, self.window), jnp.inf, s)
+
+
+@dataclasses.dataclass(frozen=True)
+class TOVA(Method):
+  """TOVA (Oren et al. 2024) at the end of prefill: keep the tokens the last prompt query
+  attends to most, averaged over all query heads of the layer (one token set per layer)."""
+
+  name = "tova"
+
+  @property
+  def observe(self):
+    return last_queries(1)
+
+  def scores(self, cache: KVCache, obs):
+    q, qpos = window_queries(obs, 1)
+    a = window_attention(cache, q, qpos)  # [L, B, K, G, 1, S]
+    s = a.mean(axis=(2, 3, 4))  # [L, B, S]: mean over every query head
+    return jnp.broadcast_to(s[:, :, None, :], cache.positions.shape)
