@@ -47,8 +47,8 @@ def chunk_attention(
   Args:
     q: ``[B, T, N, H]`` post-RoPE queries.
     k_new, v_new: ``[B, K, T, H]`` keys/values of the same T tokens (not yet in the cache).
-    cache_k, cache_v: ``[B, K, S, H]`` cached keys/values; ``S`` a multiple of ``block_size``
-      (or smaller than it). With ``layer`` given, the stacked ``[L, B, K, S, H]`` arrays.
+    cache_k, cache_v: ``[B, K, S, H]`` cached keys/values (any capacity S). With ``layer``
+      given, the stacked ``[L, B, K, S, H]`` arrays.
     cache_positions: ``[B, K, S]`` (or ``[L, B, K, S]``) original positions of cached tokens.
     cache_lengths: ``[B, K]`` (or ``[L, B, K]``) valid slots per head; the rest is ignored.
     q_positions: ``[B, T]`` positions of the new tokens.
@@ -87,19 +87,21 @@ def chunk_attention(
   cache_lengths = jax.lax.dynamic_index_in_dim(cache_lengths, layer, 0, keepdims=False)  # [B, K]
   s_cap = cache_k.shape[3]
   bs = min(block_size, s_cap)
-  if s_cap % bs:
-    raise ValueError(f"cache capacity {s_cap} must be a multiple of the attention block size {bs}")
   n_blocks = (jnp.max(cache_lengths) + bs - 1) // bs
 
   def body(i, carry):
     m, l, acc = carry
-    start = i * bs
+    # The last block may run past the capacity: read it from ``s_cap - bs`` instead and mask
+    # the slots an earlier block already covered, so any capacity works.
+    nominal = i * bs
+    start = jnp.minimum(nominal, s_cap - bs)
+    idx = start + jnp.arange(bs)
     kb = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
     vb = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
     pb = jax.lax.dynamic_slice(cache_positions, (layer, 0, 0, start), (1, b, kh, bs))[0]
     kb, vb = kb.astype(f32), vb.astype(f32)  # [B, K, bs, H]
-    idx = start + jnp.arange(bs)
-    valid = (idx[None, None, :] < cache_lengths[..., None])[:, :, None, None, :]  # [B,K,1,1,bs]
+    valid = (idx >= nominal)[None, None, :] & (idx[None, None, :] < cache_lengths[..., None])
+    valid = valid[:, :, None, None, :]  # [B, K, 1, 1, bs]
     valid = valid & _window_ok(qpos, pb[:, :, None, None, :], sliding_window)
     sb = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb)
     sb = jnp.where(valid, sb, _NEG)

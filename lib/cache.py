@@ -137,9 +137,9 @@ class KVCache:
     )
 
 
-def round_capacity(n: int, block: int) -> int:
-  """Smallest capacity >= n that the attention accepts: a multiple of ``block`` (or of 8 when
-  it fits in one block)."""
+def round_capacity(n: int, block: int | None = None) -> int:
+  """Capacity for ``n`` tokens: rounded up to a multiple of 8 (attention takes any capacity;
+  ``block`` is accepted for call sites that pass the attention block and is not needed)."""
+  del block
   n = max(int(n), 1)
-  m = 8 if n <= block else block
-  return -(-n // m) * m
+  return -(-n // 8) * 8

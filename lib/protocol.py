@@ -1,8 +1,9 @@
-"""Compress-then-ask: the query-agnostic protocol on the three pure functions.
+"""Compress-then-ask on the three pure functions.
 
-The context is prefilled (with the method's observe hook) and compressed before the question is
-seen; the question is then prefilled onto the compressed cache and the answer decoded from it.
-With ``method=None`` the same path runs on the full cache (the reference).
+``prefill_context`` runs the context once (with every method's observe hook); ``ask`` takes a
+(compressed or full) cache, prefills the question and decodes the answer; ``teacher_force``
+scores a given continuation. The query-agnostic protocol compresses before the question is seen;
+query-aware puts the question inside the compressed context and asks only the generation prompt.
 """
 
 from __future__ import annotations
@@ -18,45 +19,81 @@ from lib.cache import KVCache, round_capacity
 from lib.methods import compress
 
 
-def compress_then_ask(params, apply_fn, context: Sequence[Sequence[int]],
-                      question: Sequence[Sequence[int]], *, method=None,
-                      max_new_tokens: int = 32, stop_tokens: tuple[int, ...] = (),
-                      num_layers: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
-                      chunk_size: int = 512, block: int = 512, max_context: int | None = None):
-  """Returns a dict: ``tokens`` (answers), ``cache_bytes`` (after compression, from the leaves),
-  ``full_bytes`` (the uncompressed context cache), and seconds for prefill/compress/decode."""
-  q_len = max(len(q) for q in question)
-  c_chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
-  ctx, ctx_len = gen.pad_batch(context, c_chunk)
-  gen.check_context(ctx_len + q_len, max_new_tokens, max_context)
+def prefill_context(params, apply_fn, context: Sequence[Sequence[int]], *, num_layers: int,
+                    kv_heads: int, head_dim: int, dtype=jnp.float32, observe=None,
+                    chunk_size: int = 512, block: int = 512):
+  """Returns ``(cache, observations, seconds)`` for the (right-padded) contexts."""
+  chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
+  ctx, ctx_len = gen.pad_batch(context, chunk)
   cache = KVCache.init(num_layers=num_layers, batch=len(context), kv_heads=kv_heads,
                        capacity=round_capacity(ctx.shape[1], block), head_dim=head_dim,
                        dtype=dtype)
-  full_bytes = cache.nbytes
-  observe = None if method is None else method.observe
   t0 = time.perf_counter()
   _, cache, obs = gen.prefill(params, jnp.asarray(ctx), jnp.asarray(ctx_len), cache,
-                              apply_fn=apply_fn, chunk_size=c_chunk, observe=observe)
+                              apply_fn=apply_fn, chunk_size=chunk, observe=observe)
   jax.block_until_ready(cache)
-  t1 = time.perf_counter()
-  q_chunk = gen.round_up(q_len, 8)
-  room = q_chunk + max_new_tokens
-  if method is not None:
-    cache = compress(method, cache, obs, extra=room, block=block)
+  return cache, obs, time.perf_counter() - t0
+
+
+def compress_for(method, cache: KVCache, obs, room: int, block: int = 512):
+  """Compressed copy of ``cache`` with ``room`` free slots (``method=None``: the full cache).
+
+  Returns ``(cache, kept_bytes, seconds)``; ``kept_bytes`` is the cache without the free room,
+  from its leaves.
+  """
+  t0 = time.perf_counter()
+  if method is None:
+    out = cache.resize(round_capacity(int(jnp.max(cache.lengths)) + room, block))
   else:
-    cache = cache.resize(round_capacity(int(jnp.max(cache.lengths)) + room, block))
-  jax.block_until_ready(cache)
-  t2 = time.perf_counter()
-  kept_bytes = cache.resize(round_capacity(int(jnp.max(cache.lengths)), block)).nbytes
+    out = compress(method, cache, obs, extra=room, block=block)
+  jax.block_until_ready(out)
+  dt = time.perf_counter() - t0
+  kept = out.resize(round_capacity(int(jnp.max(out.lengths)), block)).nbytes
+  return out, kept, dt
+
+
+def ask(params, apply_fn, cache: KVCache, question: Sequence[Sequence[int]], *,
+        max_new_tokens: int, stop_tokens: tuple[int, ...] = ()):
+  """Prefills ``question`` onto ``cache`` (consumed) and decodes greedily.
+
+  Returns ``(answers as token lists, seconds)``."""
+  t0 = time.perf_counter()
+  q_chunk = gen.round_up(max(len(q) for q in question), 8)
+  gen.check_capacity(cache, q_chunk, max_new_tokens)
   qs, q_lens = gen.pad_batch(question, q_chunk)
   logits, cache, _ = gen.prefill(params, jnp.asarray(qs), jnp.asarray(q_lens), cache,
                                  apply_fn=apply_fn, chunk_size=q_chunk)
-  out, n_gen, cache = gen.decode_loop(params, cache, logits, jax.random.PRNGKey(0),
-                                      apply_fn=apply_fn, max_new_tokens=max_new_tokens,
-                                      stop_tokens=stop_tokens)
-  out = jax.device_get(out)
-  t3 = time.perf_counter()
-  n_gen = jax.device_get(n_gen)
-  return {"tokens": [out[i, : n_gen[i]].tolist() for i in range(len(context))],
-          "cache_bytes": kept_bytes, "full_bytes": full_bytes,
-          "prefill_s": t1 - t0, "compress_s": t2 - t1, "answer_s": t3 - t2}
+  out, n_gen, _ = gen.decode_loop(params, cache, logits, jax.random.PRNGKey(0),
+                                  apply_fn=apply_fn, max_new_tokens=max_new_tokens,
+                                  stop_tokens=stop_tokens)
+  out, n_gen = jax.device_get((out, n_gen))
+  return [out[i, : n_gen[i]].tolist() for i in range(len(question))], time.perf_counter() - t0
+
+
+def teacher_force(params, apply_fn, cache: KVCache, tokens: Sequence[int]) -> jax.Array:
+  """Logits ``[T, V]`` after each of ``tokens`` (one row) appended to ``cache`` (consumed)."""
+  t = len(tokens)
+  logits, _, _ = apply_fn(params, jnp.asarray([tokens], jnp.int32), cache,
+                          jnp.asarray([t], jnp.int32), None, None)
+  return logits[0]
+
+
+def compress_then_ask(params, apply_fn, context, question, *, method=None,
+                      max_new_tokens: int = 32, stop_tokens: tuple[int, ...] = (),
+                      num_layers: int, kv_heads: int, head_dim: int, dtype=jnp.float32,
+                      chunk_size: int = 512, block: int = 512, max_context: int | None = None):
+  """Query-agnostic in one call. Returns ``tokens``, ``cache_bytes`` (kept), ``full_bytes``
+  and seconds for prefill/compress/answer."""
+  q_len = max(len(q) for q in question)
+  gen.check_context([max(len(c) for c in context) + q_len], max_new_tokens, max_context)
+  cache, obs, t_pre = prefill_context(
+      params, apply_fn, context, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim,
+      dtype=dtype, observe=None if method is None else method.observe, chunk_size=chunk_size,
+      block=block)
+  full_bytes = cache.nbytes
+  room = gen.round_up(q_len, 8) + max_new_tokens
+  small, kept, t_c = compress_for(method, cache, obs, room, block)
+  answers, t_a = ask(params, apply_fn, small, question, max_new_tokens=max_new_tokens,
+                     stop_tokens=stop_tokens)
+  return {"tokens": answers, "cache_bytes": kept, "full_bytes": full_bytes, "prefill_s": t_pre,
+          "compress_s": t_c, "answer_s": t_a}

@@ -43,8 +43,7 @@ class LanguageModel:
     return tuple(sorted(ids))
 
   def new_cache(self, batch: int, capacity: int) -> KVCache:
-    """An empty cache of ``[L, batch, K, capacity', H]``; capacity' is rounded up to a multiple
-    of the attention block size (or of 8 when smaller than one block)."""
+    """An empty cache of ``[L, batch, K, capacity', H]``; capacity' is rounded up to 8."""
     c = self.config
     cap = round_capacity(capacity, self.attn_block_size)
     return KVCache.init(num_layers=c.num_layers, batch=batch, kv_heads=c.num_kv_heads,

@@ -11,10 +11,11 @@ from lib.attention import chunk_attention, dense_attention_reference
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 3), kh=st.integers(1, 3), g=st.integers(1, 3),
        t=st.integers(1, 9), blocks=st.integers(1, 4), bs=st.sampled_from([4, 8]),
-       window=st.sampled_from([None, 3, 11]), seed=st.integers(0, 1000))
-def test_chunk_attention_matches_dense(b, kh, g, t, blocks, bs, window, seed):
+       tail=st.integers(0, 7), window=st.sampled_from([None, 3, 11]), seed=st.integers(0, 1000))
+def test_chunk_attention_matches_dense(b, kh, g, t, blocks, bs, tail, window, seed):
+  """Any capacity (not a multiple of the block), ragged and empty heads, windows."""
   h = 8
-  s = blocks * bs
+  s = blocks * bs + tail
   rng = np.random.RandomState(seed)
   lengths = rng.randint(0, s + 1, size=(b, kh)).astype(np.int32)  # ragged, possibly empty
   q = rng.randn(b, t, kh * g, h).astype(np.float32)

@@ -1,0 +1,1 @@
+"""Evaluation harness: offline tasks, metrics with confidence intervals, and the runner."""

@@ -1,0 +1,37 @@
+"""Per-sample rows -> per-cell statistics (mean and 95 % CI of every metric)."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+from lib.eval.metrics import mean_ci
+
+CELL_KEYS = ("task", "length", "protocol", "method", "ratio")
+METRICS = ("score", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes", "prefill_s",
+           "compress_s", "answer_s")
+
+
+def read_rows(paths) -> list[dict]:
+  rows = []
+  for p in paths:
+    with open(p) as f:
+      rows += [json.loads(line) for line in f if line.strip()]
+  return rows
+
+
+def cells(rows: list[dict]) -> list[dict]:
+  """Groups rows by (task, length, protocol, method, ratio) and summarises each metric."""
+  groups = collections.defaultdict(list)
+  for r in rows:
+    groups[tuple(r.get(k) for k in CELL_KEYS)].append(r)
+  out = []
+  for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
+    cell = dict(zip(CELL_KEYS, key))
+    for m in METRICS:
+      cell[m] = mean_ci([r.get(m) for r in rs])
+    cell["bytes_ratio"] = (cell["cache_bytes"]["mean"] / cell["full_bytes"]["mean"]
+                           if cell["full_bytes"]["mean"] else None)
+    cell["git"] = sorted({r.get("git") for r in rs if r.get("git")})
+    out.append(cell)
+  return out

@@ -1,0 +1,45 @@
+"""Scores and statistics: RULER string match, distribution fidelity vs the full cache, CIs."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def string_match_all(prediction: str, answers: list[str]) -> float:
+  """RULER ``string_match_all``: fraction of reference answers found in the prediction
+  (case-insensitive substring)."""
+  p = prediction.lower()
+  return float(np.mean([a.lower() in p for a in answers])) if answers else 0.0
+
+
+def fidelity(logits: jax.Array, ref_logits: jax.Array, targets: jax.Array) -> dict:
+  """Compares next-token distributions on the same teacher-forced continuation.
+
+  Args:
+    logits, ref_logits: ``[T, V]`` compressed-cache and full-cache logits.
+    targets: ``[T]`` the continuation tokens (what follows each position).
+
+  Returns:
+    ``kl`` mean KL(full || compressed) in nats, ``top1`` agreement of argmaxes, and the
+    continuation log-likelihoods ``ll`` (compressed) and ``ll_ref`` (full), summed.
+  """
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  lq = jax.nn.log_softmax(ref_logits.astype(jnp.float32), -1)
+  kl = jnp.sum(jnp.exp(lq) * (lq - lp), -1).mean()
+  top1 = (lp.argmax(-1) == lq.argmax(-1)).mean()
+  ll = jnp.take_along_axis(lp, targets[:, None], -1).sum()
+  ll_ref = jnp.take_along_axis(lq, targets[:, None], -1).sum()
+  return {"kl": float(kl), "top1": float(top1), "ll": float(ll), "ll_ref": float(ll_ref)}
+
+
+def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
+  """Mean with a 95 % percentile-bootstrap confidence interval and the sample count."""
+  x = np.asarray([v for v in values if v is not None], np.float64)
+  if x.size == 0:
+    return {"mean": None, "ci95": [None, None], "n": 0}
+  rng = np.random.default_rng(seed)
+  boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
+  lo, hi = np.percentile(boots, [2.5, 97.5])
+  return {"mean": float(x.mean()), "ci95": [float(lo), float(hi)], "n": int(x.size)}

@@ -1,0 +1,114 @@
+"""Runs one sample against the full cache and every (method, ratio), sharing one prefill.
+
+Rows (one per sample x method x ratio) carry the score, fidelity to the full cache (KL, top-1,
+answer log-likelihoods on the full cache's answer), bytes from the leaves and timings.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from lib import generate as gen
+from lib import methods as methods_lib
+from lib.eval.metrics import fidelity, string_match_all
+from lib.eval.tasks import Sample
+from lib.protocol import ask, compress_for, prefill_context
+
+PROTOCOLS = ("query_agnostic", "query_aware")
+_SPLIT = "\u2063KVLAB_SPLIT\u2063"
+
+
+def prompt_pieces(tokenizer, sample: Sample, protocol: str) -> tuple[list[int], list[int]]:
+  """Token ids ``(compressed part, asked part)`` of the chat-templated prompt.
+
+  query_agnostic: compressed = the context; asked = question + generation prompt.
+  query_aware: compressed = context + question; asked = the generation prompt only.
+  """
+  if protocol not in PROTOCOLS:
+    raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+  if tokenizer.chat_template:
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": sample.context + "\n\n" + _SPLIT + sample.question}])
+  else:
+    text = sample.context + "\n\n" + _SPLIT + "Question: " + sample.question + "\nAnswer:"
+  pre, post = text.split(_SPLIT)
+  if protocol == "query_aware":
+    cut = post.index(sample.question) + len(sample.question)
+    pre, post = pre + post[:cut], post[cut:]
+  return (tokenizer.encode(pre, add_special_tokens=True),
+          tokenizer.encode(post, add_special_tokens=False))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _teacher_force(params, cache, tokens, n, *, apply_fn):
+  logits, _, _ = apply_fn(params, tokens, cache, n, None, None)
+  return logits[0]
+
+
+def _force(lm, cache, tokens):
+  t = len(tokens)
+  padded = tokens + [0] * (gen.round_up(t, 16) - t)
+  return _teacher_force(lm.params, cache, jnp.asarray([padded], jnp.int32),
+                        jnp.asarray([t], jnp.int32), apply_fn=lm.apply_fn)[:t]
+
+
+def _copy(cache):
+  return jax.tree.map(jnp.copy, cache)
+
+
+def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, protocol: str,
+               max_new_tokens: int, chunk_size: int = 512) -> list[dict]:
+  """Evaluates ``cells`` = [(method spec, ratio, Method)] on one sample.
+
+  ``lm`` is a ``models.LanguageModel``-like object (params, apply_fn, tokenizer, config,
+  attn_block_size, stop_tokens). Returns one row per cell plus the full-cache row.
+  """
+  c = lm.config
+  block = lm.attn_block_size
+  ctx, q = prompt_pieces(lm.tokenizer, sample, protocol)
+  gen.check_context([len(ctx) + len(q)], max_new_tokens, c.max_position_embeddings)
+  hooks = tuple(dict.fromkeys(m.observe for _, _, m in cells if m.observe is not None))
+  observe = methods_lib._joint_observe(hooks) if hooks else None  # pylint: disable=protected-access
+  cache, obs_all, t_pre = prefill_context(
+      lm.params, lm.apply_fn, [ctx], num_layers=c.num_layers, kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim, dtype=lm.dtype, observe=observe, chunk_size=chunk_size, block=block)
+  room = gen.round_up(len(q), 8) + max_new_tokens + 16
+  base = {"task": sample.task, "sample": sample.seed, "depth": sample.depth,
+          "protocol": protocol, "context_tokens": len(ctx), "prefill_s": t_pre}
+
+  full, full_bytes, _ = compress_for(None, cache, None, room, block)
+  ref_ans, t_ans = ask(lm.params, lm.apply_fn, _copy(full), [q], max_new_tokens=max_new_tokens,
+                       stop_tokens=lm.stop_tokens)
+  ref_ans = ref_ans[0]
+  cont = q + ref_ans
+  ref_logits = _force(lm, full, cont)[len(q) - 1: -1]
+  targets = jnp.asarray(ref_ans, jnp.int32)
+  pred = lm.tokenizer.decode(ref_ans)
+  rows = [{**base, "method": "full", "ratio": 1.0,
+           "score": string_match_all(pred, sample.answers), "prediction": pred,
+           "kl": 0.0, "top1": 1.0, **_ll(ref_logits, targets), "cache_bytes": full_bytes,
+           "full_bytes": full_bytes, "compress_s": 0.0, "answer_s": t_ans}]
+  for spec, ratio, method in cells:
+    obs = None
+    if method.observe is not None:
+      obs = obs_all[hooks.index(method.observe)]
+    small, kept, t_c = compress_for(method, cache, obs, room, block)
+    ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
+                   stop_tokens=lm.stop_tokens)
+    pred = lm.tokenizer.decode(ans[0])
+    logits = _force(lm, small, cont)[len(q) - 1: -1]
+    rows.append({**base, "method": spec, "ratio": ratio,
+                 "score": string_match_all(pred, sample.answers), "prediction": pred,
+                 **fidelity(logits, ref_logits, targets), "cache_bytes": kept,
+                 "full_bytes": full_bytes, "compress_s": t_c, "answer_s": t_a})
+  return rows
+
+
+def _ll(logits, targets):
+  lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+  ll = float(jnp.take_along_axis(lp, targets[:, None], -1).sum())
+  return {"ll": ll, "ll_ref": ll}
