@@ -131,8 +131,10 @@ def make_sample(task: str, length: int, seed: int, count_tokens, haystack: str =
 
     def build(n):
       r = random.Random(seed)
-      items = [w for w in common for _ in range(3 * max(1, n // 60))]
-      items += [r.choice(rare) for _ in range(n)]
+      # Exact frequencies: rare words ``per`` or ``per + 1`` times, common words ``3 * (per + 1)``,
+      # so the answer is unambiguous at any length (RULER plants fixed frequencies likewise).
+      per, extra = divmod(n, len(rare))
+      items = [w for w in common for _ in range(3 * (per + 1))] + rare * per + rare[:extra]
       r.shuffle(items)
       return " ".join(f"{i + 1}. {w}" for i, w in enumerate(items)) + "."
 

@@ -1,0 +1,38 @@
+r"""Turn evaluation rows into a markdown leaderboard and PNG plots.
+
+  python -m experiments.report --inputs=results/eval_niah_1k.jsonl --out_dir=results/report
+"""
+
+import json
+import os
+
+from absl import app, flags
+
+from lib.eval import aggregate, report
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("inputs", ["results/eval.jsonl"], "Per-sample JSONL files.")
+flags.DEFINE_string("out_dir", "results/report", "Where leaderboard.md, cells.json, *.png go.")
+
+
+def main(argv):
+  del argv
+  missing = [p for p in FLAGS.inputs if not os.path.exists(p)]
+  if missing:
+    raise app.UsageError(f"no such results file(s): {missing}; run experiments.evaluate first")
+  cells = aggregate.cells(aggregate.read_rows(FLAGS.inputs))
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  md = report.leaderboard(cells)
+  with open(os.path.join(FLAGS.out_dir, "leaderboard.md"), "w") as f:
+    f.write(md)
+  with open(os.path.join(FLAGS.out_dir, "cells.json"), "w") as f:
+    json.dump(cells, f, indent=1)
+  for metric in ("score", "kl"):
+    report.plot_score_vs_ratio(cells, os.path.join(FLAGS.out_dir, f"{metric}_vs_ratio.png"),
+                               metric)
+  print(md)
+  print(f"wrote {FLAGS.out_dir}/leaderboard.md, cells.json, score_vs_ratio.png, kl_vs_ratio.png")
+
+
+if __name__ == "__main__":
+  app.run(main)

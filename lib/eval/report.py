@@ -1,0 +1,72 @@
+"""Leaderboard markdown and plots from per-cell statistics (``lib.eval.aggregate.cells``)."""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import numpy as np
+
+
+def _fmt(stat, digits=2, pct=False):
+  if stat["mean"] is None:
+    return "–"
+  k = 100.0 if pct else 1.0
+  lo, hi = stat["ci95"]
+  return f"{k * stat['mean']:.{digits}f} [{k * lo:.{digits}f}, {k * hi:.{digits}f}]"
+
+
+def leaderboard(cells: list[dict]) -> str:
+  """Markdown: one table per (task, length, protocol); rows method x ratio, full cache first."""
+  groups = collections.defaultdict(list)
+  for c in cells:
+    groups[(c["task"], c["length"], c["protocol"])].append(c)
+  out = []
+  for (task, length, protocol), cs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    full = next((c for c in cs if c["method"] == "full"), None)
+    out.append(f"### {task}, {length} tokens, {protocol}\n")
+    out.append("| method | kept | score % [95% CI] | vs full | KL vs full (nats) | top-1 agree % "
+               "| cache bytes / full | n |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    order = sorted(cs, key=lambda c: (c["method"] != "full", c["method"], -c["ratio"]))
+    for c in order:
+      rel = "–"
+      if full and full["score"]["mean"]:
+        rel = f"{100 * c['score']['mean'] / full['score']['mean']:.0f} %"
+      out.append(f"| {c['method']} | {c['ratio']:g} | {_fmt(c['score'], 1, True)} | {rel} | "
+                 f"{_fmt(c['kl'], 3)} | {_fmt(c['top1'], 1, True)} | "
+                 f"{c['bytes_ratio']:.3f} | {c['score']['n']} |")
+    out.append("")
+  return "\n".join(out)
+
+
+def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
+  """One panel per (task, length): ``metric`` vs fraction kept, a line per method, CI bars."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  panels = sorted({(c["task"], c["length"], c["protocol"]) for c in cells}, key=str)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
+  for ax, key in zip(axes[0], panels):
+    cs = [c for c in cells if (c["task"], c["length"], c["protocol"]) == key]
+    full = next((c for c in cs if c["method"] == "full"), None)
+    for name in sorted({c["method"] for c in cs} - {"full"}):
+      pts = sorted((c["ratio"], c[metric]) for c in cs if c["method"] == name)
+      x = np.array([p[0] for p in pts])
+      y = np.array([p[1]["mean"] for p in pts], float)
+      lo = np.array([p[1]["ci95"][0] for p in pts], float)
+      hi = np.array([p[1]["ci95"][1] for p in pts], float)
+      ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
+    if full is not None:
+      ax.axhline(full[metric]["mean"], color="k", ls="--", lw=1, label="full cache")
+    ax.set_xlabel("fraction of KV cache kept")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{key[0]}, {key[1]} tok, {key[2]}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -1,0 +1,112 @@
+"""Evaluation harness: tasks, metrics, protocols, the resumable launcher and the report."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from lib.eval import aggregate, report
+from lib.eval.metrics import fidelity, mean_ci, string_match_all
+from lib.eval.runner import prompt_pieces
+from lib.eval.tasks import TASKS, make_sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def chat_tiny(tmp_path_factory, default_model):
+  """Tiny random Llama with SmolLM2's vocabulary, tokenizer.json and chat template."""
+  d = tmp_path_factory.mktemp("chat_tiny")
+  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+  tok = default_model.tokenizer
+  tok._tok.save(str(d / "tokenizer.json"))  # pylint: disable=protected-access
+  json.dump({"chat_template": tok.chat_template, "bos_token": tok.bos_token,
+             "eos_token": tok.eos_token}, open(d / "tokenizer_config.json", "w"))
+  return str(d)
+
+
+def test_tasks_are_deterministic_sized_and_hold_their_answers(default_model):
+  count = lambda s: len(default_model.tokenizer.encode(s, add_special_tokens=False))
+  for task in TASKS:
+    a = make_sample(task, 512, 3, count)
+    b = make_sample(task, 512, 3, count)
+    assert a == b
+    assert 400 < count(a.context) <= 512
+    if task.startswith("niah") or task == "variable_tracking":
+      assert all(ans in a.context for ans in a.answers)
+    else:
+      freq = collections.Counter(w.rstrip(".") for w in a.context.split() if not w[0].isdigit())
+      ranked = freq.most_common()
+      assert {w for w, _ in ranked[: len(a.answers)]} == set(a.answers)
+      assert ranked[len(a.answers) - 1][1] > ranked[len(a.answers)][1]  # no tie at the cut
+  assert make_sample("niah_single", 512, 4, count).context != make_sample(
+      "niah_single", 512, 5, count).context
+  docs = make_sample("niah_single", 512, 1, count, haystack="docs", depth=0.5)
+  assert "The grass is green" not in docs.context and docs.answers[0] in docs.context
+  with pytest.raises(ValueError, match="unknown task"):
+    make_sample("niah_double", 512, 0, count)
+
+
+def test_metrics():
+  assert string_match_all("The numbers are 123 and 456.", ["123", "456", "789"]) == 2 / 3
+  s = mean_ci([1, 0, 1, 1] * 25)
+  assert s["n"] == 100 and s["mean"] == 0.75 and s["ci95"][0] < 0.75 < s["ci95"][1]
+  assert mean_ci([])["n"] == 0
+  rng = np.random.RandomState(0)
+  logits = rng.randn(5, 11).astype(np.float32)
+  f = fidelity(logits, logits, np.arange(5))
+  assert abs(f["kl"]) < 1e-6 and f["top1"] == 1.0 and f["ll"] == f["ll_ref"]
+  assert fidelity(logits, rng.randn(5, 11).astype(np.float32), np.arange(5))["kl"] > 0.1
+
+
+def test_protocols_split_the_prompt(default_model):
+  tok = default_model.tokenizer
+  s = make_sample("niah_single", 256, 0, lambda x: len(tok.encode(x)))
+  ctx_a, q_a = prompt_pieces(tok, s, "query_agnostic")
+  ctx_w, q_w = prompt_pieces(tok, s, "query_aware")
+  assert s.question in tok.decode(q_a) and s.question not in tok.decode(ctx_a)
+  assert s.question in tok.decode(ctx_w) and s.question not in tok.decode(q_w)
+  whole = tok.encode_chat(s.context + "\n\n" + s.question)
+  assert abs(len(ctx_a + q_a) - len(whole)) <= 2 and abs(len(ctx_w + q_w) - len(whole)) <= 2
+
+
+def _evaluate(model, out, n):
+  cmd = [sys.executable, "-m", "experiments.evaluate", f"--model={model}", "--lengths=200",
+         f"--num_samples={n}", "--method=knorm,snapkv", "--ratio=0.5", "--max_new_tokens=6",
+         f"--out={out}"]
+  return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True)
+
+
+def test_evaluate_launcher_resumes_and_reports(chat_tiny, tmp_path):
+  out = tmp_path / "rows.jsonl"
+  _evaluate(chat_tiny, out, 2)
+  rows = [json.loads(l) for l in open(out)]
+  assert len(rows) == 2 * 3  # 2 samples x (full, knorm, snapkv)
+  assert {r["method"] for r in rows} == {"full", "knorm", "snapkv"}
+  assert all(r["cache_bytes"] < r["full_bytes"] for r in rows if r["method"] != "full")
+  assert all(r["git"] and r["config"]["num_samples"] == 2 for r in rows)
+  # Kill simulation: drop the last sample's rows, then run again with one more sample.
+  open(out, "w").writelines(json.dumps(r) + "\n" for r in rows[:4])
+  _evaluate(chat_tiny, out, 3)
+  again = [json.loads(l) for l in open(out)]
+  assert again[:4] == rows[:4]
+  keys = [(r["sample"], r["method"]) for r in again]
+  assert len(keys) == len(set(keys)) == 9
+  cells = aggregate.cells(again)
+  assert {c["method"] for c in cells} == {"full", "knorm", "snapkv"}
+  assert all(c["score"]["n"] == 3 for c in cells)
+  md = report.leaderboard(cells)
+  assert "| knorm | 0.5 |" in md and "| full | 1 |" in md
+  png = report.plot_score_vs_ratio(cells, str(tmp_path / "p.png"))
+  assert os.path.getsize(png) > 5000
