@@ -11,6 +11,8 @@ import dataclasses
 from typing import Any
 
 from lib.methods.base import Method, compress, select
+from lib.methods.accumulated import H2O, Keyformer
+from lib.methods.budgets import AdaKV, PyramidKV
 from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 
 REGISTRY: dict[str, type[Method]] = {
@@ -18,6 +20,10 @@ REGISTRY: dict[str, type[Method]] = {
     "knorm": Knorm,
     "snapkv": SnapKV,
     "tova": TOVA,
+    "h2o": H2O,
+    "keyformer": Keyformer,
+    "pyramidkv": PyramidKV,
+    "adakv": AdaKV,
 }
 
 
@@ -77,4 +83,4 @@ def make(spec: str, **kwargs) -> Method | Compose:
 
 
 __all__ = ["Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
-           "SnapKV", "TOVA"]
+           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV"]

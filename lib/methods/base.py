@@ -114,8 +114,15 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
   kept = method.kept(np.asarray(cache.lengths))
+  if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
+    kept = np.asarray(_budgets(method, cache, observations, jnp.asarray(kept, jnp.int32)))
   capacity = round_capacity(int(kept.max()) + extra, block)
   return _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("method",))
+def _budgets(method, cache, obs, kept):
+  return method.budgets(cache, obs, kept)
 
 
 def merge_chunks(x: jax.Array) -> jax.Array:

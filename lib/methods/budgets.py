@@ -1,0 +1,94 @@
+"""Budget allocators: PyramidKV (per layer) and AdaKV (per head), both on SnapKV scores.
+
+Budgets that differ by layer or head are stored in the stacked cache padded to the largest
+budget (lengths mark what is kept). So these methods save fewer bytes than a uniform method at
+the same number of kept tokens; a ragged (flattened per-head) layout that stores only what is
+kept is future work (issue 6 kernel). ``compress`` reports bytes from the leaves, so the tables
+show this honestly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib.cache import KVCache
+from lib.methods.eviction import SnapKV
+from lib.methods.window import in_window, max_pool, window_attention, window_queries
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(SnapKV):
+  """PyramidKV (Cai et al. 2024): SnapKV scores, arithmetic layer budgets (lower layers keep
+  more; mean unchanged), ``beta=20``. Like the reference code, prompts shorter than twice the
+  non-window budget fall back to SnapKV's uniform budget (METHODS.md §2.4 quirk)."""
+
+  beta: int = 20
+  name = "pyramidkv"
+
+  def kept(self, lengths: np.ndarray) -> np.ndarray:
+    uniform = super().kept(lengths)  # [L, B, K]
+    n_layers = lengths.shape[0]
+    out = uniform.copy()
+    for b in range(lengths.shape[1]):
+      n = int(lengths[0, b, 0])
+      total = int(uniform[0, b, 0])
+      w = min(self.window, total)
+      bb = total - w
+      if n_layers < 2 or bb <= 0 or n < 2 * bb:
+        continue
+      min_num = bb // self.beta
+      max_num = 2 * bb - min_num
+      if max_num >= n - w:
+        max_num = n - w
+        min_num = 2 * bb - max_num
+      step = (max_num - min_num) // (n_layers - 1)
+      per_layer = np.array([max_num - l * step for l in range(n_layers)]) + w
+      out[:, b, :] = np.minimum(per_layer[:, None], lengths[:, b, :])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaKV(SnapKV):
+  """Ada-KV (Feng et al. 2024) on SnapKV scores: heads of a layer compete for the layer's
+  budget (top ``K * b`` of the concatenated per-head scores), with a safeguard floor
+  ``alpha`` of the uniform budget per head. Choices: scores use the window *mean* and max
+  pooling (kernel 7), as the authors' code; ``alpha = 0.2`` (KVCache-Factory / kvpress)."""
+
+  alpha: float = 0.2
+  kernel: int = 7
+  pooling: str = "max"
+  name = "adakv"
+
+  def head_scores(self, cache: KVCache, obs):
+    q, qpos = window_queries(obs, self.window)
+    a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
+    n_q = jnp.maximum((qpos >= 0).sum(-1), 1)[:, :, None, None, None]
+    vote = a.sum(-2) / n_q  # mean over window queries
+    vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)
+    s = max_pool(vote, self.kernel) if self.pooling == "max" else vote
+    valid = jnp.arange(cache.capacity) < cache.lengths[..., None]
+    s = jnp.where(valid & ~in_window(cache, qpos, self.window), s, -jnp.inf)
+    return s, in_window(cache, qpos, self.window)
+
+  def scores(self, cache: KVCache, obs):
+    s, win = self.head_scores(cache, obs)
+    return jnp.where(win, jnp.inf, s)
+
+  def budgets(self, cache: KVCache, obs, kept: jax.Array) -> jax.Array:
+    """``[L, B, K]`` per-head budgets (window included) summing to the layer's total."""
+    s, win = self.head_scores(cache, obs)
+    n_win = win.sum(-1)  # [L, B, K]
+    b = jnp.maximum(kept - n_win, 0)  # uniform non-window budget per head
+    l_, bt, k, s_cap = s.shape
+    flat = s.reshape(l_, bt, k * s_cap)
+    order = jnp.argsort(-flat, axis=-1)
+    rank = jnp.argsort(order, axis=-1).reshape(l_, bt, k, s_cap)
+    layer_total = b.sum(-1)  # [L, B]
+    winners = (rank < layer_total[..., None, None]) & jnp.isfinite(s)
+    cnt = winners.sum(-1)
+    alloc = jnp.round(cnt * (1 - self.alpha) + self.alpha * b).astype(jnp.int32)
+    return jnp.minimum(alloc + n_win, cache.lengths)

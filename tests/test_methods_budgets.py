@@ -1,0 +1,93 @@
+"""H2O/Keyformer accumulated attention, PyramidKV layer budgets, AdaKV head budgets."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from lib import generate as gen
+from lib import methods
+from test_methods import _all_queries
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+  path, _ = tiny_dir("llama")
+  return models.load(path, progress=False, attn_block_size=8)
+
+
+def _prefill(m, ids, chunk, observe=None):
+  tokens, lengths = gen.pad_batch([ids], chunk)
+  cache = m.new_cache(1, tokens.shape[1])
+  _, cache, obs = gen.prefill(m.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                              apply_fn=m.apply_fn, chunk_size=chunk, observe=observe)
+  return cache, obs
+
+
+def test_h2o_column_sums_equal_full_attention(tiny):
+  ids = np.random.RandomState(9).randint(0, 160, size=27).tolist()
+  c = tiny.config
+  cache, q_all = _prefill(tiny, ids, 64, _all_queries)
+  n = len(ids)
+  q = np.asarray(q_all)[0][:, 0, :n]  # [L, n, N, H]
+  keys = np.asarray(cache.keys)[:, 0, :, :n]
+  g = c.num_heads // c.num_kv_heads
+  want = []
+  for layer in range(c.num_layers):
+    qq = q[layer].reshape(n, c.num_kv_heads, g, -1)
+    lg = np.einsum("nkgh,ksh->kgns", qq, keys[layer]) / np.sqrt(c.head_dim)
+    lg = np.where(np.tril(np.ones((n, n), bool)), lg, -np.inf)
+    p = np.exp(lg - lg.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want.append(p.sum(2).mean(1))  # [K, n]
+  want = np.stack(want)
+  method = methods.H2O(ratio=0.5)
+  cache8, obs = _prefill(tiny, ids, 8, method.observe)  # 4 chunks
+  got = np.asarray(obs.sum(0))[:, 0, :, :n]
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  small = methods.compress(method, cache8, obs)
+  kept = np.asarray(small.positions[:, 0, :, :14])
+  recent = set(range(n - 7, n))  # ceil(0.5 * 27) = 14 kept, half of them recent
+  assert all(recent <= set(kept[l, k]) for l in range(c.num_layers)
+             for k in range(c.num_kv_heads))
+  heavy = np.argsort(-want[..., : n - 7], axis=-1)[..., :7]
+  np.testing.assert_array_equal(np.sort(kept[..., :7], -1), np.sort(heavy, -1))
+
+
+def test_keyformer_is_seeded_and_keeps_recent(tiny):
+  ids = np.random.RandomState(10).randint(0, 160, size=40).tolist()
+  runs = {}
+  for seed in (0, 0, 1):
+    m = methods.Keyformer(ratio=0.5, seed=seed)
+    cache, obs = _prefill(tiny, ids, 8, m.observe)
+    runs.setdefault(seed, []).append(np.asarray(methods.compress(m, cache, obs).positions))
+  np.testing.assert_array_equal(runs[0][0], runs[0][1])
+  assert (runs[0][0] != runs[1][0]).any()
+  assert (runs[0][0][..., 14:20] == np.arange(34, 40)).all()  # ceil(.3 * 20) = 6 recent
+
+
+def test_pyramidkv_layer_budgets(tiny):
+  m = methods.PyramidKV(ratio=0.25, window=4, beta=20)
+  lengths = np.full((6, 1, 2), 400)
+  kept = m.kept(lengths)[:, 0, 0]
+  assert (np.diff(kept) < 0).all()  # lower layers keep more
+  assert abs(kept.mean() - 100) <= 2  # the mean budget is SnapKV's
+  # Short prompts (n < 2 * non-window budget) fall back to the uniform budget.
+  assert (methods.PyramidKV(ratio=0.75, window=4).kept(lengths) == 300).all()
+
+
+def test_adakv_budgets_move_between_heads(tiny):
+  ids = np.random.RandomState(11).randint(0, 160, size=48).tolist()
+  m = methods.AdaKV(ratio=0.25, window=4)
+  cache, obs = _prefill(tiny, ids, 8, m.observe)
+  small = methods.compress(m, cache, obs)
+  lens = np.asarray(small.lengths)[:, 0]  # [L, K]
+  uniform = 12
+  np.testing.assert_allclose(lens.sum(-1), uniform * lens.shape[1], atol=lens.shape[1])
+  assert (lens >= 4 + np.floor(0.2 * (uniform - 4))).all()  # window + safeguard floor
+  assert small.capacity == gen.round_up(int(lens.max()), 8)
+  for l in range(lens.shape[0]):
+    for k in range(lens.shape[1]):
+      p = np.asarray(small.positions[l, 0, k])
+      assert (p[: lens[l, k]] >= 0).all() and (p[lens[l, k]:] == -1).all()
+      assert set(range(44, 48)) <= set(p[: lens[l, k]].tolist())
