@@ -13,7 +13,7 @@ O(T * block_size) per head.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -137,9 +137,20 @@ def dense_attention_reference(q, k, v, q_positions, k_positions, k_valid, slidin
   return out.reshape(b, t, n, h)
 
 
-# An observation hook sees one layer's tensors inside the forward pass and returns a pytree
-# (stacked over layers by the model's scan). Signature:
-#   observe(layer, q [B,T,N,H], k_new [B,K,T,H], v_new [B,K,T,H], q_positions [B,T],
-#           q_valid [B,T] bool (False for right padding),
-#           cache: KVCache (read-only, before this call's tokens are appended)) -> Any
-ObserveFn = Callable[..., Any]
+class LayerInputs(NamedTuple):
+  """What an observation hook sees of one layer's new tokens (inside the forward pass)."""
+
+  q: jax.Array          # [B, T, N, H] post-RoPE queries
+  k: jax.Array          # [B, K, T, H] post-RoPE keys (about to be appended)
+  v: jax.Array          # [B, K, T, H] values
+  q_pre: jax.Array      # [B, T, N, H] queries before RoPE
+  k_pre: jax.Array      # [B, K, T, H] keys before RoPE
+  positions: jax.Array  # [B, T] int32 original positions
+  valid: jax.Array      # [B, T] bool, False for right padding
+  inv_freq: jax.Array   # [H/2] RoPE inverse frequencies of this call
+
+
+# An observation hook: ``observe(layer, x: LayerInputs, cache) -> pytree``; ``cache`` is the
+# read-only cache before this call's tokens are appended. Outputs are stacked over layers by
+# the model's scan (and over chunks by ``prefill``).
+ObserveFn = Callable[[jax.Array, LayerInputs, Any], Any]

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lib.attention import chunk_attention
+from lib.attention import LayerInputs, chunk_attention
 from lib.cache import KVCache
 from lib.rope import apply_rope, inv_freq_for
 from models.config import ModelConfig
@@ -66,13 +66,15 @@ class DecoderLayer(nn.Module):
     if c.qk_norm:
       q = rms_norm(q, p("q_norm", (h,), nn.initializers.ones), c.rms_norm_eps)
       kk = rms_norm(kk, p("k_norm", (h,), nn.initializers.ones), c.rms_norm_eps)
+    q_pre, k_pre = q, kk
     q = apply_rope(q, q_positions, inv_freq)
     kk = apply_rope(kk, q_positions, inv_freq)
     k_new = kk.transpose(0, 2, 1, 3)  # [B, K, T, H]
     v_new = v.transpose(0, 2, 1, 3)
     obs = None
     if self.observe is not None:
-      obs = self.observe(layer, q, k_new, v_new, q_positions, q_valid, cache)
+      obs = self.observe(layer, LayerInputs(q, k_new, v_new, q_pre, k_pre.transpose(0, 2, 1, 3),
+                                            q_positions, q_valid, inv_freq), cache)
     attn = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                            cache.lengths, q_positions, layer=layer,
                            sliding_window=c.sliding_window, block_size=self.attn_block_size)

@@ -88,8 +88,8 @@ def test_knorm_keeps_smallest_key_norms(tiny):
   np.testing.assert_array_equal(np.asarray(small.positions[..., :10]), want)
 
 
-def _all_queries(layer, q, k_new, v_new, q_positions, q_valid, cache):
-  return q
+def _all_queries(layer, x, cache):
+  return x.q
 
 
 def _snapkv_reference(m, ids, window, kernel):

@@ -91,3 +91,47 @@ def test_adakv_budgets_move_between_heads(tiny):
       p = np.asarray(small.positions[l, 0, k])
       assert (p[: lens[l, k]] >= 0).all() and (p[lens[l, k]:] == -1).all()
       assert set(range(44, 48)) <= set(p[: lens[l, k]].tolist())
+
+
+def _pre_queries(layer, x, cache):
+  return x.q_pre
+
+
+def test_expected_attention_matches_formula(tiny):
+  """Gaussian expected attention from all pre-RoPE prompt queries, straight in numpy."""
+  from lib.rope import base_inv_freq  # pylint: disable=g-import-not-at-top
+
+  ids = np.random.RandomState(12).randint(0, 160, size=30).tolist()
+  c = tiny.config
+  n, h, sinks, fut = len(ids), c.head_dim, 4, 16
+  cache, qpre = _prefill(tiny, ids, 64, _pre_queries)
+  q = np.asarray(qpre)[0][:, 0, :n].astype(np.float64)  # [L, n, N, H]
+  keys = np.asarray(cache.keys)[:, 0, :, :n].astype(np.float64)  # [L, K, n, H]
+  vals = np.asarray(cache.values)[:, 0, :, :n].astype(np.float64)
+  inv = base_inv_freq(c.rope).astype(np.float64)
+  ang = np.arange(n, n + fut)[:, None] * inv[None]
+  cos = np.concatenate([np.cos(ang), np.cos(ang)], -1)
+  sin = np.concatenate([np.sin(ang), np.sin(ang)], -1)
+  rot = np.zeros((h, h))
+  rot[h // 2:, : h // 2] = np.eye(h // 2)
+  rot[: h // 2, h // 2:] = -np.eye(h // 2)
+  r = np.mean([np.diag(cc) + np.diag(ss) @ rot for cc, ss in zip(cos, sin)], 0)
+  g = c.num_heads // c.num_kv_heads
+  want = np.zeros((c.num_layers, c.num_kv_heads, n))
+  for l in range(c.num_layers):
+    for head in range(c.num_heads):
+      qs = q[l, sinks:, head]
+      mu = qs.mean(0)
+      cov = (qs - mu).T @ (qs - mu) / len(qs)
+      mu, cov = r @ mu, r @ cov @ r.T
+      k = keys[l, head // g, sinks:]
+      z = k @ mu / np.sqrt(h) + np.einsum("sh,hj,sj->s", k, cov, k) / (2 * h)
+      p = np.exp(z - z.max())
+      want[l, head // g, sinks:] += p / p.sum() / g
+  want[..., sinks:] *= np.linalg.norm(vals[..., sinks:, :], axis=-1)
+  want[..., :sinks] = np.inf
+  m = methods.ExpectedAttention(ratio=0.5, future=fut, sinks=sinks)
+  cache8, obs = _prefill(tiny, ids, 8, m.observe)  # chunked moments
+  got = np.asarray(m.scores(cache8, obs))[:, 0, :, :n]
+  np.testing.assert_allclose(got[..., sinks:], want[..., sinks:], rtol=2e-3, atol=1e-6)
+  assert np.isinf(got[..., :sinks]).all()

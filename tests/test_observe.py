@@ -7,10 +7,11 @@ import models
 from lib import generate as gen
 
 
-def key_norms(layer, q, k_new, v_new, q_positions, q_valid, cache):
+def key_norms(layer, x, cache):
   """Per-layer hook: ``[B, K, T]`` L2 norms of the new keys, and the layer index."""
-  del q, v_new, q_positions, q_valid, cache
-  return {"layer": layer, "knorm": jnp.linalg.norm(k_new, axis=-1)}
+  del cache
+  return {"layer": layer, "knorm": jnp.linalg.norm(x.k, axis=-1),
+          "pre_norm": jnp.linalg.norm(x.k_pre, axis=-1)}
 
 
 def test_observe_hook_is_stacked_per_chunk_and_layer(tiny_dir):
@@ -29,6 +30,8 @@ def test_observe_hook_is_stacked_per_chunk_and_layer(tiny_dir):
                                                                     c.num_kv_heads, 24)[..., :20]
   stored = np.linalg.norm(np.asarray(cache.keys[..., :20, :]), axis=-1)
   np.testing.assert_allclose(seen, stored, rtol=1e-6)
+  # RoPE is a rotation: pre-RoPE keys have the same norms.
+  np.testing.assert_allclose(np.asarray(obs["pre_norm"]), np.asarray(obs["knorm"]), rtol=1e-5)
   # Observing changes nothing about the forward pass.
   plain, _, _ = gen.prefill(m.params, jnp.asarray(tokens), jnp.asarray(lengths),
                             m.new_cache(1, 32), apply_fn=m.apply_fn, chunk_size=8)

@@ -14,6 +14,7 @@ from lib.methods.base import Method, compress, select
 from lib.methods.accumulated import H2O, Keyformer
 from lib.methods.budgets import AdaKV, PyramidKV
 from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
+from lib.methods.expected_attention import ExpectedAttention
 
 REGISTRY: dict[str, type[Method]] = {
     "streaming_llm": StreamingLLM,
@@ -24,6 +25,7 @@ REGISTRY: dict[str, type[Method]] = {
     "keyformer": Keyformer,
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
+    "expected_attention": ExpectedAttention,
 }
 
 
@@ -83,4 +85,4 @@ def make(spec: str, **kwargs) -> Method | Compose:
 
 
 __all__ = ["Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
-           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV"]
+           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention"]

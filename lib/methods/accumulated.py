@@ -25,8 +25,8 @@ def column_sums(gumbel_tau: float | None = None, seed: int = 0):
   queries (mean over each GQA group). With ``gumbel_tau``, the probabilities are Keyformer's
   Gumbel-softmax ``softmax((x + G) / tau)``, fresh noise per layer and chunk."""
 
-  def observe(layer, q, k_new, v_new, q_positions, q_valid, cache):
-    del v_new
+  def observe(layer, x, cache):
+    q, k_new, q_positions, q_valid = x.q, x.k, x.positions, x.valid
     b, t, n, h = q.shape
     kh = k_new.shape[1]
     keys = jax.lax.dynamic_index_in_dim(cache.keys, layer, 0, keepdims=False)  # [B, K, S, H]

@@ -3,7 +3,7 @@
 Letters: L layers, B batch, K kv heads, S cache slots, N query heads, H head dim, W window.
 
 A method may define
-  * ``observe(layer, q, k_new, v_new, q_positions, q_valid, cache)`` — runs inside prefill,
+  * ``observe(layer, x: LayerInputs, cache)`` — runs inside prefill,
     per layer and chunk (see ``lib.attention.ObserveFn``); its outputs arrive stacked
     ``[chunks, L, ...]`` in ``compress``;
   * ``scores(cache, obs) -> [L, B, K, S]`` — higher is kept; ``+inf`` forces a slot in;

@@ -23,8 +23,9 @@ def last_queries(window: int):
 
   Cached per window, so the same hook object (a static jit argument) is reused."""
 
-  def observe(layer, q, k_new, v_new, q_positions, q_valid, cache):
-    del layer, k_new, v_new, cache
+  def observe(layer, x, cache):
+    del layer, cache
+    q, q_positions, q_valid = x.q, x.positions, x.valid
     t = q.shape[1]
     w = min(window, t)
     n_valid = q_valid.sum(-1).astype(jnp.int32)  # [B]
