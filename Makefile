@@ -5,7 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= What is the capital of France?
 
-.PHONY: demo test test-fast bench clean
+DEMO_OUT ?= results/demo
+.PHONY: demo chat test test-fast bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +23,15 @@ $(VENV)/.dev: $(VENV)/.runtime
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 
+# Main job: compress the default model's cache with five methods on needle-in-a-haystack
+# (1k tokens, 3 samples), score against the full cache, write a leaderboard and a plot.
 demo: $(VENV)/.runtime
+	$(BIN)/python -m experiments.evaluate --model=smollm2-135m \
+	  --method=snapkv,streaming_llm,knorm,h2o,expected_attention --ratio=0.25,0.5 \
+	  --task=niah_single --lengths=1024 --num_samples=3 --out=$(DEMO_OUT)/eval.jsonl
+	$(BIN)/python -m experiments.report --inputs=$(DEMO_OUT)/eval.jsonl --out_dir=$(DEMO_OUT)
+
+chat: $(VENV)/.runtime
 	$(BIN)/python -m experiments.generate --model=smollm2-135m --prompt="$(PROMPT)"
 
 test: $(VENV)/.dev
