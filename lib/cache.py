@@ -28,6 +28,8 @@ class KVCache:
     lengths: ``[L, B, K]`` int32 number of valid slots (they are packed at the front).
     next_position: ``[B]`` int32 position the next appended token receives (the number of
       tokens the row has seen, compressed or not).
+    scores: optional ``[L, B, K, S]`` float32 per-slot statistic carried by decode-time
+      methods (H2O's accumulated attention); None otherwise (and then it costs no bytes).
   """
 
   keys: jax.Array
@@ -35,6 +37,7 @@ class KVCache:
   positions: jax.Array
   lengths: jax.Array
   next_position: jax.Array
+  scores: jax.Array | None = None
 
   @classmethod
   def init(
@@ -95,15 +98,17 @@ class KVCache:
       raise ValueError(f"cannot shrink the cache to {capacity} slots: it holds "
                        f"{int(jnp.max(self.lengths))} valid tokens in some head")
     s = self.capacity
+    opt = lambda f, x: None if x is None else f(x)
     if capacity <= s:
       cut = lambda x: x[:, :, :, :capacity]
       return self.replace(keys=cut(self.keys), values=cut(self.values),
-                          positions=cut(self.positions))
+                          positions=cut(self.positions), scores=opt(cut, self.scores))
     pad = [(0, 0)] * 3 + [(0, capacity - s)]
     return self.replace(
         keys=jnp.pad(self.keys, pad + [(0, 0)]),
         values=jnp.pad(self.values, pad + [(0, 0)]),
-        positions=jnp.pad(self.positions, pad, constant_values=-1))
+        positions=jnp.pad(self.positions, pad, constant_values=-1),
+        scores=opt(lambda x: jnp.pad(x, pad), self.scores))
 
   def append(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> "KVCache":
     """Writes T new tokens per (layer, row, head) after its valid slots.
@@ -128,7 +133,11 @@ class KVCache:
       return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
 
     write_lbk = jax.vmap(jax.vmap(jax.vmap(write)))
+    scores = self.scores
+    if scores is not None:
+      scores = write_lbk(scores, jnp.zeros(k_new.shape[:4], scores.dtype), self.lengths)
     return self.replace(
+        scores=scores,
         keys=write_lbk(self.keys, k_new, self.lengths),
         values=write_lbk(self.values, v_new, self.lengths),
         positions=write_lbk(self.positions, pos_new, self.lengths),

@@ -112,12 +112,15 @@ def _decode_step(params, token: jax.Array, cache: KVCache, *, apply_fn: ApplyFn,
                  active: jax.Array | None = None):
   """One decode step: appends ``token [B]`` to the cache and returns ``(logits [B, V], cache)``.
 
-  ``method`` (a hashable method with an ``update(cache, observations) -> cache``) runs after
-  the append for decode-time eviction. ``active [B]`` bool freezes finished rows (their token
+  ``method`` (a hashable method with ``update(cache, observations) -> cache``, observing with
+  ``decode_observe`` or ``observe``) runs after the append for decode-time eviction; it keeps
+  one slot free, so the cache capacity is the budget. ``active [B]`` bool freezes finished rows (their token
   is not counted into the cache).
   """
   n_new = jnp.ones(token.shape, jnp.int32) if active is None else active.astype(jnp.int32)
-  observe = getattr(method, "observe", None) if method is not None else None
+  observe = None
+  if method is not None and hasattr(method, "update"):
+    observe = getattr(method, "decode_observe", None) or method.observe
   logits, cache, obs = apply_fn(params, token[:, None], cache, n_new,
                                 jnp.zeros(token.shape, jnp.int32), observe)
   if method is not None and hasattr(method, "update"):

@@ -53,19 +53,21 @@ def compress_for(method, cache: KVCache, obs, room: int, block: int = 512):
 
 
 def ask(params, apply_fn, cache: KVCache, question: Sequence[Sequence[int]], *,
-        max_new_tokens: int, stop_tokens: tuple[int, ...] = ()):
-  """Prefills ``question`` onto ``cache`` (consumed) and decodes greedily.
+        max_new_tokens: int, stop_tokens: tuple[int, ...] = (), method=None):
+  """Prefills ``question`` onto ``cache`` (consumed) and decodes greedily; a ``method`` with
+  ``update`` evicts during decoding (then the cache needs room for the question + 1 only).
 
   Returns ``(answers as token lists, seconds)``."""
   t0 = time.perf_counter()
   q_chunk = gen.round_up(max(len(q) for q in question), 8)
-  gen.check_capacity(cache, q_chunk, max_new_tokens)
+  evicting = method is not None and hasattr(method, "update")
+  gen.check_capacity(cache, q_chunk, 1 if evicting else max_new_tokens)
   qs, q_lens = gen.pad_batch(question, q_chunk)
   logits, cache, _ = gen.prefill(params, jnp.asarray(qs), jnp.asarray(q_lens), cache,
                                  apply_fn=apply_fn, chunk_size=q_chunk)
   out, n_gen, _ = gen.decode_loop(params, cache, logits, jax.random.PRNGKey(0),
                                   apply_fn=apply_fn, max_new_tokens=max_new_tokens,
-                                  stop_tokens=stop_tokens)
+                                  stop_tokens=stop_tokens, method=method if evicting else None)
   out, n_gen = jax.device_get((out, n_gen))
   return [out[i, : n_gen[i]].tolist() for i in range(len(question))], time.perf_counter() - t0
 

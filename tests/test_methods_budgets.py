@@ -135,3 +135,54 @@ def test_expected_attention_matches_formula(tiny):
   got = np.asarray(m.scores(cache8, obs))[:, 0, :, :n]
   np.testing.assert_allclose(got[..., sinks:], want[..., sinks:], rtol=2e-3, atol=1e-6)
   assert np.isinf(got[..., :sinks]).all()
+
+
+def _decode(m, cache, logits, n, method=None):
+  import jax  # pylint: disable=g-import-not-at-top
+  out, _, cache = gen.decode_loop(m.params, cache, logits, jax.random.PRNGKey(0),
+                                  apply_fn=m.apply_fn, max_new_tokens=n, method=method)
+  return np.asarray(out[0]).tolist(), cache
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova"])
+def test_decode_time_eviction_keeps_a_fixed_size_cache(tiny, name):
+  ids = np.random.RandomState(13).randint(0, 160, size=20).tolist()
+  method = methods.make(name, budget=10)
+  tokens, lengths = gen.pad_batch([ids], 8)
+  cache = tiny.new_cache(1, 24)
+  logits, cache, obs = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                   apply_fn=tiny.apply_fn, chunk_size=8, observe=method.observe)
+  small = methods.compress(method, cache, obs, extra=6)  # capacity 16: evicts after 6 tokens
+  assert small.capacity == 16
+  out, final = _decode(tiny, small, logits, 30, method)
+  assert len(out) == 30
+  lens = np.asarray(final.lengths)
+  assert (lens == 15).all()  # full minus the one free slot, for every layer and head
+  pos = np.asarray(final.positions)[..., :15]
+  assert all(len(set(p)) == 15 for p in pos.reshape(-1, 15))  # no duplicated token
+  assert (pos.max(-1) == 20 + 30 - 2).all()  # the newest token (the last one fed) is kept
+  if name == "tova":  # layer-wise: every kv head of a layer keeps the same tokens
+    assert all((np.sort(p, -1) == np.sort(p[:1], -1)).all() for p in pos[:, 0])
+  else:
+    assert final.scores is not None and final.scores.shape == final.keys.shape[:4]
+
+
+def test_decode_time_methods_change_nothing_until_the_cache_is_full(tiny):
+  ids = np.random.RandomState(14).randint(0, 160, size=20).tolist()
+  for name in ("h2o", "tova"):
+    method = methods.make(name, budget=12)
+    tokens, lengths = gen.pad_batch([ids], 8)
+    cache = tiny.new_cache(1, 24)
+    logits, cache, obs = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                     cache, apply_fn=tiny.apply_fn, chunk_size=8,
+                                     observe=method.observe)
+    roomy = methods.compress(method, cache, obs, extra=20)
+    plain = jax_copy(roomy)
+    a, _ = _decode(tiny, roomy, logits, 10, method)
+    b, _ = _decode(tiny, plain, logits, 10, None)
+    assert a == b
+
+
+def jax_copy(cache):
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(jnp.copy, cache)

@@ -96,10 +96,17 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     obs = None
     if method.observe is not None:
       obs = obs_all[hooks.index(method.observe)]
-    small, kept, t_c = compress_for(method, cache, obs, room, block)
+    # Decode-time methods (H2O, TOVA) keep a fixed-size cache: room for the question and one
+    # free slot; they evict one token per decoded token. Their KL/top-1 are teacher-forced on
+    # the prefill-compressed cache (no decode-time eviction inside that single forward).
+    evicting = hasattr(method, "update")
+    m_room = gen.round_up(len(q), 8) + 1 if evicting else room
+    small, kept, t_c = compress_for(method, cache, obs, m_room, block)
     ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
-                   stop_tokens=lm.stop_tokens)
+                   stop_tokens=lm.stop_tokens, method=method)
     pred = lm.tokenizer.decode(ans[0])
+    if evicting:
+      small = small.resize(small.capacity + len(cont) + 16)
     logits = _force(lm, small, cont)[len(q) - 1: -1]
     rows.append({**base, "method": spec, "ratio": ratio,
                  "score": string_match_all(pred, sample.answers), "prediction": pred,

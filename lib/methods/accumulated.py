@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.cache import KVCache
-from lib.methods.base import Method
+from lib.methods.base import Method, evict_one
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +79,19 @@ class H2O(Method):
   def scores(self, cache: KVCache, obs):
     s = obs.sum(0)  # [L, B, K, S] summed over chunks
     return jnp.where(_recent_mask(cache, self._fraction, self.recent_fraction), jnp.inf, s)
+
+  def carried_scores(self, cache: KVCache, obs):
+    return obs.sum(0)
+
+  def update(self, cache: KVCache, obs):
+    """Decode time: add this step's attention to each slot's score; once the cache is full,
+    evict the lowest-scored slot outside the recent window (``recent_fraction`` of the
+    capacity), so the next token always has a free slot."""
+    acc = (0.0 if cache.scores is None else cache.scores) + obs  # obs [L, B, K, S]
+    recent = max(1, int(self.recent_fraction * cache.capacity))
+    protect = cache.positions >= (cache.next_position - recent)[None, :, None, None]
+    cache = cache.replace(scores=acc)
+    return evict_one(cache, jnp.where(protect, jnp.inf, acc), cache.lengths >= cache.capacity)
 
 
 @dataclasses.dataclass(frozen=True)

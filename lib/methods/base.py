@@ -92,12 +92,15 @@ def select(cache: KVCache, scores: jax.Array, kept: jax.Array, capacity: int) ->
   gather = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
   new_pos = jnp.where(in_budget, jnp.take_along_axis(cache.positions, idx, axis=-1), -1)
   out = cache.replace(keys=gather(cache.keys), values=gather(cache.values), positions=new_pos,
-                      lengths=kept.astype(jnp.int32))
+                      lengths=kept.astype(jnp.int32), scores=None if cache.scores is None else
+                      jnp.take_along_axis(cache.scores, idx, axis=-1))
   return out.resize(capacity, check=False) if capacity > k else out
 
 
 @functools.partial(jax.jit, static_argnames=("method", "capacity"))
 def _compress(method, cache, obs, kept, capacity):
+  if hasattr(method, "carried_scores"):  # decode-time methods keep their statistic per slot
+    cache = cache.replace(scores=method.carried_scores(cache, obs))
   return select(cache, method.scores(cache, obs), kept, capacity)
 
 
@@ -133,3 +136,31 @@ def merge_chunks(x: jax.Array) -> jax.Array:
 
 def scale(h: int) -> float:
   return 1.0 / math.sqrt(h)
+
+
+def evict_one(cache: KVCache, scores: jax.Array, when: jax.Array) -> KVCache:
+  """Decode-time eviction: where ``when [L, B, K]``, drop the valid slot with the lowest
+  ``scores [L, B, K, S]`` (``+inf`` protects a slot) by moving the last valid slot into it.
+
+  Keeps the valid slots packed at the front; slot order is no longer position order.
+  """
+  s_cap = cache.capacity
+  valid = jnp.arange(s_cap) < cache.lengths[..., None]
+  victim = jnp.argmin(jnp.where(valid, scores, jnp.inf), axis=-1)  # [L, B, K]
+  last = jnp.maximum(cache.lengths - 1, 0)
+
+  hole = (jnp.arange(s_cap) == victim[..., None]) & when[..., None]  # [L, B, K, S]
+
+  def move(x, extra_dims):
+    tail = (1,) * extra_dims
+    idx = jnp.broadcast_to(last.reshape(last.shape + (1,) + tail),
+                           last.shape + (1,) + x.shape[4:])
+    moved = jnp.take_along_axis(x, idx, axis=3)  # the last valid slot, [L, B, K, 1, ...]
+    return jnp.where(hole.reshape(hole.shape + tail), moved, x)
+
+  positions = move(cache.positions, 0)
+  lengths = jnp.where(when, cache.lengths - 1, cache.lengths)
+  positions = jnp.where(jnp.arange(s_cap) < lengths[..., None], positions, -1)
+  return cache.replace(keys=move(cache.keys, 1), values=move(cache.values, 1),
+                       positions=positions, lengths=lengths,
+                       scores=None if cache.scores is None else move(cache.scores, 0))

@@ -12,7 +12,8 @@ import dataclasses
 import jax.numpy as jnp
 
 from lib.cache import KVCache
-from lib.methods.base import Method
+from lib.methods.accumulated import column_sums
+from lib.methods.base import Method, evict_one
 from lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
                                 window_queries)
 
@@ -90,3 +91,15 @@ class TOVA(Method):
     a = window_attention(cache, q, qpos)  # [L, B, K, G, 1, S]
     s = a.mean(axis=(2, 3, 4))  # [L, B, S]: mean over every query head
     return jnp.broadcast_to(s[:, :, None, :], cache.positions.shape)
+
+  @property
+  def decode_observe(self):
+    return column_sums()
+
+  def update(self, cache: KVCache, obs):
+    """Decode time (TOVA's fixed-size cache): once full, drop the slot the current query
+    attends to least, averaged over the layer's heads; the newest token is never dropped
+    (as kvpress does)."""
+    s = jnp.broadcast_to(obs.mean(2, keepdims=True), obs.shape)  # [L, B, K, S]
+    newest = cache.positions == (cache.next_position - 1)[None, :, None, None]
+    return evict_one(cache, jnp.where(newest, jnp.inf, s), cache.lengths >= cache.capacity)
