@@ -34,6 +34,8 @@ flags.DEFINE_integer("num_samples", 20, "Samples per (task, length).")
 flags.DEFINE_enum("protocol", "query_agnostic", PROTOCOLS, "When the question is seen.")
 flags.DEFINE_enum("haystack", "noise", ["noise", "docs"], "Needle-task filler text.")
 flags.DEFINE_integer("seed", 0, "First sample seed.")
+flags.DEFINE_list("depths", [], "Needle depths (0 = start, 1 = end) cycled over samples, for a "
+                  "depth x length grid; empty = random depth per sample.")
 flags.DEFINE_integer("max_new_tokens", 48, "Answer length limit.")
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
 
@@ -64,7 +66,7 @@ def main(argv):
   done = _done(FLAGS.out)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
-                                        "num_samples", "protocol", "haystack", "seed",
+                                        "num_samples", "protocol", "haystack", "seed", "depths",
                                         "max_new_tokens")}
   rev = git_rev()
   jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
@@ -74,7 +76,8 @@ def main(argv):
       want = [(s, r) for s, r, _ in cells] + [("full", 1.0)]
       if all((task, n, FLAGS.protocol, seed, s, r) in done for s, r in want):
         continue
-      sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack)
+      depth = float(FLAGS.depths[seed % len(FLAGS.depths)]) if FLAGS.depths else None
+      sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
       todo = [c for c in cells if (task, n, FLAGS.protocol, seed, c[0], c[1]) not in done]
       rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
                         max_new_tokens=FLAGS.max_new_tokens)

@@ -20,7 +20,8 @@ def main(argv):
   missing = [p for p in FLAGS.inputs if not os.path.exists(p)]
   if missing:
     raise app.UsageError(f"no such results file(s): {missing}; run experiments.evaluate first")
-  cells = aggregate.cells(aggregate.read_rows(FLAGS.inputs))
+  rows = aggregate.read_rows(FLAGS.inputs)
+  cells = aggregate.cells(rows)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   md = report.leaderboard(cells)
   with open(os.path.join(FLAGS.out_dir, "leaderboard.md"), "w") as f:
@@ -30,8 +31,10 @@ def main(argv):
   for metric in ("score", "kl"):
     report.plot_score_vs_ratio(cells, os.path.join(FLAGS.out_dir, f"{metric}_vs_ratio.png"),
                                metric)
+  heat = report.plot_needle_heatmap(rows, os.path.join(FLAGS.out_dir, "needle_heatmap.png"))
   print(md)
-  print(f"wrote {FLAGS.out_dir}/leaderboard.md, cells.json, score_vs_ratio.png, kl_vs_ratio.png")
+  print(f"wrote {FLAGS.out_dir}/leaderboard.md, cells.json, score_vs_ratio.png, kl_vs_ratio.png"
+        + (", needle_heatmap.png" if heat else ""))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,22 @@ def test_evaluate_launcher_resumes_and_reports(chat_tiny, tmp_path):
   assert "| knorm | 0.5 |" in md and "| full | 1 |" in md
   png = report.plot_score_vs_ratio(cells, str(tmp_path / "p.png"))
   assert os.path.getsize(png) > 5000
+  heat = report.plot_needle_heatmap(again, str(tmp_path / "h.png"))
+  assert os.path.getsize(heat) > 5000
+
+
+def test_shared_context_asks_every_question_of_one_compression(chat_tiny):
+  import models  # pylint: disable=g-import-not-at-top
+  from lib import methods  # pylint: disable=g-import-not-at-top
+  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+
+  lm = models.load(chat_tiny, progress=False)
+  count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
+  s = make_sample("niah_multikey", 300, 0, count)
+  assert len(s.more_queries) == 3 and all(a[0] in s.context for _, a in s.more_queries)
+  cells = [("knorm", 0.5, methods.make("knorm", ratio=0.5)),
+           ("h2o", 0.5, methods.make("h2o", ratio=0.5))]
+  rows = run_sample(lm, s, cells, protocol="shared_context", max_new_tokens=4)
+  assert [r["method"] for r in rows] == ["full", "knorm", "h2o"]
+  assert all(r["n_questions"] == 4 and r["prediction"].count(" | ") == 3 for r in rows)
+  assert rows[0]["kl"] == 0.0 and rows[1]["cache_bytes"] < rows[0]["cache_bytes"]

@@ -70,3 +70,42 @@ def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def plot_needle_heatmap(rows: list[dict], path: str, bins: int = 5):
+  """Needle score by depth (rows, binned) x context length (columns), one panel per
+  (method, ratio); ``rows`` are per-sample rows of needle tasks."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  rows = [r for r in rows if r["task"].startswith("niah") and r.get("depth") is not None]
+  if not rows:
+    return None
+  lengths = sorted({r["length"] for r in rows})
+  panels = sorted({(r["method"], r["ratio"]) for r in rows},
+                  key=lambda p: (p[0] != "full", p[0], -p[1]))
+  cols = min(4, len(panels))
+  nrows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+  for ax in axes.ravel()[len(panels):]:
+    ax.axis("off")
+  for ax, (method, ratio) in zip(axes.ravel(), panels):
+    grid = np.full((bins, len(lengths)), np.nan)
+    for j, n in enumerate(lengths):
+      sel = [r for r in rows if (r["method"], r["ratio"], r["length"]) == (method, ratio, n)]
+      for i in range(bins):
+        s = [r["score"] for r in sel if min(int(r["depth"] * bins), bins - 1) == i]
+        if s:
+          grid[i, j] = np.mean(s)
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(bins), [f"{(i + .5) / bins:.1f}" for i in range(bins)])
+    ax.set_title(f"{method} {ratio:g}", fontsize=9)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("needle depth")
+  fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label="score")
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path

@@ -6,11 +6,13 @@ answer log-likelihoods on the full cache's answer), bytes from the leaves and ti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lib import generate as gen
 from lib import methods as methods_lib
@@ -18,7 +20,7 @@ from lib.eval.metrics import fidelity, string_match_all
 from lib.eval.tasks import Sample
 from lib.protocol import ask, compress_for, prefill_context
 
-PROTOCOLS = ("query_agnostic", "query_aware")
+PROTOCOLS = ("query_agnostic", "query_aware", "shared_context")
 _SPLIT = "\u2063KVLAB_SPLIT\u2063"
 
 
@@ -27,6 +29,7 @@ def prompt_pieces(tokenizer, sample: Sample, protocol: str) -> tuple[list[int], 
 
   query_agnostic: compressed = the context; asked = question + generation prompt.
   query_aware: compressed = context + question; asked = the generation prompt only.
+  shared_context: as query_agnostic (the run then asks every question of the sample).
   """
   if protocol not in PROTOCOLS:
     raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -65,33 +68,48 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
   """Evaluates ``cells`` = [(method spec, ratio, Method)] on one sample.
 
   ``lm`` is a ``models.LanguageModel``-like object (params, apply_fn, tokenizer, config,
-  attn_block_size, stop_tokens). Returns one row per cell plus the full-cache row.
+  attn_block_size, stop_tokens). The context is prefilled once; each cell compresses it once.
+  Returns one row per cell plus the full-cache row. With ``shared_context`` every question of
+  the sample is asked of the same compressed cache and a row's metrics are means over the
+  questions (``n_questions``).
   """
   c = lm.config
   block = lm.attn_block_size
-  ctx, q = prompt_pieces(lm.tokenizer, sample, protocol)
-  gen.check_context([len(ctx) + len(q)], max_new_tokens, c.max_position_embeddings)
+  queries = [(sample.question, sample.answers)]
+  if protocol == "shared_context":
+    queries += list(sample.more_queries)
+  split = "query_aware" if protocol == "query_aware" else "query_agnostic"
+  ctx, _ = prompt_pieces(lm.tokenizer, sample, split)
+  qs = [prompt_pieces(lm.tokenizer, dataclasses.replace(sample, question=qq), split)[1]
+        for qq, _ in queries]
+  longest = max(len(q) for q in qs)
+  gen.check_context([len(ctx) + longest], max_new_tokens, c.max_position_embeddings)
   hooks = tuple(dict.fromkeys(m.observe for _, _, m in cells if m.observe is not None))
   observe = methods_lib._joint_observe(hooks) if hooks else None  # pylint: disable=protected-access
   cache, obs_all, t_pre = prefill_context(
       lm.params, lm.apply_fn, [ctx], num_layers=c.num_layers, kv_heads=c.num_kv_heads,
       head_dim=c.head_dim, dtype=lm.dtype, observe=observe, chunk_size=chunk_size, block=block)
-  room = gen.round_up(len(q), 8) + max_new_tokens + 16
+  room = gen.round_up(longest, 8) + max_new_tokens + 16
   base = {"task": sample.task, "sample": sample.seed, "depth": sample.depth,
-          "protocol": protocol, "context_tokens": len(ctx), "prefill_s": t_pre}
+          "protocol": protocol, "context_tokens": len(ctx), "prefill_s": t_pre,
+          "n_questions": len(queries)}
 
+  # Full cache: the reference answers and distributions for every question.
   full, full_bytes, _ = compress_for(None, cache, None, room, block)
-  ref_ans, t_ans = ask(lm.params, lm.apply_fn, _copy(full), [q], max_new_tokens=max_new_tokens,
-                       stop_tokens=lm.stop_tokens)
-  ref_ans = ref_ans[0]
-  cont = q + ref_ans
-  ref_logits = _force(lm, full, cont)[len(q) - 1: -1]
-  targets = jnp.asarray(ref_ans, jnp.int32)
-  pred = lm.tokenizer.decode(ref_ans)
-  rows = [{**base, "method": "full", "ratio": 1.0,
-           "score": string_match_all(pred, sample.answers), "prediction": pred,
-           "kl": 0.0, "top1": 1.0, **_ll(ref_logits, targets), "cache_bytes": full_bytes,
-           "full_bytes": full_bytes, "compress_s": 0.0, "answer_s": t_ans}]
+  refs, full_metrics = [], []
+  for q, (_, answers) in zip(qs, queries):
+    ans, t_ans = ask(lm.params, lm.apply_fn, _copy(full), [q], max_new_tokens=max_new_tokens,
+                     stop_tokens=lm.stop_tokens)
+    cont = q + ans[0]
+    ref_logits = _force(lm, full, cont)[len(q) - 1: -1]
+    targets = jnp.asarray(ans[0], jnp.int32)
+    refs.append((cont, ref_logits, targets))
+    pred = lm.tokenizer.decode(ans[0])
+    full_metrics.append({"score": string_match_all(pred, answers), "prediction": pred,
+                         "kl": 0.0, "top1": 1.0, **_ll(ref_logits, targets), "answer_s": t_ans})
+  rows = [{**base, "method": "full", "ratio": 1.0, **_mean(full_metrics),
+           "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0}]
+
   for spec, ratio, method in cells:
     obs = None
     if method.observe is not None:
@@ -100,19 +118,27 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     # free slot; they evict one token per decoded token. Their KL/top-1 are teacher-forced on
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
     evicting = hasattr(method, "update")
-    m_room = gen.round_up(len(q), 8) + 1 if evicting else room
+    m_room = gen.round_up(longest, 8) + 1 if evicting else room
     small, kept, t_c = compress_for(method, cache, obs, m_room, block)
-    ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
-                   stop_tokens=lm.stop_tokens, method=method)
-    pred = lm.tokenizer.decode(ans[0])
-    if evicting:
-      small = small.resize(small.capacity + len(cont) + 16)
-    logits = _force(lm, small, cont)[len(q) - 1: -1]
-    rows.append({**base, "method": spec, "ratio": ratio,
-                 "score": string_match_all(pred, sample.answers), "prediction": pred,
-                 **fidelity(logits, ref_logits, targets), "cache_bytes": kept,
-                 "full_bytes": full_bytes, "compress_s": t_c, "answer_s": t_a})
+    forced = small.resize(small.capacity + room) if evicting else small
+    per_q = []
+    for q, (_, answers), (cont, ref_logits, targets) in zip(qs, queries, refs):
+      ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
+                     stop_tokens=lm.stop_tokens, method=method)
+      pred = lm.tokenizer.decode(ans[0])
+      logits = _force(lm, forced, cont)[len(q) - 1: -1]
+      per_q.append({"score": string_match_all(pred, answers), "prediction": pred,
+                    **fidelity(logits, ref_logits, targets), "answer_s": t_a})
+    rows.append({**base, "method": spec, "ratio": ratio, **_mean(per_q), "cache_bytes": kept,
+                 "full_bytes": full_bytes, "compress_s": t_c})
   return rows
+
+
+def _mean(per_q: list[dict]) -> dict:
+  """Averages per-question metrics (a single question passes through unchanged)."""
+  out = {k: float(np.mean([m[k] for m in per_q])) for k in per_q[0] if k != "prediction"}
+  out["prediction"] = " | ".join(m["prediction"] for m in per_q)
+  return out
 
 
 def _ll(logits, targets):

@@ -39,6 +39,9 @@ class Sample:
   answers: list[str]
   depth: float | None = None  # where the (first) needle sits, 0 = start, 1 = end
   seed: int = 0
+  # Further (question, answers) pairs about the same context, for the shared-context protocol
+  # (compress once, ask each). The main question is always first.
+  more_queries: list = dataclasses.field(default_factory=list)
 
 
 def _key(rng):
@@ -110,6 +113,8 @@ def make_sample(task: str, length: int, seed: int, count_tokens, haystack: str =
       what = "are all the special magic numbers" if n_vals > 1 else "is the special magic number"
       question = f"What {what} for {keys[0]} mentioned in the provided text?"
     answers = [v for k in asked for v in answers_by_key[k]]
+    more = [(f"What is the special magic number for {k} mentioned in the provided text?",
+             answers_by_key[k]) for k in keys[1:]] if task == "niah_multikey" else []
     build = lambda n: _insert(_haystack(random.Random(seed), haystack, n * 40), needles, depths)
 
   elif task == "variable_tracking":
@@ -143,4 +148,5 @@ def make_sample(task: str, length: int, seed: int, count_tokens, haystack: str =
     missing = [a for a in answers if a not in context]
     if missing:
       raise ValueError(f"{task} at {length} tokens cannot hold its needles; use a longer length")
-  return Sample(task, context, question, answers, depth=d0, seed=seed)
+  return Sample(task, context, question, answers, depth=d0, seed=seed,
+                more_queries=more if task.startswith("niah") else [])
