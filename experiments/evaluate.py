@@ -19,8 +19,8 @@ from tqdm.auto import tqdm
 import models
 from lib import methods
 from lib.eval import aggregate
-from lib.eval.runner import PROTOCOLS, run_sample
-from lib.eval.tasks import TASKS, make_sample
+from lib.eval.runner import PROTOCOLS, run_perplexity, run_sample
+from lib.eval.tasks import TASKS, make_sample, perplexity_tokens
 from lib.provenance import git_rev
 
 FLAGS = flags.FLAGS
@@ -37,6 +37,7 @@ flags.DEFINE_integer("seed", 0, "First sample seed.")
 flags.DEFINE_list("depths", [], "Needle depths (0 = start, 1 = end) cycled over samples, for a "
                   "depth x length grid; empty = random depth per sample.")
 flags.DEFINE_integer("max_new_tokens", 48, "Answer length limit.")
+flags.DEFINE_integer("continuation", 256, "Perplexity task: continuation tokens scored.")
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
 
 
@@ -73,25 +74,31 @@ def main(argv):
           for i in range(FLAGS.num_samples)]
   with open(FLAGS.out, "a") as f:
     for task, n, seed in tqdm(jobs, desc="samples"):
+      protocol = "prefix" if task == "perplexity" else FLAGS.protocol
       want = [(s, r) for s, r, _ in cells] + [("full", 1.0)]
-      if all((task, n, FLAGS.protocol, seed, s, r) in done for s, r in want):
+      if all((task, n, protocol, seed, s, r) in done for s, r in want):
         continue
-      depth = float(FLAGS.depths[seed % len(FLAGS.depths)]) if FLAGS.depths else None
-      sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
-      todo = [c for c in cells if (task, n, FLAGS.protocol, seed, c[0], c[1]) not in done]
-      rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
-                        max_new_tokens=FLAGS.max_new_tokens)
+      todo = [c for c in cells if (task, n, protocol, seed, c[0], c[1]) not in done]
+      if task == "perplexity":
+        prefix, cont = perplexity_tokens(lm.tokenizer, n, seed, FLAGS.continuation)
+        rows = run_perplexity(lm, prefix, cont, todo, seed=seed)
+      else:
+        depth = float(FLAGS.depths[seed % len(FLAGS.depths)]) if FLAGS.depths else None
+        sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
+        rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
+                          max_new_tokens=FLAGS.max_new_tokens)
       for r in rows:
-        if (task, n, FLAGS.protocol, seed, r["method"], r["ratio"]) in done:
+        if (task, n, protocol, seed, r["method"], r["ratio"]) in done:
           continue
         r.update({"length": n, "git": rev, "time": time.time(), "config": config})
         f.write(json.dumps(r) + "\n")
       f.flush()
   table = aggregate.cells(aggregate.read_rows([FLAGS.out]))
   for c in table:
-    s = c["score"]
-    print(f"{c['task']:<16} {c['length']:>6} {c['method']:<16} {c['ratio']:<5} "
-          f"score {s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] n={s['n']} "
+    key = "ppl" if c["task"] == "perplexity" else "score"
+    s = c[key]
+    print(f"{c['task']:<16} {c['length']:>6} {c['method']:<18} {c['ratio']:<5} "
+          f"{key} {s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] n={s['n']} "
           f"KL {c['kl']['mean']:.3f} top1 {c['top1']['mean']:.3f} bytes {c['bytes_ratio']:.2f}")
 
 

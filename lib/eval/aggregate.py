@@ -8,7 +8,7 @@ import json
 from lib.eval.metrics import mean_ci
 
 CELL_KEYS = ("task", "length", "protocol", "method", "ratio")
-METRICS = ("score", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes", "prefill_s",
+METRICS = ("score", "ppl", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes", "prefill_s",
            "compress_s", "answer_s")
 
 

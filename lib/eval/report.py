@@ -25,15 +25,19 @@ def leaderboard(cells: list[dict]) -> str:
   for (task, length, protocol), cs in sorted(groups.items(), key=lambda kv: str(kv[0])):
     full = next((c for c in cs if c["method"] == "full"), None)
     out.append(f"### {task}, {length} tokens, {protocol}\n")
-    out.append("| method | kept | score % [95% CI] | vs full | KL vs full (nats) | top-1 agree % "
+    is_ppl = task == "perplexity"
+    head = "perplexity [95% CI]" if is_ppl else "score % [95% CI]"
+    out.append(f"| method | kept | {head} | vs full | KL vs full (nats) | top-1 agree % "
                "| cache bytes / full | n |")
     out.append("|---|---|---|---|---|---|---|---|")
     order = sorted(cs, key=lambda c: (c["method"] != "full", c["method"], -c["ratio"]))
     for c in order:
+      key = "ppl" if is_ppl else "score"
       rel = "–"
-      if full and full["score"]["mean"]:
-        rel = f"{100 * c['score']['mean'] / full['score']['mean']:.0f} %"
-      out.append(f"| {c['method']} | {c['ratio']:g} | {_fmt(c['score'], 1, True)} | {rel} | "
+      if full and full[key]["mean"]:
+        rel = f"{100 * c[key]['mean'] / full[key]['mean']:.0f} %"
+      main = _fmt(c["ppl"], 2) if is_ppl else _fmt(c["score"], 1, True)
+      out.append(f"| {c['method']} | {c['ratio']:g} | {main} | {rel} | "
                  f"{_fmt(c['kl'], 3)} | {_fmt(c['top1'], 1, True)} | "
                  f"{c['bytes_ratio']:.3f} | {c['score']['n']} |")
     out.append("")
@@ -50,18 +54,20 @@ def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
   for ax, key in zip(axes[0], panels):
     cs = [c for c in cells if (c["task"], c["length"], c["protocol"]) == key]
+    metric_k = "ppl" if key[0] == "perplexity" and metric == "score" else metric
     full = next((c for c in cs if c["method"] == "full"), None)
     for name in sorted({c["method"] for c in cs} - {"full"}):
-      pts = sorted((c["ratio"], c[metric]) for c in cs if c["method"] == name)
+      pts = sorted(((c["ratio"], c[metric_k]) for c in cs if c["method"] == name),
+                   key=lambda p: p[0])
       x = np.array([p[0] for p in pts])
       y = np.array([p[1]["mean"] for p in pts], float)
       lo = np.array([p[1]["ci95"][0] for p in pts], float)
       hi = np.array([p[1]["ci95"][1] for p in pts], float)
       ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
     if full is not None:
-      ax.axhline(full[metric]["mean"], color="k", ls="--", lw=1, label="full cache")
+      ax.axhline(full[metric_k]["mean"], color="k", ls="--", lw=1, label="full cache")
     ax.set_xlabel("fraction of KV cache kept")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_k)
     ax.set_title(f"{key[0]}, {key[1]} tok, {key[2]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -145,3 +145,43 @@ def _ll(logits, targets):
   lp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
   ll = float(jnp.take_along_axis(lp, targets[:, None], -1).sum())
   return {"ll": ll, "ll_ref": ll}
+
+
+def run_perplexity(lm, prefix: list[int], continuation: list[int],
+                   cells: Sequence[tuple[str, float, Any]], *, seed: int = 0,
+                   chunk_size: int = 512) -> list[dict]:
+  """Perplexity of ``continuation`` after the ``prefix``'s cache was compressed.
+
+  Rows carry ``ppl`` (exp of the mean next-token NLL over the continuation), and KL / top-1
+  agreement against the full cache at every continuation position.
+  """
+  c = lm.config
+  block = lm.attn_block_size
+  gen.check_context([len(prefix) + len(continuation)], 1, c.max_position_embeddings)
+  hooks = tuple(dict.fromkeys(m.observe for _, _, m in cells if m.observe is not None))
+  observe = methods_lib._joint_observe(hooks) if hooks else None  # pylint: disable=protected-access
+  cache, obs_all, t_pre = prefill_context(
+      lm.params, lm.apply_fn, [prefix], num_layers=c.num_layers, kv_heads=c.num_kv_heads,
+      head_dim=c.head_dim, dtype=lm.dtype, observe=observe, chunk_size=chunk_size, block=block)
+  room = gen.round_up(len(continuation), 16) + 16
+  targets = jnp.asarray(continuation[1:], jnp.int32)
+  base = {"task": "perplexity", "sample": seed, "depth": None, "protocol": "prefix",
+          "context_tokens": len(prefix), "prefill_s": t_pre, "n_questions": 0}
+  full, full_bytes, _ = compress_for(None, cache, None, room, block)
+  ref = _force(lm, full, continuation)[:-1]
+  nll = -_ll(ref, targets)["ll"] / len(targets)
+  rows = [{**base, "method": "full", "ratio": 1.0, "score": None, "ppl": float(np.exp(nll)),
+           "kl": 0.0, "top1": 1.0, "ll": -nll, "ll_ref": -nll, "prediction": "",
+           "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
+           "answer_s": 0.0}]
+  for spec, ratio, method in cells:
+    obs = None if method.observe is None else obs_all[hooks.index(method.observe)]
+    small, kept, t_c = compress_for(method, cache, obs, room, block)
+    logits = _force(lm, small, continuation)[:-1]
+    f = fidelity(logits, ref, targets)
+    rows.append({**base, "method": spec, "ratio": ratio, "score": None,
+                 "ppl": float(np.exp(-f["ll"] / len(targets))), "kl": f["kl"], "top1": f["top1"],
+                 "ll": f["ll"] / len(targets), "ll_ref": f["ll_ref"] / len(targets),
+                 "prediction": "", "cache_bytes": kept, "full_bytes": full_bytes,
+                 "compress_s": t_c, "answer_s": 0.0})
+  return rows

@@ -26,7 +26,7 @@ _WORDS = ("apple river stone cloud tiger lamp garden silver ocean pencil mirror 
           "ember fjord gazelle hazel igloo jasper koala lotus mango nutmeg otter pebble quill").split()
 
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
-         "variable_tracking", "common_words", "frequent_words")
+         "variable_tracking", "common_words", "frequent_words", "perplexity")
 
 
 @dataclasses.dataclass
@@ -85,9 +85,20 @@ def _fit(build, count_tokens, target: int) -> str:
   return best
 
 
+def perplexity_tokens(tokenizer, length: int, seed: int, continuation: int = 256):
+  """Real text (stdlib docs) for the perplexity task: ``(prefix ids [length],
+  continuation ids [continuation])``, from a seed-dependent offset."""
+  from lib.data.text import text_of_tokens  # pylint: disable=g-import-not-at-top
+  offset = random.Random(f"ppl:{seed}").randrange(0, len(stdlib_docs()) // 2)
+  ids = text_of_tokens(tokenizer, length + continuation, offset_chars=offset)
+  return ids[:length], ids[length:]
+
+
 def make_sample(task: str, length: int, seed: int, count_tokens, haystack: str = "noise",
                 depth: float | None = None) -> Sample:
   """Builds one sample whose context has at most ``length`` tokens (by ``count_tokens``)."""
+  if task == "perplexity":
+    raise ValueError("the perplexity task has no question: use perplexity_tokens()")
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
   rng = random.Random(f"{task}:{length}:{seed}:{haystack}:{depth}")
