@@ -15,6 +15,8 @@ import numpy as np
 
 import models
 from lib import generate as gen
+from lib import methods
+from lib.protocol import ask, compress_for, prefill_context
 from lib.sampling import SamplingConfig, sample
 
 FLAGS = flags.FLAGS
@@ -29,6 +31,9 @@ flags.DEFINE_float("top_p", 1.0, "1 = off.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype.")
 flags.DEFINE_integer("chunk_size", 512, "Prefill chunk length.")
+flags.DEFINE_string("method", None, "Compress the prompt's cache before decoding with this "
+                    "method (registry name, 'a+b' composes); decode-time methods keep evicting.")
+flags.DEFINE_float("ratio", 0.5, "Fraction of the prompt's cache kept (with --method).")
 flags.DEFINE_bool("stream", False, "Print tokens as they are decoded (Python loop of jitted "
                   "decode steps; slower than the fused loop).")
 
@@ -77,7 +82,27 @@ def main(argv):
   sampling = SamplingConfig(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
   print(f"model: {m.source} ({m.config.family}, {m.config.num_params / 1e6:.0f}M params, "
         f"{FLAGS.dtype}); loaded in {load_s:.1f}s; prompt: {len(ids)} tokens", file=sys.stderr)
-  if FLAGS.stream:
+  if FLAGS.method:
+    method = methods.make(FLAGS.method, ratio=FLAGS.ratio)
+    c = m.config
+    gen.check_context([len(ids)], FLAGS.max_new_tokens, c.max_position_embeddings)
+    # The prompt minus its last token is compressed; the last token is then fed to start
+    # decoding, so the method saw the whole question (query-aware).
+    cache, obs, prefill_s = prefill_context(
+        m.params, m.apply_fn, [ids[:-1]], num_layers=c.num_layers, kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, dtype=m.dtype, observe=method.observe, chunk_size=FLAGS.chunk_size)
+    full_bytes = cache.nbytes
+    evicting = hasattr(method, "update")
+    small, kept, _ = compress_for(method, cache, obs, 9 if evicting else 8 + FLAGS.max_new_tokens)
+    answers, decode_s = ask(m.params, m.apply_fn, small, [ids[-1:]],
+                            max_new_tokens=FLAGS.max_new_tokens, stop_tokens=m.stop_tokens,
+                            method=method)
+    out = answers[0]
+    n = len(out)
+    print(m.tokenizer.decode(out))
+    print(f"[{FLAGS.method} kept {FLAGS.ratio:g}: cache {kept / 1e6:.2f} MB vs full "
+          f"{full_bytes / 1e6:.2f} MB, from the leaves]", file=sys.stderr)
+  elif FLAGS.stream:
     out, prefill_s, decode_s = _stream(m, ids, sampling)
     n = len(out)
   else:
