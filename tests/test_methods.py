@@ -111,7 +111,7 @@ def _snapkv_reference(m, ids, window, kernel):
     vote = a.sum(2).mean(1)  # [K, n]: sum over window, mean over the group
     padded = np.pad(vote, ((0, 0), (kernel // 2, kernel // 2)))
     pooled = np.stack([padded[:, i:i + kernel].sum(-1) / kernel for i in range(n)], -1)
-    pooled[:, n - window:] = np.inf
+    pooled[:, n - window:] = 2.0 ** 23 + np.arange(n - window, n)  # forced, recent first
     out.append(pooled)
   return np.stack(out)  # [L, K, n]
 

@@ -135,6 +135,13 @@ def test_expected_attention_matches_formula(tiny):
   got = np.asarray(m.scores(cache8, obs))[:, 0, :, :n]
   np.testing.assert_allclose(got[..., sinks:], want[..., sinks:], rtol=2e-3, atol=1e-6)
   assert np.isinf(got[..., :sinks]).all()
+  # In a batch with a shorter second row, row 0 scores the same as alone.
+  tokens, lengths = gen.pad_batch([ids, ids[:17]], 8)
+  cache2 = tiny.new_cache(2, tokens.shape[1])
+  _, cache2, obs2 = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths), cache2,
+                                apply_fn=tiny.apply_fn, chunk_size=8, observe=m.observe)
+  got2 = np.asarray(m.scores(cache2, obs2))[:, 0, :, :n]
+  np.testing.assert_allclose(got2[..., sinks:], got[..., sinks:], rtol=1e-4, atol=1e-7)
 
 
 def _decode(m, cache, logits, n, method=None):

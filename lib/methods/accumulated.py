@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.cache import KVCache
-from lib.methods.base import Method, evict_one
+from lib.methods.base import Method, evict_one, forced
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,7 +78,8 @@ class H2O(Method):
 
   def scores(self, cache: KVCache, obs):
     s = obs.sum(0)  # [L, B, K, S] summed over chunks
-    return jnp.where(_recent_mask(cache, self._fraction, self.recent_fraction), jnp.inf, s)
+    return jnp.where(_recent_mask(cache, self._fraction, self.recent_fraction),
+                     forced(cache.positions), s)
 
   def carried_scores(self, cache: KVCache, obs):
     return obs.sum(0)
@@ -113,4 +114,5 @@ class Keyformer(Method):
 
   def scores(self, cache: KVCache, obs):
     s = obs.sum(0)
-    return jnp.where(_recent_mask(cache, self._fraction, self.recent_fraction), jnp.inf, s)
+    return jnp.where(_recent_mask(cache, self._fraction, self.recent_fraction),
+                     forced(cache.positions), s)

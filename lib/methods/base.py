@@ -29,6 +29,15 @@ import numpy as np
 from lib.cache import KVCache, round_capacity
 
 NEG_INF = -jnp.inf
+# Score of a slot a method must keep (window, recent, sinks): above any attention-derived
+# score, and increasing with position so that, when more slots are forced than the budget
+# holds, the most recent win. 2**23 keeps integer positions exact in float32.
+FORCED_BASE = float(2 ** 23)
+
+
+def forced(positions: jax.Array) -> jax.Array:
+  """Keep-score of forced slots: ``2**23 + position``."""
+  return FORCED_BASE + positions.astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib.cache import KVCache
+from lib.methods.base import forced
 from lib.methods.eviction import SnapKV
 from lib.methods.window import in_window, max_pool, window_attention, window_queries
 
@@ -76,7 +77,7 @@ class AdaKV(SnapKV):
 
   def scores(self, cache: KVCache, obs):
     s, win = self.head_scores(cache, obs)
-    return jnp.where(win, jnp.inf, s)
+    return jnp.where(win, forced(cache.positions), s)
 
   def budgets(self, cache: KVCache, obs, kept: jax.Array) -> jax.Array:
     """``[L, B, K]`` per-head budgets (window included) summing to the layer's total."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from lib.cache import KVCache
 from lib.methods.accumulated import column_sums
-from lib.methods.base import Method, evict_one
+from lib.methods.base import Method, evict_one, forced
 from lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
                                 window_queries)
 
@@ -72,7 +72,7 @@ class SnapKV(Method):
     vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)  # [L, B, K, S]
     pool = avg_pool if self.pooling == "avg" else max_pool
     s = pool(vote, self.kernel)
-    return jnp.where(in_window(cache, qpos, self.window), jnp.inf, s)
+    return jnp.where(in_window(cache, qpos, self.window), forced(cache.positions), s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,12 +68,17 @@ class ExpectedAttention(Method):
   def observe(self):
     return query_moments(self.sinks)
 
+  def accumulate(self, acc, obs):
+    """Running query moments over chunks (compress-during-prefill): sums add, RoPE stays."""
+    return {"s1": acc["s1"] + obs["s1"], "s2": acc["s2"] + obs["s2"], "n": acc["n"] + obs["n"],
+            "inv_freq": obs["inv_freq"]}
+
   def scores(self, cache: KVCache, obs):
     s1, s2, n = obs["s1"].sum(0), obs["s2"].sum(0), obs["n"].sum(0)  # [L,B,N,H], ..., [L,B]
     inv_freq = obs["inv_freq"][-1, 0]  # [H/2] (same for every layer)
-    n = jnp.maximum(n, 1.0)[..., None, None]
-    mu = s1 / n[..., 0]
-    cov = s2 / n - jnp.einsum("LBNH,LBNJ->LBNHJ", mu, mu)
+    n = jnp.maximum(n, 1.0)  # [L, B]
+    mu = s1 / n[..., None, None]  # [L, B, N, H]
+    cov = s2 / n[..., None, None, None] - jnp.einsum("LBNH,LBNJ->LBNHJ", mu, mu)
     h = cache.head_dim
     cos, sin = mean_rotation(inv_freq, cache.next_position, self.future)
     r = _rotate(cos, sin, h)  # [B, H, H]

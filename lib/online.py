@@ -1,0 +1,96 @@
+"""Compress during chunked prefill: the cache never holds more than budget + one chunk.
+
+After each prefill chunk, the method scores the cache with what that chunk observed and keeps
+its budget, inside one jitted ``lax.scan`` with static shapes (capacity = largest budget + chunk).
+What each method sees, relative to compress-after-prefill:
+
+* every method: later chunks attend to the already-compressed cache (as decoding would), so
+  their hidden states, and their keys above layer 0, differ from a full prefill. This is the
+  approximation the mode makes for all methods; the evaluation harness measures its cost.
+* ``streaming_llm`` keeps exactly the same positions; ``knorm`` keeps the same tokens wherever
+  the keys are the same (layer 0, whose keys depend on the embeddings only): keeping the
+  top-k chunk by chunk keeps the top-k of the whole.
+* ``h2o`` / ``keyformer`` — accumulated attention is carried per slot (``cache.scores``); a
+  token evicted early never receives the attention of later queries (approximation).
+* ``snapkv`` / ``pyramidkv`` / ``adakv`` / ``tova`` — the observation window is the current
+  chunk's last queries; only the final chunk's window is the prompt's true window.
+* ``expected_attention`` — query moments are accumulated over the chunks seen so far (exact
+  moments of the prefix; the averaged RoPE rotation uses the current length).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib import generate as gen
+from lib.cache import KVCache, round_capacity
+from lib.methods.base import select
+
+
+def online_capacity(method, lengths: np.ndarray, chunk_size: int, num_layers: int,
+                    kv_heads: int) -> tuple[int, np.ndarray]:
+  """Static capacity and the per-(layer, row, head) final budgets for prompts of ``lengths``."""
+  full = np.broadcast_to(np.asarray(lengths)[None, :, None], (num_layers, len(lengths), kv_heads))
+  kept = method.kept(np.ascontiguousarray(full))
+  return round_capacity(int(kept.max()) + chunk_size), kept
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "method", "capacity",
+                                             "dtype", "num_layers", "kv_heads", "head_dim"))
+def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: int, method,
+                        capacity: int, dtype=jnp.float32, num_layers: int = 0, kv_heads: int = 0,
+                        head_dim: int = 0):
+  """Chunked prefill that applies ``method`` after every chunk.
+
+  Args:
+    tokens: ``[B, S]`` right-padded prompt, S a multiple of ``chunk_size``; ``lengths [B]``.
+    kept: ``[L, B, K]`` final budgets (``online_capacity``); fewer while the prompt is shorter.
+    capacity: static slots, >= max budget + chunk.
+
+  Returns:
+    ``(last_logits [B, V], cache)``: the cache holds at most ``kept`` tokens per head.
+  """
+  b, s = tokens.shape
+  nc = s // chunk_size
+  chunks = tokens.reshape(b, nc, chunk_size).transpose(1, 0, 2)
+  starts = jnp.arange(nc, dtype=jnp.int32) * chunk_size
+  carried = hasattr(method, "carried_scores")
+  cache = KVCache.init(num_layers=num_layers, batch=b, kv_heads=kv_heads, capacity=capacity,
+                       head_dim=head_dim, dtype=dtype)
+  if carried:
+    cache = cache.replace(scores=jnp.zeros(cache.positions.shape, jnp.float32))
+  observe = method.observe
+
+  def step(carry, xs):
+    cache, acc = carry
+    tok, start = xs
+    n_valid = jnp.clip(lengths - start, 0, chunk_size)
+    idx = jnp.clip(lengths - 1 - start, 0, chunk_size - 1)
+    logits, cache, obs = apply_fn(params, tok, cache, n_valid, idx, observe)
+    if acc is not None:  # statistics that are sums over the queries seen so far
+      acc = method.accumulate(acc, obs)
+      obs = acc
+    stacked = None if obs is None else jax.tree.map(lambda x: x[None], obs)
+    if carried:  # H2O / Keyformer: this chunk's column sums add to the carried per-slot sums
+      cache = cache.replace(scores=cache.scores + obs)
+      stacked = cache.scores[None]
+    scores = method.scores(cache, stacked)
+    # Budget so far: the final budget, but never more than what has been seen. Rows whose
+    # prompt already ended saw nothing new: keep all they hold (no re-selection).
+    now = jnp.minimum(kept, cache.lengths)
+    now = jnp.where((n_valid > 0)[None, :, None], now, cache.lengths)
+    cache = select(cache, scores, now, capacity)
+    return (cache, acc), logits
+
+  acc0 = None
+  if hasattr(method, "accumulate"):
+    zeros_like = jax.eval_shape(lambda c: apply_fn(params, chunks[0], c, lengths, None, observe)[2],
+                                cache)
+    acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros_like)
+  (cache, _), logits = jax.lax.scan(step, (cache, acc0), (chunks, starts))
+  last_chunk = (lengths - 1) // chunk_size
+  return logits[last_chunk, jnp.arange(b)], cache
