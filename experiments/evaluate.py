@@ -38,6 +38,10 @@ flags.DEFINE_list("depths", [], "Needle depths (0 = start, 1 = end) cycled over 
                   "depth x length grid; empty = random depth per sample.")
 flags.DEFINE_integer("max_new_tokens", 48, "Answer length limit.")
 flags.DEFINE_integer("continuation", 256, "Perplexity task: continuation tokens scored.")
+flags.DEFINE_bool("compress_during_prefill", False,
+                  "Also evaluate every cell compressing after each prefill chunk (the cache never "
+                  "holds more than budget + one chunk), next to compress-after-prefill.")
+flags.DEFINE_integer("chunk_size", 512, "Prefill chunk (the online mode's extra slots).")
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
 
 
@@ -49,7 +53,8 @@ def _done(path):
     for line in f:
       if line.strip():
         r = json.loads(line)
-        keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"]))
+        keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
+                  r.get("prefill_mode", "after")))
   return keys
 
 
@@ -58,6 +63,15 @@ def main(argv):
   ratios = [float(r) for r in FLAGS.ratio]
   cells = [(spec, r, methods.make(spec, ratio=r)) for spec in FLAGS.method for r in ratios]
   lengths = [int(x) for x in FLAGS.lengths]
+  modes = ("after", "during") if FLAGS.compress_during_prefill else ("after",)
+  if FLAGS.compress_during_prefill:
+    if "perplexity" in FLAGS.task:
+      raise app.UsageError("--compress_during_prefill covers the question tasks; run the "
+                           "perplexity task without it")
+    bad = [s for s, _, m in cells if not hasattr(m, "scores")]
+    if bad:
+      raise app.UsageError(f"--compress_during_prefill takes single eviction methods; "
+                           f"{bad} are compositions: evaluate them without the flag")
   lm = models.load(FLAGS.model, progress=False)
   for n in lengths:
     if n + 64 > lm.config.max_position_embeddings:
@@ -68,27 +82,31 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",
-                                        "max_new_tokens")}
+                                        "max_new_tokens", "compress_during_prefill",
+                                        "chunk_size")}
   rev = git_rev()
   jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
           for i in range(FLAGS.num_samples)]
   with open(FLAGS.out, "a") as f:
     for task, n, seed in tqdm(jobs, desc="samples"):
       protocol = "prefix" if task == "perplexity" else FLAGS.protocol
-      want = [(s, r) for s, r, _ in cells] + [("full", 1.0)]
-      if all((task, n, protocol, seed, s, r) in done for s, r in want):
+      want = [(s, r, m) for s, r, _ in cells for m in modes] + [("full", 1.0, "after")]
+      if all((task, n, protocol, seed) + w in done for w in want):
         continue
-      todo = [c for c in cells if (task, n, protocol, seed, c[0], c[1]) not in done]
+      todo = [c for c in cells
+              if any((task, n, protocol, seed, c[0], c[1], m) not in done for m in modes)]
       if task == "perplexity":
         prefix, cont = perplexity_tokens(lm.tokenizer, n, seed, FLAGS.continuation)
-        rows = run_perplexity(lm, prefix, cont, todo, seed=seed)
+        rows = run_perplexity(lm, prefix, cont, todo, seed=seed, chunk_size=FLAGS.chunk_size)
       else:
         depth = float(FLAGS.depths[seed % len(FLAGS.depths)]) if FLAGS.depths else None
         sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
         rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
-                          max_new_tokens=FLAGS.max_new_tokens)
+                          max_new_tokens=FLAGS.max_new_tokens, chunk_size=FLAGS.chunk_size,
+                          during_prefill=FLAGS.compress_during_prefill)
       for r in rows:
-        if (task, n, protocol, seed, r["method"], r["ratio"]) in done:
+        if (task, n, protocol, seed, r["method"], r["ratio"],
+            r.get("prefill_mode", "after")) in done:
           continue
         r.update({"length": n, "git": rev, "time": time.time(), "config": config})
         f.write(json.dumps(r) + "\n")
@@ -97,7 +115,7 @@ def main(argv):
   for c in table:
     key = "ppl" if c["task"] == "perplexity" else "score"
     s = c[key]
-    print(f"{c['task']:<16} {c['length']:>6} {c['method']:<18} {c['ratio']:<5} "
+    print(f"{c['task']:<16} {c['length']:>6} {c['method']:<32} {c['ratio']:<5} "
           f"{key} {s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}] n={s['n']} "
           f"KL {c['kl']['mean']:.3f} top1 {c['top1']['mean']:.3f} bytes {c['bytes_ratio']:.2f}")
 

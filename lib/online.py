@@ -21,6 +21,7 @@ What each method sees, relative to compress-after-prefill:
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -94,3 +95,33 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
   (cache, _), logits = jax.lax.scan(step, (cache, acc0), (chunks, starts))
   last_chunk = (lengths - 1) // chunk_size
   return logits[last_chunk, jnp.arange(b)], cache
+
+
+def prefill_context_compressing(params, apply_fn, context, method, *, num_layers: int,
+                                kv_heads: int, head_dim: int, dtype=jnp.float32,
+                                chunk_size: int = 512):
+  """Host wrapper of ``prefill_compressing`` for token lists (right-padded to the chunk).
+
+  Args:
+    context: ``B`` token lists (any lengths).
+    method: one eviction method (a ``Compose`` raises: see below).
+
+  Returns:
+    ``(cache, seconds)``: the cache ``[L, B, K, S, H]`` holds at most each head's budget, in
+    slots ``S = round8(max budget + chunk)`` (the peak it ever allocated); ``seconds`` is
+    wall-clock of the jitted scan (compilation included on first use of a shape).
+  """
+  if not hasattr(method, "scores"):
+    raise ValueError(
+        f"compress_during_prefill takes one eviction method, got {type(method).__name__}; "
+        "compositions ('a+b') compress after prefill (drop --compress_during_prefill)")
+  chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
+  tokens, lengths = gen.pad_batch(context, chunk)
+  cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads)
+  t0 = time.perf_counter()
+  _, cache = prefill_compressing(
+      params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(kept, jnp.int32),
+      apply_fn=apply_fn, chunk_size=chunk, method=method, capacity=cap, dtype=dtype,
+      num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+  jax.block_until_ready(cache)
+  return cache, time.perf_counter() - t0

@@ -65,6 +65,10 @@ def test_metrics():
   s = mean_ci([1, 0, 1, 1] * 25)
   assert s["n"] == 100 and s["mean"] == 0.75 and s["ci95"][0] < 0.75 < s["ci95"][1]
   assert mean_ci([])["n"] == 0
+  perfect = mean_ci([1.0] * 40)  # Wilson: 40/40 is not certainty
+  assert perfect["mean"] == 1.0 and 0.9 < perfect["ci95"][0] < 0.92 and perfect["ci95"][1] == 1.0
+  cont = mean_ci([0.5, 0.7, 0.6])  # non-binary: bootstrap
+  assert 0.5 <= cont["ci95"][0] < 0.6 < cont["ci95"][1] <= 0.7
   rng = np.random.RandomState(0)
   logits = rng.randn(5, 11).astype(np.float32)
   f = fidelity(logits, logits, np.arange(5))
@@ -147,3 +151,39 @@ def test_perplexity_task(chat_tiny, tmp_path):
     assert by[(s, "knorm", 1.0)]["kl"] < 1e-6 and by[(s, "knorm", 0.25)]["kl"] > 0
   md = report.leaderboard(aggregate.cells(rows))
   assert "perplexity [95% CI]" in md
+
+
+def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):
+  """Each cell gets an 'after' and a 'during' row; 'during' never allocated the full cache."""
+  import models  # pylint: disable=g-import-not-at-top
+  from lib import methods  # pylint: disable=g-import-not-at-top
+  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+
+  lm = models.load(chat_tiny, progress=False)
+  count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
+  s = make_sample("niah_single", 400, 0, count)
+  cells = [(n, 0.25, methods.make(n, ratio=0.25)) for n in ("streaming_llm", "h2o")]
+  rows = run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=4, chunk_size=64,
+                    during_prefill=True)
+  assert [(r["method"], r["prefill_mode"]) for r in rows] == [
+      ("full", "after"), ("streaming_llm", "after"), ("streaming_llm", "during"),
+      ("h2o", "after"), ("h2o", "during")]
+  full = rows[0]["full_bytes"]
+  for r in rows[1:]:
+    assert r["cache_bytes"] < full / 3
+    if r["prefill_mode"] == "during":  # budget + one chunk, never the full cache
+      assert r["peak_cache_bytes"] < full / 2 and r["peak_cache_bytes"] >= r["cache_bytes"]
+    else:
+      assert r["peak_cache_bytes"] == full
+  cells_ = aggregate.cells(rows)
+  assert {c["method"] for c in cells_} == {"full", "streaming_llm", "streaming_llm [during prefill]",
+                                          "h2o", "h2o [during prefill]"}
+  assert "| h2o [during prefill] | 0.25 |" in report.leaderboard(cells_)
+
+
+def test_compress_during_prefill_rejects_compositions(chat_tiny, tmp_path):
+  cmd = [sys.executable, "-m", "experiments.evaluate", f"--model={chat_tiny}", "--lengths=200",
+         "--num_samples=1", "--method=knorm+snapkv", "--compress_during_prefill",
+         f"--out={tmp_path / 'x.jsonl'}"]
+  out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0 and "single eviction methods" in out.stderr

@@ -8,8 +8,16 @@ import json
 from lib.eval.metrics import mean_ci
 
 CELL_KEYS = ("task", "length", "protocol", "method", "ratio")
-METRICS = ("score", "ppl", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes", "prefill_s",
-           "compress_s", "answer_s")
+METRICS = ("score", "ppl", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes",
+           "peak_cache_bytes", "prefill_s", "compress_s", "answer_s")
+
+
+def label(row: dict) -> str:
+  """The method name a table shows: ``snapkv`` (compressed after prefill) or
+  ``snapkv [during prefill]`` (compressed after every prefill chunk, ``lib.online``)."""
+  if row.get("prefill_mode") == "during":
+    return f"{row['method']} [during prefill]"
+  return row["method"]
 
 
 def read_rows(paths) -> list[dict]:
@@ -21,10 +29,12 @@ def read_rows(paths) -> list[dict]:
 
 
 def cells(rows: list[dict]) -> list[dict]:
-  """Groups rows by (task, length, protocol, method, ratio) and summarises each metric."""
+  """Groups rows by (task, length, protocol, method label, ratio) and summarises each metric.
+
+  A cell's ``method`` is ``label(row)``: the two prefill modes of one method are two cells."""
   groups = collections.defaultdict(list)
   for r in rows:
-    groups[tuple(r.get(k) for k in CELL_KEYS)].append(r)
+    groups[tuple(label(r) if k == "method" else r.get(k) for k in CELL_KEYS)].append(r)
   out = []
   for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
     cell = dict(zip(CELL_KEYS, key))
@@ -32,6 +42,9 @@ def cells(rows: list[dict]) -> list[dict]:
       cell[m] = mean_ci([r.get(m) for r in rs])
     cell["bytes_ratio"] = (cell["cache_bytes"]["mean"] / cell["full_bytes"]["mean"]
                            if cell["full_bytes"]["mean"] else None)
+    peak = cell["peak_cache_bytes"]["mean"]
+    cell["peak_ratio"] = (peak / cell["full_bytes"]["mean"]
+                          if peak is not None and cell["full_bytes"]["mean"] else None)
     cell["git"] = sorted({r.get("git") for r in rs if r.get("git")})
     out.append(cell)
   return out

@@ -7,6 +7,8 @@ import os
 
 import numpy as np
 
+from lib.eval.aggregate import label
+
 
 def _fmt(stat, digits=2, pct=False):
   if stat["mean"] is None:
@@ -28,18 +30,19 @@ def leaderboard(cells: list[dict]) -> str:
     is_ppl = task == "perplexity"
     head = "perplexity [95% CI]" if is_ppl else "score % [95% CI]"
     out.append(f"| method | kept | {head} | vs full | KL vs full (nats) | top-1 agree % "
-               "| cache bytes / full | n |")
-    out.append("|---|---|---|---|---|---|---|---|")
+               "| cache bytes / full | peak cache / full | n |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     order = sorted(cs, key=lambda c: (c["method"] != "full", c["method"], -c["ratio"]))
     for c in order:
       key = "ppl" if is_ppl else "score"
       rel = "–"
       if full and full[key]["mean"]:
         rel = f"{100 * c[key]['mean'] / full[key]['mean']:.0f} %"
+      peak = "–" if c.get("peak_ratio") is None else f"{c['peak_ratio']:.3f}"
       main = _fmt(c["ppl"], 2) if is_ppl else _fmt(c["score"], 1, True)
       out.append(f"| {c['method']} | {c['ratio']:g} | {main} | {rel} | "
                  f"{_fmt(c['kl'], 3)} | {_fmt(c['top1'], 1, True)} | "
-                 f"{c['bytes_ratio']:.3f} | {c['score']['n']} |")
+                 f"{c['bytes_ratio']:.3f} | {peak} | {c['score']['n']} |")
     out.append("")
   return "\n".join(out)
 
@@ -89,7 +92,7 @@ def plot_needle_heatmap(rows: list[dict], path: str, bins: int = 5):
   if not rows:
     return None
   lengths = sorted({r["length"] for r in rows})
-  panels = sorted({(r["method"], r["ratio"]) for r in rows},
+  panels = sorted({(label(r), r["ratio"]) for r in rows},
                   key=lambda p: (p[0] != "full", p[0], -p[1]))
   cols = min(4, len(panels))
   nrows = -(-len(panels) // cols)
@@ -99,7 +102,7 @@ def plot_needle_heatmap(rows: list[dict], path: str, bins: int = 5):
   for ax, (method, ratio) in zip(axes.ravel(), panels):
     grid = np.full((bins, len(lengths)), np.nan)
     for j, n in enumerate(lengths):
-      sel = [r for r in rows if (r["method"], r["ratio"], r["length"]) == (method, ratio, n)]
+      sel = [r for r in rows if (label(r), r["ratio"], r["length"]) == (method, ratio, n)]
       for i in range(bins):
         s = [r["score"] for r in sel if min(int(r["depth"] * bins), bins - 1) == i]
         if s:

@@ -17,7 +17,9 @@ import numpy as np
 from lib import generate as gen
 from lib import methods as methods_lib
 from lib.eval.metrics import fidelity, string_match_all
+from lib.cache import round_capacity
 from lib.eval.tasks import Sample
+from lib.online import prefill_context_compressing
 from lib.protocol import ask, compress_for, prefill_context
 
 PROTOCOLS = ("query_agnostic", "query_aware", "shared_context")
@@ -64,7 +66,8 @@ def _copy(cache):
 
 
 def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, protocol: str,
-               max_new_tokens: int, chunk_size: int = 512) -> list[dict]:
+               max_new_tokens: int, chunk_size: int = 512,
+               during_prefill: bool = False) -> list[dict]:
   """Evaluates ``cells`` = [(method spec, ratio, Method)] on one sample.
 
   ``lm`` is a ``models.LanguageModel``-like object (params, apply_fn, tokenizer, config,
@@ -108,7 +111,8 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     full_metrics.append({"score": string_match_all(pred, answers), "prediction": pred,
                          "kl": 0.0, "top1": 1.0, **_ll(ref_logits, targets), "answer_s": t_ans})
   rows = [{**base, "method": "full", "ratio": 1.0, **_mean(full_metrics),
-           "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0}]
+           "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
+           "prefill_mode": "after", "peak_cache_bytes": full_bytes}]
 
   for spec, ratio, method in cells:
     obs = None
@@ -119,18 +123,31 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
     evicting = hasattr(method, "update")
     m_room = gen.round_up(longest, 8) + 1 if evicting else room
-    small, kept, t_c = compress_for(method, cache, obs, m_room, block)
-    forced = small.resize(small.capacity + room) if evicting else small
-    per_q = []
-    for q, (_, answers), (cont, ref_logits, targets) in zip(qs, queries, refs):
-      ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
-                     stop_tokens=lm.stop_tokens, method=method)
-      pred = lm.tokenizer.decode(ans[0])
-      logits = _force(lm, forced, cont)[len(q) - 1: -1]
-      per_q.append({"score": string_match_all(pred, answers), "prediction": pred,
-                    **fidelity(logits, ref_logits, targets), "answer_s": t_a})
-    rows.append({**base, "method": spec, "ratio": ratio, **_mean(per_q), "cache_bytes": kept,
-                 "full_bytes": full_bytes, "compress_s": t_c})
+    modes = ("after", "during") if during_prefill else ("after",)
+    for mode in modes:
+      if mode == "after":
+        small, kept, t_c = compress_for(method, cache, obs, m_room, block)
+        t_p, peak = t_pre, full_bytes
+      else:  # a fresh chunked prefill that compresses after every chunk
+        online, t_p = prefill_context_compressing(
+            lm.params, lm.apply_fn, [ctx], method, num_layers=c.num_layers,
+            kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=lm.dtype, chunk_size=chunk_size)
+        n_max = int(jnp.max(online.lengths))
+        peak, t_c = online.nbytes, 0.0
+        kept = online.resize(round_capacity(n_max)).nbytes
+        small = online.resize(round_capacity(n_max + m_room))
+      forced = small.resize(small.capacity + room) if evicting else small
+      per_q = []
+      for q, (_, answers), (cont, ref_logits, targets) in zip(qs, queries, refs):
+        ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
+                       stop_tokens=lm.stop_tokens, method=method)
+        pred = lm.tokenizer.decode(ans[0])
+        logits = _force(lm, forced, cont)[len(q) - 1: -1]
+        per_q.append({"score": string_match_all(pred, answers), "prediction": pred,
+                      **fidelity(logits, ref_logits, targets), "answer_s": t_a})
+      rows.append({**base, "method": spec, "ratio": ratio, **_mean(per_q), "cache_bytes": kept,
+                   "full_bytes": full_bytes, "compress_s": t_c, "prefill_s": t_p,
+                   "prefill_mode": mode, "peak_cache_bytes": peak})
   return rows
 
 
