@@ -5,6 +5,10 @@ r"""Peak cache bytes and peak process memory: compress-after-prefill vs compress
 
 Each configuration runs ``experiments.prefill_memory`` in a fresh process (``ru_maxrss`` is a
 per-process high-water mark), so the figures are side by side from one invocation.
+
+With ``--limit_gib`` (CPU, Linux), it then prefills ``--limit_batch`` prompts of the same length
+under an address-space limit (``prlimit --as``) in both modes: the full-cache mode should stop
+with a clear error, compress-during-prefill should complete.
 """
 
 import json
@@ -20,13 +24,22 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 8192, "Prompt tokens (the default model's full context is 8192).")
 flags.DEFINE_float("ratio", 0.25, "Fraction kept.")
 flags.DEFINE_list("method", ["snapkv", "h2o"], "Methods.")
+flags.DEFINE_float("limit_gib", 4.0, "Address-space limit of the demo (0 = skip the demo).")
+flags.DEFINE_integer("limit_batch", 4, "Prompts prefilled together in the demo.")
 flags.DEFINE_string("out", "results/bench_online_memory_cpu.json", "JSON output.")
 
 
-def _run(args):
-  out = subprocess.run([sys.executable, "-m", "experiments.prefill_memory"] + args,
-                       capture_output=True, text=True, check=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])
+def _run(args, limit_bytes=None):
+  cmd = [sys.executable, "-m", "experiments.prefill_memory"] + args
+  if limit_bytes:
+    cmd = ["prlimit", f"--as={limit_bytes}", "--"] + cmd
+  out = subprocess.run(cmd, capture_output=True, text=True, check=limit_bytes is None)
+  lines = out.stdout.strip().splitlines()
+  row = json.loads(lines[-1]) if lines else {}
+  if limit_bytes:
+    row.update(returncode=out.returncode, stderr_tail=out.stderr.strip()[-600:],
+               limit_as_bytes=limit_bytes)
+  return row
 
 
 def main(argv):
@@ -40,9 +53,18 @@ def main(argv):
       rows.append(_run([f"--length={length}", f"--method={m}", f"--ratio={FLAGS.ratio}",
                         f"--compress_during_prefill={during}"]))
       print(json.dumps(rows[-1]))
-  res = {"benchmark": "bench_online_memory", "rows": rows, "git": git_rev(),
+  demo = []
+  if FLAGS.limit_gib > 0:
+    lim = int(FLAGS.limit_gib * 2**30)
+    for during in (False, True):
+      demo.append(_run([f"--length={length}", f"--batch={FLAGS.limit_batch}",
+                        f"--method={FLAGS.method[0]}", f"--ratio={FLAGS.ratio}",
+                        f"--compress_during_prefill={during}"], limit_bytes=lim))
+      print(json.dumps(demo[-1]))
+  res = {"benchmark": "bench_online_memory", "rows": rows, "limit_demo": demo, "git": git_rev(),
          "command": f"python -m experiments.bench_online_memory --length={FLAGS.length} "
-                    f"--ratio={FLAGS.ratio}"}
+                    f"--ratio={FLAGS.ratio} --method={','.join(FLAGS.method)} "
+                    f"--limit_gib={FLAGS.limit_gib} --limit_batch={FLAGS.limit_batch}"}
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(res, f, indent=1)

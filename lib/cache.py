@@ -62,6 +62,13 @@ class KVCache:
         next_position=jnp.zeros((batch,), jnp.int32),
     )
 
+  @classmethod
+  def planned_nbytes(cls, **init_kwargs) -> int:
+    """Bytes ``init(**init_kwargs)`` would allocate, from its leaves' shapes (nothing is
+    allocated): for checking a cache fits before creating it."""
+    shapes = jax.eval_shape(lambda: cls.init(**init_kwargs))
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(shapes)))
+
   # ---- static facts --------------------------------------------------------------------
   @property
   def num_layers(self) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 
 from lib import generate as gen
 from lib.cache import KVCache, round_capacity
+from lib.memory import check_fits, explain_oom
 from lib.methods.base import select
 
 
@@ -118,10 +119,16 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)
   cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads)
+  need = KVCache.planned_nbytes(num_layers=num_layers, batch=len(context), kv_heads=kv_heads,
+                                capacity=cap, head_dim=head_dim, dtype=dtype)
+  check_fits(need, f"the compressed cache (budget + one chunk = {cap} slots x {len(context)} "
+             "rows)", "lower the ratio, the chunk size or the batch")
   t0 = time.perf_counter()
-  _, cache = prefill_compressing(
-      params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(kept, jnp.int32),
-      apply_fn=apply_fn, chunk_size=chunk, method=method, capacity=cap, dtype=dtype,
-      num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
-  jax.block_until_ready(cache)
+  with explain_oom(f"prefilling {tokens.shape} tokens while compressing",
+                   "lower the ratio, the chunk size or the batch"):
+    _, cache = prefill_compressing(
+        params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(kept, jnp.int32),
+        apply_fn=apply_fn, chunk_size=chunk, method=method, capacity=cap, dtype=dtype,
+        num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+    jax.block_until_ready(cache)
   return cache, time.perf_counter() - t0

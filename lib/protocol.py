@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from lib import generate as gen
 from lib.cache import KVCache, round_capacity
+from lib.memory import check_fits, explain_oom
 from lib.methods import compress
 
 
@@ -25,13 +26,19 @@ def prefill_context(params, apply_fn, context: Sequence[Sequence[int]], *, num_l
   """Returns ``(cache, observations, seconds)`` for the (right-padded) contexts."""
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   ctx, ctx_len = gen.pad_batch(context, chunk)
-  cache = KVCache.init(num_layers=num_layers, batch=len(context), kv_heads=kv_heads,
-                       capacity=round_capacity(ctx.shape[1], block), head_dim=head_dim,
-                       dtype=dtype)
+  kw = dict(num_layers=num_layers, batch=len(context), kv_heads=kv_heads,
+            capacity=round_capacity(ctx.shape[1], block), head_dim=head_dim, dtype=dtype)
+  check_fits(KVCache.planned_nbytes(**kw), f"the full KV cache of {ctx.shape} context tokens",
+             "compress while prefilling (lib.online / --compress_during_prefill), or lower "
+             "the batch or the context length")
+  cache = KVCache.init(**kw)
   t0 = time.perf_counter()
-  _, cache, obs = gen.prefill(params, jnp.asarray(ctx), jnp.asarray(ctx_len), cache,
-                              apply_fn=apply_fn, chunk_size=chunk, observe=observe)
-  jax.block_until_ready(cache)
+  with explain_oom(f"prefilling {ctx.shape} context tokens",
+                   "compress while prefilling (--compress_during_prefill), or lower the batch "
+                   "or the context length"):
+    _, cache, obs = gen.prefill(params, jnp.asarray(ctx), jnp.asarray(ctx_len), cache,
+                                apply_fn=apply_fn, chunk_size=chunk, observe=observe)
+    jax.block_until_ready(cache)
   return cache, obs, time.perf_counter() - t0
 
 

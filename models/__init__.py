@@ -12,6 +12,7 @@ import numpy as np
 
 from lib import generate as gen
 from lib.cache import KVCache, round_capacity
+from lib.memory import check_fits
 from lib.sampling import SamplingConfig
 from models.config import ModelConfig
 from models.decoder import make_apply_fn
@@ -46,8 +47,12 @@ class LanguageModel:
     """An empty cache of ``[L, batch, K, capacity', H]``; capacity' is rounded up to 8."""
     c = self.config
     cap = round_capacity(capacity, self.attn_block_size)
-    return KVCache.init(num_layers=c.num_layers, batch=batch, kv_heads=c.num_kv_heads,
-                        capacity=cap, head_dim=c.head_dim, dtype=self.dtype)
+    kw = dict(num_layers=c.num_layers, batch=batch, kv_heads=c.num_kv_heads, capacity=cap,
+              head_dim=c.head_dim, dtype=self.dtype)
+    check_fits(KVCache.planned_nbytes(**kw), f"a full KV cache of {batch} x {cap} tokens",
+               "compress while prefilling (--compress_during_prefill), or lower the batch or "
+               "the prompt length")
+    return KVCache.init(**kw)
 
   def generate_ids(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
                    sampling: SamplingConfig = SamplingConfig(), seed: int = 0,

@@ -109,6 +109,7 @@ def _snapkv_reference(m, ids, window, kernel):
     a = np.exp(logits - logits.max(-1, keepdims=True))
     a = a / a.sum(-1, keepdims=True)
     vote = a.sum(2).mean(1)  # [K, n]: sum over window, mean over the group
+    vote[:, n - window:] = 0.0  # only A[..., :n-w] is pooled (zero padding at the window edge)
     padded = np.pad(vote, ((0, 0), (kernel // 2, kernel // 2)))
     pooled = np.stack([padded[:, i:i + kernel].sum(-1) / kernel for i in range(n)], -1)
     pooled[:, n - window:] = 2.0 ** 23 + np.arange(n - window, n)  # forced, recent first

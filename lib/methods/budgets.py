@@ -18,7 +18,8 @@ import numpy as np
 from lib.cache import KVCache
 from lib.methods.base import forced
 from lib.methods.eviction import SnapKV
-from lib.methods.window import in_window, max_pool, window_attention, window_queries
+from lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
+                                window_queries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,10 +71,12 @@ class AdaKV(SnapKV):
     n_q = jnp.maximum((qpos >= 0).sum(-1), 1)[:, :, None, None, None]
     vote = a.sum(-2) / n_q  # mean over window queries
     vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)
-    s = max_pool(vote, self.kernel) if self.pooling == "max" else vote
+    win = in_window(cache, qpos, self.window)
+    vote = jnp.where(win, 0.0, vote)  # pool the pre-window columns only (METHODS.md §2.5)
+    s = (max_pool if self.pooling == "max" else avg_pool)(vote, self.kernel)
     valid = jnp.arange(cache.capacity) < cache.lengths[..., None]
-    s = jnp.where(valid & ~in_window(cache, qpos, self.window), s, -jnp.inf)
-    return s, in_window(cache, qpos, self.window)
+    s = jnp.where(valid & ~win, s, -jnp.inf)
+    return s, win
 
   def scores(self, cache: KVCache, obs):
     s, win = self.head_scores(cache, obs)

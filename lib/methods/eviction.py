@@ -70,9 +70,13 @@ class SnapKV(Method):
     if self.gqa not in ("mean", "max"):
       raise ValueError(f"snapkv: gqa must be 'mean' or 'max', got {self.gqa!r}")
     vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)  # [L, B, K, S]
+    win = in_window(cache, qpos, self.window)
+    # Pool the pre-window columns only (METHODS.md §2.3 pools A[..., :n-w]): the window's
+    # own columns are zero padding here, not neighbours of the last pre-window tokens.
+    vote = jnp.where(win, 0.0, vote)
     pool = avg_pool if self.pooling == "avg" else max_pool
     s = pool(vote, self.kernel)
-    return jnp.where(in_window(cache, qpos, self.window), forced(cache.positions), s)
+    return jnp.where(win, forced(cache.positions), s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,104 @@
+"""Will a cache fit? Headroom under the process's memory limit, checked before allocating.
+
+A cache that does not fit should fail before the prefill starts, with the sizes and the fix,
+rather than as an allocator abort halfway through a long prompt. The limit is the tightest of:
+
+* accelerator: the device's ``bytes_limit - bytes_in_use`` (``memory_stats``; on GPU this
+  follows ``XLA_PYTHON_CLIENT_MEM_FRACTION``);
+* CPU: the address-space limit (``ulimit -v`` / ``prlimit --as``) minus the process's current
+  virtual size, the cgroup's ``memory.max`` minus its current usage, and
+  ``KVLAB_MEMORY_LIMIT_GIB`` (a soft cap of resident memory, for notebooks and demos) minus
+  the current resident size.
+
+Only the cache is checked (activations of one chunk are bounded and small next to it);
+``margin`` leaves room for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+
+import jax
+
+
+def _proc_kib(field: str) -> int | None:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _read_int(path: str) -> int | None:
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+  except OSError:
+    return None
+  return int(text) if text.isdigit() else None
+
+
+def resident_bytes() -> int | None:
+  """The process's current resident memory (``VmRSS``), or None off Linux."""
+  kib = _proc_kib("VmRSS")
+  return None if kib is None else kib * 1024
+
+
+def headroom() -> tuple[int, str] | None:
+  """``(bytes still allocatable, which limit)`` for the tightest known limit, or None."""
+  found = []
+  dev = jax.devices()[0]
+  if dev.platform != "cpu":
+    stats = dev.memory_stats() or {}
+    if "bytes_limit" in stats:
+      found.append((stats["bytes_limit"] - stats.get("bytes_in_use", 0),
+                    f"{dev.platform} memory of {dev.device_kind}"))
+    return min(found) if found else None
+  soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+  vm = _proc_kib("VmSize")
+  if soft != resource.RLIM_INFINITY and vm is not None:
+    found.append((soft - vm * 1024, f"address-space limit (ulimit -v) of {soft / 2**30:.2f} GiB"))
+  mx = _read_int("/sys/fs/cgroup/memory.max")
+  cur = _read_int("/sys/fs/cgroup/memory.current")
+  if mx is not None and cur is not None:
+    found.append((mx - cur, f"cgroup memory.max of {mx / 2**30:.2f} GiB"))
+  env = os.environ.get("KVLAB_MEMORY_LIMIT_GIB")
+  rss = _proc_kib("VmRSS")
+  if env and rss is not None:
+    lim = int(float(env) * 2**30)
+    found.append((lim - rss * 1024, f"KVLAB_MEMORY_LIMIT_GIB={env}"))
+  return min(found) if found else None
+
+
+def check_fits(nbytes: int, what: str, fix: str, margin: float = 1.1) -> None:
+  """Raises ``MemoryError`` naming ``what``, the sizes and ``fix`` if ``nbytes`` (x margin)
+  exceeds the headroom; does nothing when no limit is known."""
+  room = headroom()
+  if room is None:
+    return
+  free, source = room
+  if nbytes * margin > free:
+    raise MemoryError(
+        f"{what} needs {nbytes / 2**30:.2f} GiB but only {max(free, 0) / 2**30:.2f} GiB is "
+        f"left under the {source}; {fix}")
+
+
+@contextlib.contextmanager
+def explain_oom(what: str, fix: str):
+  """Turns an XLA out-of-memory error raised inside the block (an executable's workspace can
+  exceed the headroom even when the cache itself fit) into ``MemoryError`` naming the fix."""
+  try:
+    yield
+  except jax.errors.JaxRuntimeError as e:
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "Out of memory" not in msg:
+      raise
+    room = headroom()
+    where = f" under the {room[1]}" if room else ""
+    raise MemoryError(f"{what} ran out of memory{where} ({msg.splitlines()[0][:200]}); "
+                      f"{fix}") from e
