@@ -34,11 +34,19 @@ from lib.methods.base import select
 
 
 def online_capacity(method, lengths: np.ndarray, chunk_size: int, num_layers: int,
-                    kv_heads: int) -> tuple[int, np.ndarray]:
-  """Static capacity and the per-(layer, row, head) final budgets for prompts of ``lengths``."""
+                    kv_heads: int, padded: int | None = None) -> tuple[int, np.ndarray]:
+  """Static capacity and the per-(layer, row, head) final budgets for prompts of ``lengths``.
+
+  With ``padded`` (the prompt length rounded up to the chunk), the capacity is the budget of a
+  ``padded``-token prompt + one chunk: it then depends on static shapes only, so prompts of
+  nearby lengths share one compiled scan (at most ``ratio * chunk`` slots more than needed).
+  """
   full = np.broadcast_to(np.asarray(lengths)[None, :, None], (num_layers, len(lengths), kv_heads))
   kept = method.kept(np.ascontiguousarray(full))
-  return round_capacity(int(kept.max()) + chunk_size), kept
+  top = int(kept.max())
+  if padded is not None:
+    top = max(top, int(method.kept(np.full((num_layers, 1, kv_heads), padded, np.int32)).max()))
+  return round_capacity(top + chunk_size), kept
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "method", "capacity",
@@ -118,7 +126,8 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
         "compositions ('a+b') compress after prefill (drop --compress_during_prefill)")
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)
-  cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads)
+  cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads,
+                              padded=tokens.shape[1])
   need = KVCache.planned_nbytes(num_layers=num_layers, batch=len(context), kv_heads=kv_heads,
                                 capacity=cap, head_dim=head_dim, dtype=dtype)
   check_fits(need, f"the compressed cache (budget + one chunk = {cap} slots x {len(context)} "

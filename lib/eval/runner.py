@@ -61,6 +61,16 @@ def _force(lm, cache, tokens):
                         jnp.asarray([t], jnp.int32), apply_fn=lm.apply_fn)[:t]
 
 
+# Caches handed to the jitted ask/teacher-force functions are padded to a multiple of this many
+# slots, so samples of slightly different lengths reuse one compiled program instead of
+# compiling one per capacity (bytes are reported before this padding).
+_BUCKET = 128
+
+
+def _bucket(cache):
+  return cache.resize(gen.round_up(cache.capacity, _BUCKET))
+
+
 def _copy(cache):
   return jax.tree.map(jnp.copy, cache)
 
@@ -99,6 +109,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
 
   # Full cache: the reference answers and distributions for every question.
   full, full_bytes, _ = compress_for(None, cache, None, room, block)
+  full = _bucket(full)
   refs, full_metrics = [], []
   for q, (_, answers) in zip(qs, queries):
     ans, t_ans = ask(lm.params, lm.apply_fn, _copy(full), [q], max_new_tokens=max_new_tokens,
@@ -136,7 +147,9 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
         peak, t_c = online.nbytes, 0.0
         kept = online.resize(round_capacity(n_max)).nbytes
         small = online.resize(round_capacity(n_max + m_room))
-      forced = small.resize(small.capacity + room) if evicting else small
+      # Decode-time evicting methods evict once the cache is full: their capacity stays exact.
+      forced = _bucket(small.resize(small.capacity + room) if evicting else small)
+      small = small if evicting else forced
       per_q = []
       for q, (_, answers), (cont, ref_logits, targets) in zip(qs, queries, refs):
         ans, t_a = ask(lm.params, lm.apply_fn, _copy(small), [q], max_new_tokens=max_new_tokens,
@@ -185,6 +198,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
   base = {"task": "perplexity", "sample": seed, "depth": None, "protocol": "prefix",
           "context_tokens": len(prefix), "prefill_s": t_pre, "n_questions": 0}
   full, full_bytes, _ = compress_for(None, cache, None, room, block)
+  full = _bucket(full)
   ref = _force(lm, full, continuation)[:-1]
   nll = -_ll(ref, targets)["ll"] / len(targets)
   rows = [{**base, "method": "full", "ratio": 1.0, "score": None, "ppl": float(np.exp(nll)),
@@ -194,6 +208,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
   for spec, ratio, method in cells:
     obs = None if method.observe is None else obs_all[hooks.index(method.observe)]
     small, kept, t_c = compress_for(method, cache, obs, room, block)
+    small = _bucket(small)
     logits = _force(lm, small, continuation)[:-1]
     f = fidelity(logits, ref, targets)
     rows.append({**base, "method": spec, "ratio": ratio, "score": None,
