@@ -1,0 +1,1 @@
+"""Quantized storage of cache tensors: bit packing and group-wise uniform quantizers."""

@@ -1,0 +1,148 @@
+"""One decode step of GQA attention over a KIVI-layout quantized cache (Pallas + jnp reference).
+
+Layout (per batch row b and kv head k; ``w = 32 // bits`` codes per uint32 word):
+
+* quantized part, ``S`` slots of which the first ``n_quant[b, k]`` are valid:
+  - keys per channel (groups of ``group`` tokens): ``k_codes [B, K, S, H/w]``,
+    ``k_scale, k_zero [B, K, S/group, H]``;
+  - values per token (groups of ``group`` channels): ``v_codes [B, K, S, H/w]``,
+    ``v_scale, v_zero [B, K, S, H/group]``;
+* full-precision residual window of the most recent tokens: ``k_res, v_res [B, K, R, H]``, the
+  first ``n_res[b, k]`` valid.
+
+Keys are post-RoPE (KIVI), so a decode step needs no positions. Query ``q [B, K, G, H]`` holds
+the G query heads sharing kv head k. Both functions return ``[B, K, G, H]`` float32.
+
+The kernel runs one program per (b, k) and walks the quantized part in blocks of ``block``
+slots with an online softmax, unpacking and dequantizing each block in registers (the codes are
+the only copy of the cache it reads), then folds in the residual window. ``interpret=True``
+runs it on CPU (tests); on GPU it lowers through Triton. Not yet measured on an accelerator.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from lib.quant import packing
+
+_NEG = -1e30
+
+
+def _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block):
+  packing.check_bits(bits)
+  b, k, g, h = q.shape
+  w = packing.per_word(bits)
+  if h % w:
+    raise ValueError(f"head dim {h} is not a multiple of {w} codes per word at {bits} bits")
+  s = k_codes.shape[2]
+  if k_codes.shape != (b, k, s, h // w):
+    raise ValueError(f"k_codes {k_codes.shape} != {(b, k, s, h // w)}")
+  if s % group or h % group:
+    raise ValueError(f"group {group} must divide the slots ({s}) and the head dim ({h})")
+  if k_scale.shape != (b, k, s // group, h) or v_scale.shape != (b, k, s, h // group):
+    raise ValueError(f"scales {k_scale.shape}, {v_scale.shape} do not match the codes")
+  if block % group or s % block:
+    raise ValueError(f"block {block} must be a multiple of group {group} and divide {s} slots")
+  if k_res.shape[:2] != (b, k) or k_res.shape[3] != h:
+    raise ValueError(f"residual {k_res.shape} does not match q {q.shape}")
+
+
+def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                                         n_quant, k_res, v_res, n_res, *, bits: int, group: int,
+                                         block: int = 128, interpret: bool = False):
+  """jnp reference (dequantize everything, one masked softmax). Same signature as the kernel."""
+  del interpret
+  _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
+  h = q.shape[-1]
+  f32 = jnp.float32
+  kq = packing.unpack(k_codes, bits).astype(f32)
+  kq = kq * jnp.repeat(k_scale.astype(f32), group, 2) + jnp.repeat(k_zero.astype(f32), group, 2)
+  vq = packing.unpack(v_codes, bits).astype(f32)
+  vq = vq * jnp.repeat(v_scale.astype(f32), group, 3) + jnp.repeat(v_zero.astype(f32), group, 3)
+  keys = jnp.concatenate([kq, k_res.astype(f32)], 2)  # [B, K, S + R, H]
+  vals = jnp.concatenate([vq, v_res.astype(f32)], 2)
+  s, r = k_codes.shape[2], k_res.shape[2]
+  valid = jnp.concatenate([jnp.arange(s) < n_quant[..., None],
+                           jnp.arange(r) < n_res[..., None]], -1)  # [B, K, S + R]
+  logits = jnp.einsum("bkgh,bksh->bkgs", q.astype(f32), keys) / math.sqrt(h)
+  logits = jnp.where(valid[:, :, None, :], logits, _NEG)
+  p = jax.nn.softmax(logits, -1)
+  p = jnp.where(valid[:, :, None, :], p, 0.0)
+  return jnp.einsum("bkgs,bksh->bkgh", p, vals)
+
+
+def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kr_ref,
+            vr_ref, o_ref, *, bits, group, block, slots):
+  f32 = jnp.float32
+  q = q_ref[...].astype(f32)  # [G, H]
+  h = q.shape[-1]
+  w = 32 // bits
+  shifts = jnp.arange(w, dtype=jnp.uint32) * bits
+  mask = jnp.uint32((1 << bits) - 1)
+  n_quant = nq_ref[0]
+  n_res = nr_ref[0]
+  inv = 1.0 / math.sqrt(h)
+
+  def codes(words):  # [T, H/w] uint32 -> [T, H] float
+    c = (words[:, :, None] >> shifts[None, None, :]) & mask
+    return c.reshape(words.shape[0], h).astype(f32)
+
+  def fold(carry, logits, vals, valid):
+    m, l, acc = carry
+    logits = jnp.where(valid[None, :], logits, _NEG)
+    m_new = jnp.maximum(m, logits.max(-1))
+    p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    return m_new, l * alpha + p.sum(-1), acc * alpha[:, None] + p @ vals
+
+  def body(j, carry):
+    t0 = pl.multiple_of(j * block, block)
+    g0 = pl.multiple_of(j * (block // group), block // group)
+    ks = ks_ref[pl.ds(g0, block // group), :].astype(f32)  # [block/group, H]
+    kz = kz_ref[pl.ds(g0, block // group), :].astype(f32)
+    keys = (codes(kc_ref[pl.ds(t0, block), :]) * jnp.repeat(ks, group, 0)
+            + jnp.repeat(kz, group, 0))
+    vs = vs_ref[pl.ds(t0, block), :].astype(f32)  # [block, H/group]
+    vz = vz_ref[pl.ds(t0, block), :].astype(f32)
+    vals = (codes(vc_ref[pl.ds(t0, block), :]) * jnp.repeat(vs, group, 1)
+            + jnp.repeat(vz, group, 1))
+    valid = t0 + jnp.arange(block) < n_quant
+    return fold(carry, (q @ keys.T) * inv, vals, valid)
+
+  g = q.shape[0]
+  carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
+  n_blocks = (n_quant + block - 1) // block  # skip blocks past the valid length
+  carry = jax.lax.fori_loop(0, jnp.minimum(n_blocks, slots // block), body, carry)
+  kr = kr_ref[...].astype(f32)  # [R, H]
+  valid = jnp.arange(kr.shape[0]) < n_res
+  m, l, acc = fold(carry, (q @ kr.T) * inv, vr_ref[...].astype(f32), valid)
+  o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret"))
+def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant,
+                               k_res, v_res, n_res, *, bits: int, group: int, block: int = 128,
+                               interpret: bool = False):
+  """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32."""
+  _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
+  b, k, g, h = q.shape
+  s = k_codes.shape[2]
+  r = k_res.shape[2]
+  hw = k_codes.shape[3]
+  row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
+  kernel = functools.partial(_kernel, bits=bits, group=group, block=block, slots=s)
+  return pl.pallas_call(
+      kernel,
+      grid=(b, k),
+      in_specs=[row(1), row(1), row(g, h), row(s, hw), row(s // group, h), row(s // group, h),
+                row(s, hw), row(s, h // group), row(s, h // group), row(r, h), row(r, h)],
+      out_specs=row(g, h),
+      out_shape=jax.ShapeDtypeStruct((b, k, g, h), jnp.float32),
+      interpret=interpret,
+  )(n_quant.astype(jnp.int32)[..., None], n_res.astype(jnp.int32)[..., None], q, k_codes,
+    k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res)
