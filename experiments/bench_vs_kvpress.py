@@ -162,6 +162,7 @@ def main(argv):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
+  transformers.utils.logging.disable_progress_bar()
   threads = FLAGS.threads or os.cpu_count()
   torch.set_num_threads(threads)
   load_before = _load_note()
