@@ -1,7 +1,8 @@
 r"""Peak host memory of prefilling one long prompt: ``python -m experiments.prefill_memory``.
 
-Prints one JSON line: prompt length, chunk size, cache bytes (from the leaves) and the process's
-peak resident memory (``ru_maxrss``), which includes the fp32 weights and the XLA runtime.
+Prints one JSON line: prompt length, chunk size, cache bytes (from the leaves), the process's
+peak resident memory over its life (``ru_maxrss``: loading the weights can set it) and during
+the prefill alone (sampled every 5 ms); both include the fp32 weights and the XLA runtime.
 With ``--method``, the cache is compressed to ``--ratio`` either after the prefill (the full
 cache exists first) or, with ``--compress_during_prefill``, after every chunk (the cache never
 holds more than budget + one chunk). Run one mode per process: ``ru_maxrss`` is a high-water mark.
@@ -58,7 +59,8 @@ def main(argv):
   fix = ("compress while prefilling (--compress_during_prefill --method=...), or lower "
          "--batch or --length")
   try:
-    with explain_oom(f"prefilling {FLAGS.batch} x {len(ids)} tokens", fix):
+    with explain_oom(f"prefilling {FLAGS.batch} x {len(ids)} tokens", fix), \
+        memory.PeakRSS() as during:
       _prefill(m, method, prompts, tokens, lengths, row)
   except MemoryError as e:
     print(json.dumps({**row, "error": str(e)}))
@@ -67,7 +69,8 @@ def main(argv):
   peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   print(json.dumps({
       **row, "weight_bytes": weights, "rss_after_load_bytes": rss_loaded,
-      "rss_before_prefill_bytes": rss_now, "peak_rss_bytes": peak,
+      "rss_before_prefill_bytes": rss_now, "peak_rss_prefill_bytes": during.peak_bytes,
+      "peak_rss_prefill_gib": round(during.peak_bytes / 2**30, 3), "peak_rss_bytes": peak,
       "peak_rss_gib": round(peak / 2**30, 3),
       "seconds_incl_compile": round(time.perf_counter() - t, 2)}))
 

@@ -102,3 +102,38 @@ def explain_oom(what: str, fix: str):
     where = f" under the {room[1]}" if room else ""
     raise MemoryError(f"{what} ran out of memory{where} ({msg.splitlines()[0][:200]}); "
                       f"{fix}") from e
+
+
+class PeakRSS:
+  """Samples the resident size every ``interval`` seconds in a thread, so the peak of one phase
+  (a prefill) can be told apart from earlier peaks (loading weights) that ``ru_maxrss`` keeps.
+
+    with PeakRSS() as p:
+      run()
+    p.peak_bytes
+  """
+
+  def __init__(self, interval: float = 0.005):
+    self.interval = interval
+    self.peak_bytes = 0
+    self._stop = None
+    self._thread = None
+
+  def _poll(self):
+    while not self._stop.is_set():
+      self.peak_bytes = max(self.peak_bytes, resident_bytes() or 0)
+      self._stop.wait(self.interval)
+
+  def __enter__(self):
+    import threading  # pylint: disable=g-import-not-at-top
+    self.peak_bytes = resident_bytes() or 0
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._poll, daemon=True)
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak_bytes = max(self.peak_bytes, resident_bytes() or 0)
+    return False
