@@ -41,6 +41,7 @@ def chunk_attention(
     layer: jax.Array | None = None,
     sliding_window: int | None = None,
     block_size: int = 512,
+    quant: Any = None,
 ) -> jax.Array:
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
@@ -57,6 +58,8 @@ def chunk_attention(
       scanning over per-layer slices makes XLA copy every layer's cache on every step.
     sliding_window: keys with ``q_pos - k_pos >= sliding_window`` are masked (Mistral).
     block_size: cache slots per online-softmax block.
+    quant: a ``lib.quant.store.QuantStore`` (stacked over layers; needs ``layer``): older
+      tokens as packed codes, read block by block and dequantized in the same online softmax.
 
   Returns:
     ``[B, T, N, H]`` attention outputs in ``q.dtype``.
@@ -113,8 +116,36 @@ def chunk_attention(
     return m_new, l, acc
 
   m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
+  if quant is not None:
+    m, l, acc = _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, (m, l, acc))
   out = acc / l[..., None]  # [B, K, G, T, H]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry):
+  """Folds the quantized part (``QuantStore``) into the running softmax, dequantizing one
+  block of slots at a time (the packed codes are all that is stored)."""
+  cap = quant.capacity
+  g = quant.group  # blocks hold whole groups and divide the quantized capacity
+  bs = g * math.gcd(max(block_size // g, 1), cap // g)
+  lengths = jax.lax.dynamic_index_in_dim(quant.lengths, layer, 0, keepdims=False)  # [B, K]
+  n_blocks = (jnp.max(lengths) + bs - 1) // bs
+
+  def body(i, carry):
+    m, l, acc = carry
+    start = i * bs
+    kb, vb, pb = quant.read(layer, start, bs)  # [B, K, bs, H] float32, [B, K, bs]
+    idx = start + jnp.arange(bs)
+    valid = (idx[None, None, :] < lengths[..., None])[:, :, None, None, :]
+    valid = valid & _window_ok(qpos, pb[:, :, None, None, :], sliding_window)
+    sb = jnp.where(valid, jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb), _NEG)
+    m_new = jnp.maximum(m, sb.max(-1))
+    alpha = jnp.exp(m - m_new)
+    p = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
+    return (m_new, l * alpha + p.sum(-1),
+            acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p, vb))
+
+  return jax.lax.fori_loop(0, n_blocks, body, carry)
 
 
 def dense_attention_reference(q, k, v, q_positions, k_positions, k_valid, sliding_window=None):

@@ -12,6 +12,8 @@ position-based masks (sliding windows) to a reordered cache.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -30,6 +32,9 @@ class KVCache:
       tokens the row has seen, compressed or not).
     scores: optional ``[L, B, K, S]`` float32 per-slot statistic carried by decode-time
       methods (H2O's accumulated attention); None otherwise (and then it costs no bytes).
+    quant: optional ``lib.quant.store.QuantStore``: the older tokens as packed low-bit codes
+      (KIVI); then ``keys/values`` hold only the newest tokens in full precision (the residual
+      window) and attention reads both. None for a full-precision cache.
   """
 
   keys: jax.Array
@@ -38,6 +43,7 @@ class KVCache:
   lengths: jax.Array
   next_position: jax.Array
   scores: jax.Array | None = None
+  quant: Any = None
 
   @classmethod
   def init(

@@ -77,7 +77,8 @@ class DecoderLayer(nn.Module):
                                             q_positions, q_valid, inv_freq), cache)
     attn = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                            cache.lengths, q_positions, layer=layer,
-                           sliding_window=c.sliding_window, block_size=self.attn_block_size)
+                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
+                           quant=cache.quant)
     o = attn.reshape(b, t, n * h) @ p("wo", (n * h, d))
     if c.o_bias:
       o = o + p("bo", (d,), nn.initializers.zeros)

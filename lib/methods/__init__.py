@@ -15,6 +15,7 @@ from lib.methods.accumulated import H2O, Keyformer
 from lib.methods.budgets import AdaKV, PyramidKV
 from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 from lib.methods.expected_attention import ExpectedAttention
+from lib.methods.kivi import KIVI, KIVI4
 
 REGISTRY: dict[str, type[Method]] = {
     "streaming_llm": StreamingLLM,
@@ -26,6 +27,8 @@ REGISTRY: dict[str, type[Method]] = {
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
     "expected_attention": ExpectedAttention,
+    "kivi": KIVI,
+    "kivi4": KIVI4,
 }
 
 
@@ -38,6 +41,14 @@ class Compose:
 
   methods: tuple[Method, ...]
   name = "compose"
+
+  def __post_init__(self):
+    names = [m.name for m in self.methods]
+    for i, m in enumerate(self.methods[:-1]):
+      if getattr(m, "quantizes", False):
+        raise ValueError(f"invalid order {'+'.join(names)}: quantization ({m.name}) must come "
+                         f"last — evict first, then quantize what is kept, e.g. "
+                         f"{'+'.join(names[:i] + names[i + 1:] + [m.name])}")
 
   @property
   def observe(self):
@@ -77,12 +88,17 @@ def make(spec: str, **kwargs) -> Method | Compose:
       raise ValueError(f"unknown method {p!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[p]
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(kwargs) - names
+    if len(parts) == 1 and "ratio" not in names and kwargs.get("ratio") not in (None, 1.0):
+      raise ValueError(f"{p} keeps every token (it saves bits, not tokens): use ratio 1.0, or "
+                       f"compose it after an eviction method, e.g. snapkv+{p}")
+    kwargs_p = {k: v for k, v in kwargs.items() if not (k == "ratio" and "ratio" not in names)}
+    unknown = set(kwargs_p) - names
     if len(parts) == 1 and unknown:
       raise ValueError(f"{p} does not take {sorted(unknown)}; it takes {sorted(names)}")
-    built.append(cls(**{k: v for k, v in kwargs.items() if k in names}))
+    built.append(cls(**{k: v for k, v in kwargs_p.items() if k in names}))
   return built[0] if len(built) == 1 else Compose(tuple(built))
 
 
 __all__ = ["Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
-           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention"]
+           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KIVI",
+           "KIVI4"]

@@ -1,0 +1,89 @@
+"""KIVI (Liu et al. 2024, METHODS.md §3.2): 2-/4-bit asymmetric quantization of the cache, keys
+per channel (groups of ``group`` tokens), values per token (groups of ``group`` channels), the
+newest tokens kept in full precision.
+
+Choices (METHODS.md leaves the prefill split to the reference code):
+* at compression, every (layer, row, head) quantizes its oldest ``floor((n - residual) / group)
+  * group`` tokens; the residual window keeps the rest (``residual`` to ``residual + group - 1``
+  tokens) in the cache's dtype. The reference flushes keys ``residual`` at a time and values
+  one at a time; here both flush in whole key groups, so keys and values always split at the
+  same token.
+* tokens appended later (question, answer) stay in the residual window; flushing them into the
+  quantized part inside the decode loop is not done yet (the window grows by the tokens decoded).
+* scales and zero-points are float16, as the reference; positions stay int32 (bytes counted).
+* quantization composes after eviction only (``snapkv+kivi``): evict first, quantize the kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib.cache import KVCache, round_capacity
+from lib.quant import packing
+from lib.quant.store import QuantStore, check_head_dim
+
+
+@dataclasses.dataclass(frozen=True)
+class KIVI:
+  """``bits`` for keys and values, ``group`` tokens/channels per scale, ``residual`` newest
+  tokens in full precision (a multiple of ``group``, as the reference asserts)."""
+
+  bits: int = 2
+  group: int = 32
+  residual: int = 128
+  name = "kivi"
+  observe = None
+  quantizes = True
+
+  def __post_init__(self):
+    packing.check_bits(self.bits)
+    if self.group < 1 or self.residual < 0 or self.residual % self.group:
+      raise ValueError(f"{self.name}: residual ({self.residual}) must be a non-negative "
+                       f"multiple of group ({self.group})")
+
+  def apply(self, cache: KVCache, observations=None, *, extra: int = 0,
+            block: int = 512) -> KVCache:
+    """Splits ``cache`` into packed codes (older tokens) + a full-precision residual window with
+    ``extra`` free slots. Returns the quantized cache (``cache.quant`` set)."""
+    del observations, block
+    if cache.quant is not None:
+      raise ValueError(f"{self.name}: the cache is already quantized (one quantizer per cache)")
+    check_head_dim(cache.head_dim, self.bits, self.bits, self.group)
+    lengths = np.asarray(cache.lengths)
+    n_q = np.maximum(lengths - self.residual, 0) // self.group * self.group
+    q_cap = int(n_q.max())
+    res_cap = round_capacity(int((lengths - n_q).max()) + extra)
+    if q_cap == 0:  # nothing old enough to quantize yet
+      return cache.resize(max(res_cap, round_capacity(int(lengths.max()) + extra)))
+    return _split(self, cache, jnp.asarray(n_q, jnp.int32), q_cap, res_cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class KIVI4(KIVI):
+  """KIVI with 4-bit keys and values."""
+
+  bits: int = 4
+  name = "kivi4"
+
+
+@functools.partial(jax.jit, static_argnames=("method", "q_cap", "res_cap"))
+def _split(method: KIVI, cache: KVCache, n_q, q_cap: int, res_cap: int) -> KVCache:
+  if q_cap > cache.capacity:
+    raise ValueError("internal: quantized part larger than the cache")
+  quant = QuantStore.build(cache.keys[:, :, :, :q_cap], cache.values[:, :, :, :q_cap],
+                           cache.positions[:, :, :, :q_cap], n_q, k_bits=method.bits,
+                           v_bits=method.bits, group=method.group)
+  res_len = cache.lengths - n_q
+  idx = jnp.minimum(n_q[..., None] + jnp.arange(res_cap), cache.capacity - 1)  # [L, B, K, R]
+  take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
+  in_res = jnp.arange(res_cap) < res_len[..., None]
+  return cache.replace(
+      keys=jnp.where(in_res[..., None], take(cache.keys), 0).astype(cache.keys.dtype),
+      values=jnp.where(in_res[..., None], take(cache.values), 0).astype(cache.values.dtype),
+      positions=jnp.where(in_res, jnp.take_along_axis(cache.positions, idx, axis=3), -1),
+      lengths=res_len, scores=None, quant=quant)
