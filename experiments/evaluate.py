@@ -68,10 +68,16 @@ def main(argv):
     if "perplexity" in FLAGS.task:
       raise app.UsageError("--compress_during_prefill covers the question tasks; run the "
                            "perplexity task without it")
-    bad = [s for s, _, m in cells if not hasattr(m, "scores")]
+    def online_ok(m):
+      if hasattr(m, "methods"):
+        return sum(not getattr(x, "quantizes", False) for x in m.methods) == 1 and all(
+            hasattr(x, "scores") or getattr(x, "quantizes", False) for x in m.methods)
+      return hasattr(m, "scores")
+    bad = [s for s, _, m in cells if not online_ok(m)]
     if bad:
-      raise app.UsageError(f"--compress_during_prefill takes single eviction methods; "
-                           f"{bad} are compositions: evaluate them without the flag")
+      raise app.UsageError(f"--compress_during_prefill takes single eviction methods, "
+                           f"optionally + a quantizer (snapkv+kivi); {bad} are not: evaluate "
+                           f"them without the flag")
   lm = models.load(FLAGS.model, progress=False)
   for n in lengths:
     if n + 64 > lm.config.max_position_embeddings:

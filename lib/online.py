@@ -113,17 +113,30 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
 
   Args:
     context: ``B`` token lists (any lengths).
-    method: one eviction method (a ``Compose`` raises: see below).
+    method: one eviction method, or ``eviction+quantizer`` (``snapkv+kivi``): the eviction runs
+      after every chunk and the kept cache is quantized once at the end, so the float cache
+      peaks at budget + one chunk and the result is packed (quantizing after every chunk, so
+      the float peak shrinks too, is not done yet).
 
   Returns:
     ``(cache, seconds)``: the cache ``[L, B, K, S, H]`` holds at most each head's budget, in
     slots ``S = round8(max budget + chunk)`` (the peak it ever allocated); ``seconds`` is
     wall-clock of the jitted scan (compilation included on first use of a shape).
   """
+  quantizers = ()
+  if hasattr(method, "methods"):  # evict+quantize: evict chunk by chunk, quantize at the end
+    evict = [m for m in method.methods if not getattr(m, "quantizes", False)]
+    quantizers = tuple(m for m in method.methods if getattr(m, "quantizes", False))
+    if len(evict) != 1:
+      raise ValueError(
+          "compress_during_prefill takes one eviction method, optionally followed by a "
+          f"quantizer (snapkv+kivi); got {'+'.join(m.name for m in method.methods)}: run "
+          "other compositions after prefill (drop --compress_during_prefill)")
+    method = evict[0]
   if not hasattr(method, "scores"):
     raise ValueError(
-        f"compress_during_prefill takes one eviction method, got {type(method).__name__}; "
-        "compositions ('a+b') compress after prefill (drop --compress_during_prefill)")
+        f"compress_during_prefill needs an eviction method, got {type(method).__name__} "
+        "(quantize-only methods keep every token: compose them after one, e.g. snapkv+kivi)")
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)
   cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads,
@@ -139,5 +152,7 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
         params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(kept, jnp.int32),
         apply_fn=apply_fn, chunk_size=chunk, method=method, capacity=cap, dtype=dtype,
         num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+    for q in quantizers:  # what is kept at the end, quantized (peak: budget + chunk, float)
+      cache = q.apply(cache, extra=0)
     jax.block_until_ready(cache)
   return cache, time.perf_counter() - t0

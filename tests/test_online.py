@@ -77,3 +77,25 @@ def test_every_method_runs_bounded(tiny, name):
         if name not in ("tova", "expected_attention"):  # these force no recent window
           assert p.max() == n - 1
   assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_evict_during_prefill_then_quantize(tiny):
+  """snapkv+kivi online: the eviction bounds the float cache per chunk, the kept is packed."""
+  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(22)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (200, 150)]
+  c = tiny.config
+  kw = dict(num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.head_dim, chunk_size=16)
+  method = methods.Compose((methods.make("snapkv", ratio=0.5), KIVI(bits=4, group=16,
+                                                                     residual=16)))
+  cache, _ = prefill_context_compressing(tiny.params, tiny.apply_fn, prompts, method, **kw)
+  total = np.asarray(cache.quant.lengths) + np.asarray(cache.lengths)
+  np.testing.assert_array_equal(total[:, 0], 100)
+  np.testing.assert_array_equal(total[:, 1], 75)
+  assert cache.quant.k_codes.dtype == jnp.uint32
+  with pytest.raises(ValueError, match="one eviction method, optionally followed by a quantizer"):
+    prefill_context_compressing(tiny.params, tiny.apply_fn, prompts,
+                                methods.make("knorm+snapkv", ratio=0.5), **kw)
+  with pytest.raises(ValueError, match="compose them after one, e.g. snapkv\\+kivi"):
+    prefill_context_compressing(tiny.params, tiny.apply_fn, prompts, methods.make("kivi"), **kw)
