@@ -101,6 +101,12 @@ class KVCache:
     """Bytes allocated by the cache, summed over its leaves (never from a formula)."""
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
 
+  def trimmed(self) -> "KVCache":
+    """The same contents with no free slots (rounded to 8; a quantized part to its group):
+    what a compressed cache keeps, for reporting its bytes. Host-level (reads lengths)."""
+    out = self.resize(round_capacity(int(jnp.max(self.lengths))))
+    return out if self.quant is None else out.replace(quant=self.quant.trimmed())
+
   # ---- updates ---------------------------------------------------------------------------
   def resize(self, capacity: int, check: bool = True) -> "KVCache":
     """Same contents with ``capacity`` slots (pads with empty slots or drops unused ones).

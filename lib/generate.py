@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib.cache import KVCache
+from lib.quant.store import flush as quant_flush
 from lib.sampling import SamplingConfig, sample
 
 ApplyFn = Callable[..., tuple[jax.Array, KVCache, Any]]
@@ -115,7 +116,8 @@ def _decode_step(params, token: jax.Array, cache: KVCache, *, apply_fn: ApplyFn,
   ``method`` (a hashable method with ``update(cache, observations) -> cache``, observing with
   ``decode_observe`` or ``observe``) runs after the append for decode-time eviction; it keeps
   one slot free, so the cache capacity is the budget. ``active [B]`` bool freezes finished rows (their token
-  is not counted into the cache).
+  is not counted into the cache). A quantized cache (``cache.quant``) flushes its oldest
+  full-precision group into packed codes once its window is full (``lib.quant.store.flush``).
   """
   n_new = jnp.ones(token.shape, jnp.int32) if active is None else active.astype(jnp.int32)
   observe = None
@@ -125,6 +127,8 @@ def _decode_step(params, token: jax.Array, cache: KVCache, *, apply_fn: ApplyFn,
                                 jnp.zeros(token.shape, jnp.int32), observe)
   if method is not None and hasattr(method, "update"):
     cache = method.update(cache, obs)
+  if cache.quant is not None:  # quantized cache: stream the oldest full-precision tokens in
+    cache = quant_flush(cache)
   return logits, cache
 
 

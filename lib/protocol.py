@@ -55,7 +55,7 @@ def compress_for(method, cache: KVCache, obs, room: int, block: int = 512):
     out = compress(method, cache, obs, extra=room, block=block)
   jax.block_until_ready(out)
   dt = time.perf_counter() - t0
-  kept = out.resize(round_capacity(int(jnp.max(out.lengths)), block)).nbytes
+  kept = out.trimmed().nbytes
   return out, kept, dt
 
 

@@ -123,3 +123,29 @@ def test_decoding_from_a_quantized_cache(tiny):
                          method=KIVI(bits=8, group=16, residual=16), **kw)
   assert q8["tokens"] == full["tokens"]
   assert q8["cache_bytes"] < 0.45 * full["full_bytes"]
+
+
+def test_decode_loop_streams_the_window_into_packed_codes(tiny):
+  """Inside the jitted decode loop, full groups leave the window for the packed store: every
+  position is held exactly once, the window stays below residual + group."""
+  rng = np.random.RandomState(4)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (90, 61)]
+  full = _prefill(tiny, prompts)
+  q = methods.compress(KIVI(bits=4, group=16, residual=16), full, extra=48)
+  n0 = np.asarray(q.quant.lengths).copy()
+  logits = jnp.asarray(rng.randn(2, 160), jnp.float32)
+  _, n_gen, out = gen.decode_loop(tiny.params, q, logits, jax.random.PRNGKey(0),
+                                  apply_fn=tiny.apply_fn, max_new_tokens=40)
+  assert (np.asarray(n_gen) == 40).all()
+  nq, nr = np.asarray(out.quant.lengths), np.asarray(out.lengths)
+  assert (nq > n0).all() and (nr < 16 + 16).all() and (nq % 16 == 0).all()
+  qp, rp = np.asarray(out.quant.positions), np.asarray(out.positions)
+  for idx in np.ndindex(*nq.shape):
+    seen = np.concatenate([qp[idx][: nq[idx]], rp[idx][: nr[idx]]])
+    total = (90, 61)[idx[1]] + 40 - 1  # the last sampled token is not appended
+    np.testing.assert_array_equal(np.sort(seen), np.arange(total))
+  # The streamed codes are the tokens' real keys: attention over them == over dequantized.
+  cont = rng.randint(0, 160, size=5).tolist()
+  roomy = out.resize(out.capacity + 8)
+  np.testing.assert_allclose(_logits(tiny, roomy, cont), _logits(tiny, _dequantized(roomy), cont),
+                             rtol=1e-4, atol=1e-4)

@@ -145,8 +145,10 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
             kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=lm.dtype, chunk_size=chunk_size)
         n_max = int(jnp.max(online.lengths))
         peak, t_c = online.nbytes, 0.0
-        kept = online.resize(round_capacity(n_max)).nbytes
+        kept = online.trimmed().nbytes
         small = online.resize(round_capacity(n_max + m_room))
+        if online.quant is not None:  # room in the packed part for the flushed tokens
+          small = small.replace(quant=online.quant.grown(m_room))
       # Decode-time evicting methods evict once the cache is full: their capacity stays exact.
       forced = _bucket(small.resize(small.capacity + room) if evicting else small)
       small = small if evicting else forced

@@ -8,8 +8,11 @@ Choices (METHODS.md leaves the prefill split to the reference code):
   tokens) in the cache's dtype. The reference flushes keys ``residual`` at a time and values
   one at a time; here both flush in whole key groups, so keys and values always split at the
   same token.
-* tokens appended later (question, answer) stay in the residual window; flushing them into the
-  quantized part inside the decode loop is not done yet (the window grows by the tokens decoded).
+* tokens appended later enter the residual window; inside the jitted decode loop, whenever a
+  head's window reaches ``residual + group`` tokens its oldest group is quantized
+  (``lib.quant.store.flush``), so the window stays below ``residual + group``. A prompt
+  appended in one call (the question) is flushed one group per decoded token after it.
+  ``apply(extra=n)`` allocates room for n more tokens in the quantized part too.
 * scales and zero-points are float16, as the reference; positions stay int32 (bytes counted).
 * quantization composes after eviction only (``snapkv+kivi``): evict first, quantize the kept.
 """
@@ -55,12 +58,15 @@ class KIVI:
       raise ValueError(f"{self.name}: the cache is already quantized (one quantizer per cache)")
     check_head_dim(cache.head_dim, self.bits, self.bits, self.group)
     lengths = np.asarray(cache.lengths)
-    n_q = np.maximum(lengths - self.residual, 0) // self.group * self.group
+    g = self.group
+    n_q = np.maximum(lengths - self.residual, 0) // g * g
     q_cap = int(n_q.max())
     res_cap = round_capacity(int((lengths - n_q).max()) + extra)
-    if q_cap == 0:  # nothing old enough to quantize yet
-      return cache.resize(max(res_cap, round_capacity(int(lengths.max()) + extra)))
-    return _split(self, cache, jnp.asarray(n_q, jnp.int32), q_cap, res_cap)
+    if q_cap == 0 and extra == 0:  # nothing to quantize, now or later
+      return cache
+    if q_cap == 0:
+      q_cap = g  # an empty group, so tokens decoded later can flush into the store
+    return _split(self, cache, jnp.asarray(n_q, jnp.int32), q_cap, res_cap, extra)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,13 +77,15 @@ class KIVI4(KIVI):
   name = "kivi4"
 
 
-@functools.partial(jax.jit, static_argnames=("method", "q_cap", "res_cap"))
-def _split(method: KIVI, cache: KVCache, n_q, q_cap: int, res_cap: int) -> KVCache:
-  if q_cap > cache.capacity:
-    raise ValueError("internal: quantized part larger than the cache")
-  quant = QuantStore.build(cache.keys[:, :, :, :q_cap], cache.values[:, :, :, :q_cap],
-                           cache.positions[:, :, :, :q_cap], n_q, k_bits=method.bits,
-                           v_bits=method.bits, group=method.group)
+@functools.partial(jax.jit, static_argnames=("method", "q_cap", "res_cap", "room"))
+def _split(method: KIVI, cache: KVCache, n_q, q_cap: int, res_cap: int, room: int) -> KVCache:
+  """Quantizes each head's first ``n_q`` slots (``q_cap`` = their max, + ``room`` free slots);
+  the rest move to the front of a ``res_cap``-slot full-precision window."""
+  take_q = lambda x: x[:, :, :, :q_cap] if q_cap <= cache.capacity else jnp.pad(
+      x, [(0, 0)] * 3 + [(0, q_cap - cache.capacity)] + [(0, 0)] * (x.ndim - 4))
+  quant = QuantStore.build(take_q(cache.keys), take_q(cache.values), take_q(cache.positions),
+                           n_q, k_bits=method.bits, v_bits=method.bits, group=method.group,
+                           residual=method.residual).grown(room)
   res_len = cache.lengths - n_q
   idx = jnp.minimum(n_q[..., None] + jnp.arange(res_cap), cache.capacity - 1)  # [L, B, K, R]
   take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)

@@ -40,6 +40,7 @@ class QuantStore:
   k_bits: int = struct.field(pytree_node=False, default=2)
   v_bits: int = struct.field(pytree_node=False, default=2)
   group: int = struct.field(pytree_node=False, default=32)
+  residual: int = struct.field(pytree_node=False, default=128)
 
   @property
   def capacity(self) -> int:
@@ -47,9 +48,10 @@ class QuantStore:
 
   @classmethod
   def build(cls, keys, values, positions, lengths, *, k_bits: int, v_bits: int, group: int,
-            scale_dtype=jnp.float16) -> "QuantStore":
+            residual: int = 128, scale_dtype=jnp.float16) -> "QuantStore":
     """Quantizes ``keys, values [L, B, K, Q, H]`` (Q a multiple of ``group``); slots at or
-    beyond ``lengths [L, B, K]`` are kept out (their positions are -1)."""
+    beyond ``lengths [L, B, K]`` are kept out (their positions are -1). ``residual`` is the
+    full-precision window the decode loop keeps (``flush``)."""
     kq = quantize(keys, k_bits, group, -2)
     vq = quantize(values, v_bits, group, -1)
     valid = jnp.arange(keys.shape[3]) < lengths[..., None]
@@ -57,7 +59,29 @@ class QuantStore:
                k_zero=kq.zero.astype(scale_dtype), v_codes=vq.codes,
                v_scale=vq.scale.astype(scale_dtype), v_zero=vq.zero.astype(scale_dtype),
                positions=jnp.where(valid, positions, -1), lengths=lengths.astype(jnp.int32),
-               k_bits=k_bits, v_bits=v_bits, group=group)
+               k_bits=k_bits, v_bits=v_bits, group=group, residual=residual)
+
+  def grown(self, slots: int) -> "QuantStore":
+    """``slots`` more free slots (rounded up to whole groups) for tokens flushed later."""
+    g = self.group
+    n = -(-slots // g) * g
+    pad = lambda x, m, v=0: jnp.pad(x, [(0, 0)] * 3 + [(0, m)] + [(0, 0)] * (x.ndim - 4),
+                                    constant_values=v)
+    return self.replace(
+        k_codes=pad(self.k_codes, n), k_scale=pad(self.k_scale, n // g),
+        k_zero=pad(self.k_zero, n // g), v_codes=pad(self.v_codes, n),
+        v_scale=pad(self.v_scale, n), v_zero=pad(self.v_zero, n),
+        positions=pad(self.positions, n, -1))
+
+  def trimmed(self) -> "QuantStore":
+    """The same contents with no free slots (host-level; for reporting kept bytes)."""
+    g = self.group
+    n = max(-(-int(jnp.max(self.lengths)) // g) * g, g)
+    cut = lambda x, m: x[:, :, :, :m]
+    return self.replace(k_codes=cut(self.k_codes, n), k_scale=cut(self.k_scale, n // g),
+                        k_zero=cut(self.k_zero, n // g), v_codes=cut(self.v_codes, n),
+                        v_scale=cut(self.v_scale, n), v_zero=cut(self.v_zero, n),
+                        positions=cut(self.positions, n))
 
   def read(self, layer, start, size: int):
     """Dequantized ``(keys, values [B, K, size, H] float32, positions [B, K, size])`` of slots
@@ -71,6 +95,48 @@ class QuantStore:
                    sl(self.v_zero, start, size))
     return (dequantize(kq, self.k_bits, g, -2), dequantize(vq, self.v_bits, g, -1),
             sl(self.positions, start, size))
+
+
+def flush(cache):
+  """Decode-time KIVI streaming: where a head's full-precision window holds ``residual + group``
+  tokens, its oldest ``group`` tokens are quantized into the store (keys per channel over those
+  tokens, values per token) and the window shifts left by ``group``. Jittable; one group per
+  call (called after every decoded token, so the window stays below ``residual + group``).
+
+  ``cache`` is a ``KVCache`` with ``quant`` set; the store must have a free group of slots
+  (``KIVI.apply`` allocates them for the tokens it was told to leave room for).
+  """
+  q = cache.quant
+  g = q.group
+  # Heads whose window is full flush, if the store has a free group (else the window grows).
+  when = (cache.lengths >= q.residual + g) & (q.lengths + g <= q.capacity)  # [L, B, K]
+  new = QuantStore.build(cache.keys[:, :, :, :g], cache.values[:, :, :, :g],
+                         cache.positions[:, :, :, :g], jnp.full(when.shape, g, jnp.int32),
+                         k_bits=q.k_bits, v_bits=q.v_bits, group=g, residual=q.residual,
+                         scale_dtype=q.k_scale.dtype)
+  at = jnp.minimum(q.lengths, q.capacity - g)  # where the group goes (a multiple of g)
+
+  def put(buf, piece, start):  # buf [L, B, K, S, ...], piece [L, B, K, s, ...], start [L, B, K]
+    def one(b, p, s0):
+      return jax.lax.dynamic_update_slice_in_dim(b, p.astype(b.dtype), s0, axis=0)
+    wrote = jax.vmap(jax.vmap(jax.vmap(one)))(buf, piece, start)
+    w = when.reshape(when.shape + (1,) * (buf.ndim - 3))
+    return jnp.where(w, wrote, buf)
+
+  store = q.replace(
+      k_codes=put(q.k_codes, new.k_codes, at), k_scale=put(q.k_scale, new.k_scale, at // g),
+      k_zero=put(q.k_zero, new.k_zero, at // g), v_codes=put(q.v_codes, new.v_codes, at),
+      v_scale=put(q.v_scale, new.v_scale, at), v_zero=put(q.v_zero, new.v_zero, at),
+      positions=put(q.positions, new.positions, at),
+      lengths=jnp.where(when, q.lengths + g, q.lengths))
+  cap = cache.capacity
+  idx = jnp.minimum(jnp.arange(cap) + jnp.where(when, g, 0)[..., None], cap - 1)
+  lengths = jnp.where(when, cache.lengths - g, cache.lengths)
+  keep = jnp.arange(cap) < lengths[..., None]
+  shift = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
+  return cache.replace(keys=shift(cache.keys), values=shift(cache.values),
+                       positions=jnp.where(keep, jnp.take_along_axis(cache.positions, idx, 3), -1),
+                       lengths=lengths, quant=store)
 
 
 def check_head_dim(head_dim: int, k_bits: int, v_bits: int, group: int) -> None:
