@@ -65,7 +65,8 @@ def test_metrics():
   s = mean_ci([1, 0, 1, 1] * 25)
   assert s["n"] == 100 and s["mean"] == 0.75 and s["ci95"][0] < 0.75 < s["ci95"][1]
   assert mean_ci([])["n"] == 0
-  perfect = mean_ci([1.0] * 40)  # Wilson: 40/40 is not certainty
+  assert mean_ci([0.0] * 5)["ci95"] == [0.0, 0.0]  # not an outcome: bootstrap
+  perfect = mean_ci([1.0] * 40, outcomes=True)  # Wilson: 40/40 is not certainty
   assert perfect["mean"] == 1.0 and 0.9 < perfect["ci95"][0] < 0.92 and perfect["ci95"][1] == 1.0
   cont = mean_ci([0.5, 0.7, 0.6])  # non-binary: bootstrap
   assert 0.5 <= cont["ci95"][0] < 0.6 < cont["ci95"][1] <= 0.7

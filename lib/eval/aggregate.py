@@ -39,7 +39,7 @@ def cells(rows: list[dict]) -> list[dict]:
   for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
     cell = dict(zip(CELL_KEYS, key))
     for m in METRICS:
-      cell[m] = mean_ci([r.get(m) for r in rs])
+      cell[m] = mean_ci([r.get(m) for r in rs], outcomes=m == "score")
     cell["bytes_ratio"] = (cell["cache_bytes"]["mean"] / cell["full_bytes"]["mean"]
                            if cell["full_bytes"]["mean"] else None)
     peak = cell["peak_cache_bytes"]["mean"]

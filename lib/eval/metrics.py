@@ -34,17 +34,17 @@ def fidelity(logits: jax.Array, ref_logits: jax.Array, targets: jax.Array) -> di
   return {"kl": float(kl), "top1": float(top1), "ll": float(ll), "ll_ref": float(ll_ref)}
 
 
-def mean_ci(values, n_boot: int = 2000, seed: int = 0) -> dict:
+def mean_ci(values, n_boot: int = 2000, seed: int = 0, outcomes: bool = False) -> dict:
   """Mean with a 95 % confidence interval and the sample count.
 
-  0/1 outcomes (a needle found or not) get the Wilson score interval, which stays honest at
-  0 % and 100 % (40/40 -> [91 %, 100 %], where a bootstrap would say [100 %, 100 %]); other
-  metrics a percentile bootstrap.
+  With ``outcomes=True`` (task scores) and every value 0 or 1 (a needle found or not), the
+  Wilson score interval, which stays honest at 0 % and 100 % (40/40 -> [91 %, 100 %], where a
+  bootstrap would say [100 %, 100 %]); otherwise a percentile bootstrap.
   """
   x = np.asarray([v for v in values if v is not None], np.float64)
   if x.size == 0:
     return {"mean": None, "ci95": [None, None], "n": 0}
-  if np.isin(x, (0.0, 1.0)).all():
+  if outcomes and np.isin(x, (0.0, 1.0)).all():
     n, p, z = x.size, x.mean(), 1.959964
     mid = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)

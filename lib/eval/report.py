@@ -42,7 +42,7 @@ def leaderboard(cells: list[dict]) -> str:
       main = _fmt(c["ppl"], 2) if is_ppl else _fmt(c["score"], 1, True)
       out.append(f"| {c['method']} | {c['ratio']:g} | {main} | {rel} | "
                  f"{_fmt(c['kl'], 3)} | {_fmt(c['top1'], 1, True)} | "
-                 f"{c['bytes_ratio']:.3f} | {peak} | {c['score']['n']} |")
+                 f"{c['bytes_ratio']:.3f} | {peak} | {c[key]['n']} |")
     out.append("")
   return "\n".join(out)
 
