@@ -21,7 +21,7 @@ import models
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
-from lib.provenance import git_rev
+from lib.provenance import git_rev, write_result
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
@@ -85,10 +85,7 @@ def main(argv):
          "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores",
          "jax": jax.__version__, "reps": FLAGS.reps,
          "command": f"python -m experiments.bench_compress --length={FLAGS.length}"}
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(res, f, indent=1)
-  print(f"wrote {FLAGS.out}")
+  write_result(FLAGS.out, res)
 
 
 if __name__ == "__main__":

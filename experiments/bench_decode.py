@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.provenance import git_rev
+from lib.provenance import git_rev, write_result
 from lib.quant import uniform
 from pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
                                                        quantized_decode_attention_reference)
@@ -111,10 +111,7 @@ def main(argv):
                                                            residual=FLAGS.residual),
          "rows": rows, "git": git_rev(),
          "command": "python -m experiments.bench_decode --lengths=" + ",".join(FLAGS.lengths)}
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(res, f, indent=1)
-  print(f"wrote {FLAGS.out}")
+  write_result(FLAGS.out, res)
 
 
 if __name__ == "__main__":

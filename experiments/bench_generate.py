@@ -27,7 +27,7 @@ import numpy as np
 import models
 from lib import generate as gen
 from lib.data.text import text_of_tokens
-from lib.provenance import git_rev
+from lib.provenance import git_rev, write_result
 from lib.reference import load_hf_reference
 
 FLAGS = flags.FLAGS
@@ -144,10 +144,7 @@ def main(argv):
     import transformers  # pylint: disable=g-import-not-at-top
     result["transformers"] = transformers.__version__
     result["torch"] = torch.__version__
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(result, f, indent=1)
-  print(f"wrote {FLAGS.out}")
+  write_result(FLAGS.out, result)
 
 
 if __name__ == "__main__":

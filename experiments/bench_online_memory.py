@@ -12,13 +12,12 @@ with a clear error, compress-during-prefill should complete.
 """
 
 import json
-import os
 import subprocess
 import sys
 
 from absl import app, flags
 
-from lib.provenance import git_rev
+from lib.provenance import git_rev, write_result
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 8192, "Prompt tokens (the default model's full context is 8192).")
@@ -65,10 +64,7 @@ def main(argv):
          "command": f"python -m experiments.bench_online_memory --length={FLAGS.length} "
                     f"--ratio={FLAGS.ratio} --method={','.join(FLAGS.method)} "
                     f"--limit_gib={FLAGS.limit_gib} --limit_batch={FLAGS.limit_batch}"}
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out, "w") as f:
-    json.dump(res, f, indent=1)
-  print(f"wrote {FLAGS.out}")
+  write_result(FLAGS.out, res)
 
 
 if __name__ == "__main__":

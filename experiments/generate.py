@@ -11,7 +11,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import models
 from lib import generate as gen

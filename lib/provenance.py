@@ -17,3 +17,14 @@ def git_rev() -> str | None:
     return rev + ("-dirty" if dirty else "")
   except Exception:  # pylint: disable=broad-except
     return None
+
+
+def write_result(path: str, result: dict) -> None:
+  """Writes a benchmark's ``result`` as indented JSON to ``path`` (folders created; ``git``
+  filled in if missing) and says where."""
+  import json  # pylint: disable=g-import-not-at-top
+  result.setdefault("git", git_rev())
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {path}")

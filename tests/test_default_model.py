@@ -6,7 +6,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import generate as gen
 from lib.data.text import stdlib_docs, text_of_tokens
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,5 @@
 """Method interface: budgets, selection with real byte savings, and each scorer's formula."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
