@@ -24,11 +24,11 @@ $(VENV)/.dev: $(VENV)/.runtime
 	$(BIN)/python -m pip install -q -e '.[dev,parity]'
 	touch $@
 
-# Main job: compress the default model's cache with five methods on needle-in-a-haystack
+# Main job: compress the default model's cache with five methods (one evict+quantize) on a needle task
 # (1k tokens, 3 samples), score against the full cache, write a leaderboard and a plot.
 demo: $(VENV)/.runtime
 	$(BIN)/python -m experiments.evaluate --model=smollm2-135m \
-	  --method=snapkv,streaming_llm,knorm,h2o,expected_attention --ratio=0.25,0.5 \
+	  --method=tova,knorm,streaming_llm,expected_attention,knorm+kivi4 --ratio=0.25,0.5 \
 	  --task=niah_single --lengths=1024 --num_samples=3 --out=$(DEMO_OUT)/eval.jsonl
 	$(BIN)/python -m experiments.report --inputs=$(DEMO_OUT)/eval.jsonl --out_dir=$(DEMO_OUT)
 
