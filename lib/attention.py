@@ -42,7 +42,8 @@ def chunk_attention(
     sliding_window: int | None = None,
     block_size: int = 512,
     quant: Any = None,
-) -> jax.Array:
+    return_lse: bool = False,
+):
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
   Args:
@@ -60,9 +61,12 @@ def chunk_attention(
     block_size: cache slots per online-softmax block.
     quant: a ``lib.quant.store.QuantStore`` (stacked over layers; needs ``layer``): older
       tokens as packed codes, read block by block and dequantized in the same online softmax.
+    return_lse: also return each query's log normaliser ``lse [B, K, G, T]`` (of the logits
+      ``q.k / sqrt(H)`` over every key it attends to), so observation hooks can form exact
+      attention probabilities ``exp(s - lse)`` block by block without a second softmax.
 
   Returns:
-    ``[B, T, N, H]`` attention outputs in ``q.dtype``.
+    ``[B, T, N, H]`` attention outputs in ``q.dtype`` (and ``lse`` with ``return_lse``).
   """
   b, t, n, h = q.shape
   kh = k_new.shape[1]
@@ -119,7 +123,8 @@ def chunk_attention(
   if quant is not None:
     m, l, acc = _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, (m, l, acc))
   out = acc / l[..., None]  # [B, K, G, T, H]
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  return (out, m + jnp.log(l)) if return_lse else out
 
 
 def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry):
@@ -179,6 +184,8 @@ class LayerInputs(NamedTuple):
   positions: jax.Array  # [B, T] int32 original positions
   valid: jax.Array      # [B, T] bool, False for right padding
   inv_freq: jax.Array   # [H/2] RoPE inverse frequencies of this call
+  lse: Any = None       # [B, K, G, T] each query's log softmax normaliser over cache + chunk
+  sliding_window: int | None = None  # the model's window (static), for hooks that mask
 
 
 # An observation hook: ``observe(layer, x: LayerInputs, cache) -> pytree``; ``cache`` is the

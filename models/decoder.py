@@ -71,14 +71,18 @@ class DecoderLayer(nn.Module):
     kk = apply_rope(kk, q_positions, inv_freq)
     k_new = kk.transpose(0, 2, 1, 3)  # [B, K, T, H]
     v_new = v.transpose(0, 2, 1, 3)
+    out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
+                          cache.lengths, q_positions, layer=layer,
+                          sliding_window=c.sliding_window, block_size=self.attn_block_size,
+                          quant=cache.quant, return_lse=self.observe is not None)
     obs = None
-    if self.observe is not None:
+    if self.observe is not None:  # after attention: hooks see each query's normaliser
+      attn, lse = out
       obs = self.observe(layer, LayerInputs(q, k_new, v_new, q_pre, k_pre.transpose(0, 2, 1, 3),
-                                            q_positions, q_valid, inv_freq), cache)
-    attn = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
-                           cache.lengths, q_positions, layer=layer,
-                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
-                           quant=cache.quant)
+                                            q_positions, q_valid, inv_freq, lse,
+                                            c.sliding_window), cache)
+    else:
+      attn = out
     o = attn.reshape(b, t, n * h) @ p("wo", (n * h, d))
     if c.o_bias:
       o = o + p("bo", (d,), nn.initializers.zeros)

@@ -23,9 +23,13 @@ from lib.methods.base import Method, evict_one, forced
 def column_sums(gumbel_tau: float | None = None, seed: int = 0):
   """Observe hook: ``[B, K, S]`` attention mass each cache slot receives from this chunk's
   queries (mean over each GQA group). With ``gumbel_tau``, the probabilities are Keyformer's
-  Gumbel-softmax ``softmax((x + G) / tau)``, fresh noise per layer and chunk."""
+  Gumbel-softmax ``softmax((x + G) / tau)``, fresh noise per layer and chunk (a softmax of its
+  own over the chunk's logits); without, they come from the attention's normalisers in one
+  blockwise pass (``_sums_from_lse``)."""
 
   def observe(layer, x, cache):
+    if gumbel_tau is None and x.lse is not None:
+      return _sums_from_lse(layer, x, cache)
     q, k_new, q_positions, q_valid = x.q, x.k, x.positions, x.valid
     b, t, n, h = q.shape
     kh = k_new.shape[1]
@@ -46,11 +50,57 @@ def column_sums(gumbel_tau: float | None = None, seed: int = 0):
     p = jnp.where(q_valid[:, None, None, :, None], p, 0.0)
     col = p.sum(3).mean(2)  # [B, K, S + T]
     # The chunk's keys land at slots [lens, lens + T) of each (row, head): put their sums there.
-    place = jax.vmap(jax.vmap(lambda z, new, start: jax.lax.dynamic_update_slice(z, new, (start,))))
-    new_part = place(jnp.zeros((b, kh, s_cap + t), jnp.float32), col[..., s_cap:], lens)
-    return col[..., :s_cap] + new_part[..., :s_cap]
+    return col[..., :s_cap] + _place_new(col[..., s_cap:], lens, s_cap)
 
   return observe
+
+
+def _place_new(col_new, lens, s_cap):
+  """``[B, K, T]`` sums of the chunk's own keys -> ``[B, K, S]`` at slots ``[lens, lens + T)``."""
+  b, kh, t = col_new.shape
+  place = jax.vmap(jax.vmap(lambda z, new, start: jax.lax.dynamic_update_slice(z, new, (start,))))
+  return place(jnp.zeros((b, kh, s_cap + t), jnp.float32), col_new, lens)[..., :s_cap]
+
+
+def _sums_from_lse(layer, x, cache, block: int = 512):
+  """Column sums from the attention's own normalisers ``x.lse``: one pass of ``q.k`` over the
+  valid cache blocks, ``exp(s - lse)`` summed over queries (no second softmax, nothing
+  ``T x S`` beyond one block). Masks as attention does (validity, causality, sliding window).
+  """
+  q, k_new, lse = x.q, x.k, x.lse  # lse [B, K, G, T]
+  b, t, n, h = q.shape
+  kh = k_new.shape[1]
+  f32 = jnp.float32
+  qg = (q.astype(f32) / math.sqrt(h)).reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  qpos = x.positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
+  qok = x.valid[:, None, None, :, None]
+  win = x.sliding_window
+  window_ok = (lambda kp: True) if win is None else (lambda kp: (qpos - kp) < win)
+  lens = jax.lax.dynamic_index_in_dim(cache.lengths, layer, 0, keepdims=False)  # [B, K]
+  s_cap = cache.capacity
+  bs = min(block, s_cap)
+
+  def body(i, out):
+    nominal = i * bs
+    start = jnp.minimum(nominal, s_cap - bs)  # the last block may overlap the previous one
+    idx = start + jnp.arange(bs)
+    kb = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
+    pb = jax.lax.dynamic_slice(cache.positions, (layer, 0, 0, start), (1, b, kh, bs))[0]
+    ok = ((idx >= nominal)[None, None, :] & (idx[None, None, :] < lens[..., None]))
+    ok = ok[:, :, None, None, :] & qok & window_ok(pb[:, :, None, None, :])
+    s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32))
+    p = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)
+    col = p.sum(3).mean(2)  # [B, K, bs]
+    cur = jax.lax.dynamic_slice(out, (0, 0, start), (b, kh, bs))
+    return jax.lax.dynamic_update_slice(out, cur + col, (0, 0, start))
+
+  n_blocks = (jnp.max(lens) + bs - 1) // bs
+  out = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((b, kh, s_cap), f32))
+  sn = jnp.einsum("BKGTH,BKUH->BKGTU", qg, k_new.astype(f32))
+  causal = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
+  ok = causal & qok & window_ok(x.positions[:, None, None, None, :])
+  p = jnp.where(ok, jnp.exp(sn - lse[..., None]), 0.0)
+  return out + _place_new(p.sum(3).mean(2), lens, s_cap)
 
 
 def _recent_mask(cache: KVCache, kept_fraction_of_len, recent_fraction: float):
