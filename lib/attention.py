@@ -97,27 +97,11 @@ def chunk_attention(
   n_blocks = (jnp.max(cache_lengths) + bs - 1) // bs
 
   def body(i, carry):
-    m, l, acc = carry
-    # The last block may run past the capacity: read it from ``s_cap - bs`` instead and mask
-    # the slots an earlier block already covered, so any capacity works.
-    nominal = i * bs
-    start = jnp.minimum(nominal, s_cap - bs)
-    idx = start + jnp.arange(bs)
-    kb = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
-    vb = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
-    pb = jax.lax.dynamic_slice(cache_positions, (layer, 0, 0, start), (1, b, kh, bs))[0]
-    kb, vb = kb.astype(f32), vb.astype(f32)  # [B, K, bs, H]
-    valid = (idx >= nominal)[None, None, :] & (idx[None, None, :] < cache_lengths[..., None])
-    valid = valid[:, :, None, None, :]  # [B, K, 1, 1, bs]
-    valid = valid & _window_ok(qpos, pb[:, :, None, None, :], sliding_window)
-    sb = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb)
-    sb = jnp.where(valid, sb, _NEG)
-    m_new = jnp.maximum(m, sb.max(-1))
-    alpha = jnp.exp(m - m_new)
-    pb_ = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
-    l = l * alpha + pb_.sum(-1)
-    acc = acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", pb_, vb)
-    return m_new, l, acc
+    kb, pb, valid = cache_block(cache_k, cache_positions, cache_lengths, layer, i, bs)
+    vb = cache_block(cache_v, None, None, layer, i, bs)
+    valid = valid[:, :, None, None, :] & _window_ok(qpos, pb[:, :, None, None, :],
+                                                    sliding_window)  # [B, K, 1|G, 1|T, bs]
+    return _fold(carry, qg, kb.astype(f32), vb.astype(f32), valid)
 
   m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
   if quant is not None:
@@ -125,6 +109,41 @@ def chunk_attention(
   out = acc / l[..., None]  # [B, K, G, T, H]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
   return (out, m + jnp.log(l)) if return_lse else out
+
+
+def cache_block(x, positions, lengths, layer, i, bs: int):
+  """Block ``i`` (``bs`` slots) of layer ``layer`` of a stacked cache array ``x [L, B, K, S, ...]``.
+
+  The last block may run past the capacity: it is read from ``S - bs`` and the slots an earlier
+  block already covered are masked, so any capacity works. With ``positions [L, B, K, S]`` and
+  ``lengths [B, K]`` also returns the block's positions and ``valid [B, K, bs]``.
+  """
+  s_cap = x.shape[3]
+  nominal = i * bs
+  start = jnp.minimum(nominal, s_cap - bs)
+  # One dynamic_slice of the stacked array: only the block is read (indexing the layer first
+  # would let XLA copy the whole layer's cache on every block).
+  sl = lambda a: jax.lax.dynamic_slice(
+      a, (layer, 0, 0, start) + (0,) * (a.ndim - 4), (1,) + a.shape[1:3] + (bs,) + a.shape[4:])[0]
+  blk = sl(x)
+  if positions is None:
+    return blk
+  pb = sl(positions)
+  idx = start + jnp.arange(bs)
+  valid = (idx >= nominal)[None, None, :] & (idx[None, None, :] < lengths[..., None])
+  return blk, pb, valid
+
+
+def _fold(carry, qg, kb, vb, valid):
+  """One online-softmax step: folds keys/values ``kb, vb [B, K, bs, H]`` (masked by ``valid``,
+  broadcastable to ``[B, K, G, T, bs]``) into ``(m, l, acc)`` for queries ``qg [B, K, G, T, H]``."""
+  m, l, acc = carry
+  sb = jnp.where(valid, jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb), _NEG)
+  m_new = jnp.maximum(m, sb.max(-1))
+  alpha = jnp.exp(m - m_new)
+  p = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
+  return (m_new, l * alpha + p.sum(-1),
+          acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p, vb))
 
 
 def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry):
@@ -137,18 +156,11 @@ def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry)
   n_blocks = (jnp.max(lengths) + bs - 1) // bs
 
   def body(i, carry):
-    m, l, acc = carry
     start = i * bs
     kb, vb, pb = quant.read(layer, start, bs)  # [B, K, bs, H] float32, [B, K, bs]
-    idx = start + jnp.arange(bs)
-    valid = (idx[None, None, :] < lengths[..., None])[:, :, None, None, :]
+    valid = (start + jnp.arange(bs)[None, None, :] < lengths[..., None])[:, :, None, None, :]
     valid = valid & _window_ok(qpos, pb[:, :, None, None, :], sliding_window)
-    sb = jnp.where(valid, jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb), _NEG)
-    m_new = jnp.maximum(m, sb.max(-1))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
-    return (m_new, l * alpha + p.sum(-1),
-            acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p, vb))
+    return _fold(carry, qg, kb, vb, valid)
 
   return jax.lax.fori_loop(0, n_blocks, body, carry)
 

@@ -29,8 +29,8 @@ def _proc_kib(field: str) -> int | None:
       for line in f:
         if line.startswith(field + ":"):
           return int(line.split()[1])
-  except OSError:
-    pass
+  except OSError:  # not Linux: no /proc
+    return None
   return None
 
 

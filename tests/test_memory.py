@@ -30,8 +30,7 @@ def test_check_fits_names_the_limit_and_the_fix(monkeypatch):
 
 
 def test_explain_oom_converts_only_out_of_memory():
-  class Fake(jax.errors.JaxRuntimeError):
-    pass
+  Fake = jax.errors.JaxRuntimeError  # what XLA raises; constructible from a message
   with pytest.raises(MemoryError, match="prefill ran out of memory.*use less"):
     with memory.explain_oom("prefill", "use less"):
       raise Fake("RESOURCE_EXHAUSTED: Out of memory allocating 123 bytes.")

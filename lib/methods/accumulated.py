@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from lib.attention import cache_block
 from lib.cache import KVCache
 from lib.methods.base import Method, evict_one, forced
 
@@ -81,18 +82,13 @@ def _sums_from_lse(layer, x, cache, block: int = 512):
   bs = min(block, s_cap)
 
   def body(i, out):
-    nominal = i * bs
-    start = jnp.minimum(nominal, s_cap - bs)  # the last block may overlap the previous one
-    idx = start + jnp.arange(bs)
-    kb = jax.lax.dynamic_slice(cache.keys, (layer, 0, 0, start, 0), (1, b, kh, bs, h))[0]
-    pb = jax.lax.dynamic_slice(cache.positions, (layer, 0, 0, start), (1, b, kh, bs))[0]
-    ok = ((idx >= nominal)[None, None, :] & (idx[None, None, :] < lens[..., None]))
+    kb, pb, ok = cache_block(cache.keys, cache.positions, lens, layer, i, bs)
     ok = ok[:, :, None, None, :] & qok & window_ok(pb[:, :, None, None, :])
     s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32))
     p = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)
-    col = p.sum(3).mean(2)  # [B, K, bs]
+    start = jnp.minimum(i * bs, s_cap - bs)  # where cache_block read (masked overlap adds 0)
     cur = jax.lax.dynamic_slice(out, (0, 0, start), (b, kh, bs))
-    return jax.lax.dynamic_update_slice(out, cur + col, (0, 0, start))
+    return jax.lax.dynamic_update_slice(out, cur + p.sum(3).mean(2), (0, 0, start))
 
   n_blocks = (jnp.max(lens) + bs - 1) // bs
   out = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((b, kh, s_cap), f32))
