@@ -21,6 +21,7 @@ from lib import methods
 from lib.eval import aggregate
 from lib.eval.runner import PROTOCOLS, run_perplexity, run_sample
 from lib.eval.tasks import TASKS, make_sample, perplexity_tokens
+from lib.online import split_online
 from lib.provenance import git_rev
 
 FLAGS = flags.FLAGS
@@ -68,16 +69,11 @@ def main(argv):
     if "perplexity" in FLAGS.task:
       raise app.UsageError("--compress_during_prefill covers the question tasks; run the "
                            "perplexity task without it")
-    def online_ok(m):
-      if hasattr(m, "methods"):
-        return sum(not getattr(x, "quantizes", False) for x in m.methods) == 1 and all(
-            hasattr(x, "scores") or getattr(x, "quantizes", False) for x in m.methods)
-      return hasattr(m, "scores")
-    bad = [s for s, _, m in cells if not online_ok(m)]
-    if bad:
-      raise app.UsageError(f"--compress_during_prefill takes single eviction methods, "
-                           f"optionally + a quantizer (snapkv+kivi); {bad} are not: evaluate "
-                           f"them without the flag")
+    for spec, _, m in cells:
+      try:
+        split_online(m)
+      except ValueError as e:
+        raise app.UsageError(f"--method={spec}: {e}") from e
   lm = models.load(FLAGS.model, progress=False)
   for n in lengths:
     if n + 64 > lm.config.max_position_embeddings:

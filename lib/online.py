@@ -106,6 +106,27 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
   return logits[last_chunk, jnp.arange(b)], cache
 
 
+def split_online(method):
+  """``(eviction method, quantizers)`` of a method usable while prefilling: one eviction
+  method, optionally followed by quantizers (``snapkv+kivi``). Raises ``ValueError`` naming the
+  fix for anything else."""
+  quantizers = ()
+  if hasattr(method, "methods"):  # evict+quantize: evict chunk by chunk, quantize at the end
+    evict = [m for m in method.methods if not getattr(m, "quantizes", False)]
+    quantizers = tuple(m for m in method.methods if getattr(m, "quantizes", False))
+    if len(evict) != 1:
+      raise ValueError(
+          "compress_during_prefill takes one eviction method, optionally followed by a "
+          f"quantizer (snapkv+kivi); got {'+'.join(m.name for m in method.methods)}: run "
+          "other compositions after prefill (drop --compress_during_prefill)")
+    method = evict[0]
+  if not hasattr(method, "scores"):
+    raise ValueError(
+        f"compress_during_prefill needs an eviction method, got {type(method).__name__} "
+        "(quantize-only methods keep every token: compose them after one, e.g. snapkv+kivi)")
+  return method, quantizers
+
+
 def prefill_context_compressing(params, apply_fn, context, method, *, num_layers: int,
                                 kv_heads: int, head_dim: int, dtype=jnp.float32,
                                 chunk_size: int = 512):
@@ -123,20 +144,7 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
     slots ``S = round8(max budget + chunk)`` (the peak it ever allocated); ``seconds`` is
     wall-clock of the jitted scan (compilation included on first use of a shape).
   """
-  quantizers = ()
-  if hasattr(method, "methods"):  # evict+quantize: evict chunk by chunk, quantize at the end
-    evict = [m for m in method.methods if not getattr(m, "quantizes", False)]
-    quantizers = tuple(m for m in method.methods if getattr(m, "quantizes", False))
-    if len(evict) != 1:
-      raise ValueError(
-          "compress_during_prefill takes one eviction method, optionally followed by a "
-          f"quantizer (snapkv+kivi); got {'+'.join(m.name for m in method.methods)}: run "
-          "other compositions after prefill (drop --compress_during_prefill)")
-    method = evict[0]
-  if not hasattr(method, "scores"):
-    raise ValueError(
-        f"compress_during_prefill needs an eviction method, got {type(method).__name__} "
-        "(quantize-only methods keep every token: compose them after one, e.g. snapkv+kivi)")
+  method, quantizers = split_online(method)
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)
   cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads,

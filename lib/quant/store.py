@@ -110,6 +110,13 @@ def flush(cache):
   g = q.group
   # Heads whose window is full flush, if the store has a free group (else the window grows).
   when = (cache.lengths >= q.residual + g) & (q.lengths + g <= q.capacity)  # [L, B, K]
+  # Most decode steps flush nothing: skip the whole rewrite then (it touches every buffer).
+  return jax.lax.cond(when.any(), lambda c: _flush(c, when), lambda c: c, cache)
+
+
+def _flush(cache, when):
+  q = cache.quant
+  g = q.group
   new = QuantStore.build(cache.keys[:, :, :, :g], cache.values[:, :, :, :g],
                          cache.positions[:, :, :, :g], jnp.full(when.shape, g, jnp.int32),
                          k_bits=q.k_bits, v_bits=q.v_bits, group=g, residual=q.residual,
