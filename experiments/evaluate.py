@@ -75,6 +75,11 @@ def main(argv):
       except ValueError as e:
         raise app.UsageError(f"--method={spec}: {e}") from e
   lm = models.load(FLAGS.model, progress=False)
+  for spec, _, m in cells:
+    try:
+      methods.check_for_model(m, lm.config, lm.params, FLAGS.model)
+    except (ValueError, FileNotFoundError) as e:
+      raise app.UsageError(f"--method={spec}: {e}") from e
   for n in lengths:
     if n + 64 > lm.config.max_position_embeddings:
       raise app.UsageError(f"--lengths={n} does not fit the model's context of "

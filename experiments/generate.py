@@ -83,6 +83,7 @@ def main(argv):
         f"{FLAGS.dtype}); loaded in {load_s:.1f}s; prompt: {len(ids)} tokens", file=sys.stderr)
   if FLAGS.method:
     method = methods.make(FLAGS.method, ratio=FLAGS.ratio)
+    methods.check_for_model(method, m.config, m.params, FLAGS.model)
     c = m.config
     gen.check_context([len(ids)], FLAGS.max_new_tokens, c.max_position_embeddings)
     # The prompt minus its last token is compressed; the last token is then fed to start

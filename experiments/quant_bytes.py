@@ -1,11 +1,13 @@
-r"""Bytes of a KIVI-quantized cache vs a bf16 full cache, from the leaves.
+r"""Bytes of a quantized cache (KIVI, KVQuant) vs a bf16 full cache, from the leaves.
 
   python -m experiments.quant_bytes --lengths=1024,4096,8192 --out=results/quant_bytes.json
 
 The default model's cache shape (30 layers, 3 kv heads, head dim 64, batch 1) in bf16, filled
-with random values, compressed by ``kivi`` (2-bit) and ``kivi4`` (group 32, 128-token residual);
-bytes are ``KVCache.trimmed().nbytes`` (codes, fp16 scales and zero-points, int32 positions,
-the bf16 residual, lengths) over the full cache's ``nbytes``.
+with random values, compressed by ``kivi`` (2-bit) and ``kivi4`` (group 32, 128-token residual)
+and ``kvquant2/kvquant/kvquant4`` (2/3/4-bit LUT codes, 1 float16 outlier + uint8 index per
+vector, float16 per-token value ranges; the committed calibration); bytes are
+``KVCache.trimmed().nbytes`` (codes, scales/ranges, outliers, int32 positions, the bf16
+residual, lengths, and KVQuant's shared LUTs and key ranges) over the full cache's ``nbytes``.
 """
 
 import json
@@ -21,7 +23,8 @@ from lib.provenance import write_result
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["1024", "4096", "8192"], "Cached tokens.")
-flags.DEFINE_list("method", ["kivi", "kivi4"], "Quantizers.")
+flags.DEFINE_list("method", ["kivi", "kivi4", "kvquant2", "kvquant", "kvquant4"],
+                  "Quantizers.")
 flags.DEFINE_string("out", "results/quant_bytes.json", "JSON output.")
 
 
@@ -43,7 +46,7 @@ def main(argv):
                    "full_bf16_bytes": full.nbytes, "quantized_bytes": q.nbytes,
                    "ratio_to_bf16": q.nbytes / full.nbytes})
       print(json.dumps(rows[-1]))
-  write_result(FLAGS.out, {"benchmark": "quant_bytes", "group": 32, "residual": 128,
+  write_result(FLAGS.out, {"benchmark": "quant_bytes", "kivi_group": 32, "kivi_residual": 128,
                            "rows": rows, "command": "python -m experiments.quant_bytes "
                            "--lengths=" + ",".join(FLAGS.lengths)})
 

@@ -43,6 +43,7 @@ def chunk_attention(
     block_size: int = 512,
     quant: Any = None,
     return_lse: bool = False,
+    static_trip: bool = False,
 ):
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
@@ -64,6 +65,8 @@ def chunk_attention(
     return_lse: also return each query's log normaliser ``lse [B, K, G, T]`` (of the logits
       ``q.k / sqrt(H)`` over every key it attends to), so observation hooks can form exact
       attention probabilities ``exp(s - lse)`` block by block without a second softmax.
+    static_trip: loop over every block of the capacity (masked past the valid length) instead
+      of stopping at the longest valid length: slower, but reverse-mode differentiable.
 
   Returns:
     ``[B, T, N, H]`` attention outputs in ``q.dtype`` (and ``lse`` with ``return_lse``).
@@ -94,7 +97,7 @@ def chunk_attention(
   cache_lengths = jax.lax.dynamic_index_in_dim(cache_lengths, layer, 0, keepdims=False)  # [B, K]
   s_cap = cache_k.shape[3]
   bs = min(block_size, s_cap)
-  n_blocks = (jnp.max(cache_lengths) + bs - 1) // bs
+  n_blocks = -(-s_cap // bs) if static_trip else (jnp.max(cache_lengths) + bs - 1) // bs
 
   def body(i, carry):
     kb, pb, valid = cache_block(cache_k, cache_positions, cache_lengths, layer, i, bs)

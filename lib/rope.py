@@ -82,3 +82,12 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   x1, x2 = jnp.split(xf, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
+
+
+def rotate(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates ``x [..., S, H]`` by per-slot ``positions [..., S]`` (any leading axes, e.g.
+  ``[L, B, K, S, H]`` cache slots); negative positions undo a rotation. Returns float32."""
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., S, H/2]
+  cos, sin = jnp.cos(ang), jnp.sin(ang)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

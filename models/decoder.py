@@ -42,12 +42,14 @@ class DecoderLayer(nn.Module):
   observe: Any = None
 
   @nn.compact
-  def __call__(self, x, layer, ctx):
-    """x ``[B, T, D]``; layer: this layer's index (scanned); ctx ``(cache, q_positions [B, T],
-    q_valid [B, T] (False for right padding), inv_freq [H/2])`` broadcast to every layer. Returns ``(x, (k_new, v_new, obs))``."""
+  def __call__(self, x, scanned, ctx):
+    """x ``[B, T, D]``; scanned ``(layer, probe)``: this layer's index and its slice of the
+    optional ``probe``; ctx ``(cache, q_positions [B, T], q_valid [B, T] (False for right
+    padding), inv_freq [H/2])`` broadcast to every layer. Returns ``(x, (k_new, v_new, obs))``."""
     c = self.cfg
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     b, t, _ = x.shape
+    layer, probe = scanned
     cache, q_positions, q_valid, inv_freq = ctx
     p = lambda name, shape, init=_init: self.param(name, init, shape, self.dtype)
 
@@ -66,6 +68,9 @@ class DecoderLayer(nn.Module):
     if c.qk_norm:
       q = rms_norm(q, p("q_norm", (h,), nn.initializers.ones), c.rms_norm_eps)
       kk = rms_norm(kk, p("k_norm", (h,), nn.initializers.ones), c.rms_norm_eps)
+    if probe is not None:  # additive zeros whose gradient is d loss / d (pre-RoPE k, v)
+      kk = kk + probe[0].astype(kk.dtype)
+      v = v + probe[1].astype(v.dtype)
     q_pre, k_pre = q, kk
     q = apply_rope(q, q_positions, inv_freq)
     kk = apply_rope(kk, q_positions, inv_freq)
@@ -74,7 +79,8 @@ class DecoderLayer(nn.Module):
     out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                           cache.lengths, q_positions, layer=layer,
                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
-                          quant=cache.quant, return_lse=self.observe is not None)
+                          quant=cache.quant, return_lse=self.observe is not None,
+                          static_trip=probe is not None)
     obs = None
     if self.observe is not None:  # after attention: hooks see each query's normaliser
       attn, lse = out
@@ -110,12 +116,17 @@ class Decoder(nn.Module):
   observe: Any = None
 
   @nn.compact
-  def __call__(self, tokens, cache: KVCache, n_valid, logit_index=None):
+  def __call__(self, tokens, cache: KVCache, n_valid, logit_index=None, probe=None):
     """Forward over ``tokens [B, T]`` appended after ``cache``.
 
     Args:
       n_valid: ``[B]`` how many of the T tokens are real (right padding beyond).
       logit_index: ``[B]`` which token's logits to return, or None for all.
+      probe: optional ``(dk, dv)``, each ``[L, B, T, K, H]``, added to every layer's pre-RoPE
+        keys and values; differentiate with respect to it (at zeros) for the gradient of a loss
+        with respect to the K/V activations (KVQuant's Fisher information). With a probe, the
+        layers are rematerialised on the backward pass and attention loops have static trip
+        counts, so the forward is reverse-differentiable.
 
     Returns:
       ``(logits [B, V] or [B, T, V] float32, cache with the tokens appended, observations)``.
@@ -128,8 +139,9 @@ class Decoder(nn.Module):
     # dynamic NTK scales with the length of the real tokens (right padding must not count).
     inv_freq = inv_freq_for(c.rope, jnp.max(cache.next_position + n_valid))
 
+    layer_cls = nn.remat(DecoderLayer) if probe is not None else DecoderLayer
     layers = nn.scan(
-        DecoderLayer,
+        layer_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast),
@@ -138,7 +150,8 @@ class Decoder(nn.Module):
     )(c, self.dtype, self.attn_block_size, self.observe, name="layers")
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     q_valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
-    x, (k_new, v_new, obs) = layers(x, layer_ids, (cache, q_positions, q_valid, inv_freq))
+    x, (k_new, v_new, obs) = layers(x, (layer_ids, probe),
+                                    (cache, q_positions, q_valid, inv_freq))
     cache = cache.append(k_new, v_new, n_valid)
 
     if logit_index is not None:

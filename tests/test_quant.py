@@ -12,10 +12,11 @@ from lib.quant import packing, uniform
 @given(bits=st.sampled_from(packing.SUPPORTED_BITS), words=st.integers(1, 6),
        rows=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(bits, words, rows, seed):
-  n = words * packing.per_word(bits)
+  per_run, run_words = packing.period(bits)
+  n = words * per_run
   codes = np.random.RandomState(seed).randint(0, 2**bits, size=(rows, n))
   packed = packing.pack(jnp.asarray(codes), bits)
-  assert packed.dtype == jnp.uint32 and packed.shape == (rows, words)
+  assert packed.dtype == jnp.uint32 and packed.shape == (rows, words * run_words)
   np.testing.assert_array_equal(np.asarray(packing.unpack(packed, bits)), codes)
 
 
@@ -23,6 +24,16 @@ def test_packing_saves_the_bits():
   codes = jnp.zeros((128, 128), jnp.uint8)
   assert packing.pack(codes, 2).nbytes * 8 == 128 * 128 * 2
   assert packing.pack(codes, 4).nbytes * 8 == 128 * 128 * 4
+  assert packing.pack(codes, 3).nbytes * 8 == 128 * 128 * 3  # dense: codes straddle words
+
+
+def test_three_bit_codes_straddle_words():
+  codes = np.zeros(32, np.int64)
+  codes[10] = 7  # stream bits 30..32: two low bits in word 0, the high bit in word 1
+  w = np.asarray(packing.pack(jnp.asarray(codes), 3))
+  assert w.tolist() == [3 << 30, 1, 0]
+  with pytest.raises(ValueError, match="multiple of 32"):
+    packing.pack(jnp.zeros((48,), jnp.int32), 3)
 
 
 @settings(max_examples=30, deadline=None)
@@ -50,10 +61,10 @@ def test_constant_groups_are_exact_and_8bit_is_close():
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(bits=5, group=32, axis=-1), "unsupported bit width 5"),
-    (dict(bits=3, group=32, axis=-1), "multiple of 10"),
+    (dict(bits=3, group=16, axis=-1), "multiple of 32"),
     (dict(bits=2, group=48, axis=-2), "groups of 48"),
     (dict(bits=2, group=48, axis=-1), "head dim 64 does not split"),
 ])
 def test_bad_quantizer_settings(kw, msg):
   with pytest.raises(ValueError, match=msg):
-    uniform.quantize(jnp.zeros((1, 64, 64)), **kw)
+    uniform.quantize(jnp.zeros((1, 64, 48 if kw["bits"] == 3 else 64)), **kw)

@@ -16,6 +16,7 @@ from lib.methods.budgets import AdaKV, PyramidKV
 from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 from lib.methods.expected_attention import ExpectedAttention
 from lib.methods.kivi import KIVI, KIVI4
+from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
 
 REGISTRY: dict[str, type[Method]] = {
     "streaming_llm": StreamingLLM,
@@ -29,6 +30,9 @@ REGISTRY: dict[str, type[Method]] = {
     "expected_attention": ExpectedAttention,
     "kivi": KIVI,
     "kivi4": KIVI4,
+    "kvquant": KVQuant,
+    "kvquant2": KVQuant2,
+    "kvquant4": KVQuant4,
 }
 
 
@@ -99,6 +103,17 @@ def make(spec: str, **kwargs) -> Method | Compose:
   return built[0] if len(built) == 1 else Compose(tuple(built))
 
 
-__all__ = ["Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
+def check_for_model(method, config, params, what: str = "the model") -> None:
+  """Raises a clear error if a calibrated member of ``method`` (KVQuant) was calibrated on
+  another model than the one with this ``config`` and ``params``."""
+  from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
+  for m in getattr(method, "methods", (method,)):
+    if hasattr(m, "load_calibration"):
+      cal = m.load_calibration()
+      cal.check_shapes(config.num_layers, config.num_kv_heads, config.head_dim)
+      cal.check_model(model_fingerprint(config, params), what)
+
+
+__all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
            "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KIVI",
-           "KIVI4"]
+           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4"]

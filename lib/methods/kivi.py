@@ -28,7 +28,7 @@ import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.quant import packing
-from lib.quant.store import QuantStore, check_head_dim
+from lib.quant.store import QuantStore, check_head_dim, check_window, first_slots, split_window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +45,7 @@ class KIVI:
 
   def __post_init__(self):
     packing.check_bits(self.bits)
-    if self.group < 1 or self.residual < 0 or self.residual % self.group:
-      raise ValueError(f"{self.name}: residual ({self.residual}) must be a non-negative "
-                       f"multiple of group ({self.group})")
+    check_window(self.name, self.group, self.residual)
 
   def apply(self, cache: KVCache, observations=None, *, extra: int = 0,
             block: int = 512) -> KVCache:
@@ -81,17 +79,8 @@ class KIVI4(KIVI):
 def _split(method: KIVI, cache: KVCache, n_q, q_cap: int, res_cap: int, room: int) -> KVCache:
   """Quantizes each head's first ``n_q`` slots (``q_cap`` = their max, + ``room`` free slots);
   the rest move to the front of a ``res_cap``-slot full-precision window."""
-  take_q = lambda x: x[:, :, :, :q_cap] if q_cap <= cache.capacity else jnp.pad(
-      x, [(0, 0)] * 3 + [(0, q_cap - cache.capacity)] + [(0, 0)] * (x.ndim - 4))
-  quant = QuantStore.build(take_q(cache.keys), take_q(cache.values), take_q(cache.positions),
-                           n_q, k_bits=method.bits, v_bits=method.bits, group=method.group,
+  take = lambda x: first_slots(x, q_cap)
+  quant = QuantStore.build(take(cache.keys), take(cache.values), take(cache.positions), n_q,
+                           k_bits=method.bits, v_bits=method.bits, group=method.group,
                            residual=method.residual).grown(room)
-  res_len = cache.lengths - n_q
-  idx = jnp.minimum(n_q[..., None] + jnp.arange(res_cap), cache.capacity - 1)  # [L, B, K, R]
-  take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
-  in_res = jnp.arange(res_cap) < res_len[..., None]
-  return cache.replace(
-      keys=jnp.where(in_res[..., None], take(cache.keys), 0).astype(cache.keys.dtype),
-      values=jnp.where(in_res[..., None], take(cache.values), 0).astype(cache.values.dtype),
-      positions=jnp.where(in_res, jnp.take_along_axis(cache.positions, idx, axis=3), -1),
-      lengths=res_len, scores=None, quant=quant)
+  return split_window(cache, n_q, res_cap, quant)

@@ -96,15 +96,32 @@ class QuantStore:
     return (dequantize(kq, self.k_bits, g, -2), dequantize(vq, self.v_bits, g, -1),
             sl(self.positions, start, size))
 
+  def insert(self, keys, values, positions, when) -> "QuantStore":
+    """Quantizes one group ``keys, values [L, B, K, group, H]`` (``positions [L, B, K,
+    group]``) and writes it after the valid slots of the heads where ``when [L, B, K]``."""
+    g = self.group
+    new = QuantStore.build(keys, values, positions, jnp.full(when.shape, g, jnp.int32),
+                           k_bits=self.k_bits, v_bits=self.v_bits, group=g,
+                           residual=self.residual, scale_dtype=self.k_scale.dtype)
+    at = jnp.minimum(self.lengths, self.capacity - g)  # where the group goes (a multiple of g)
+    put = lambda buf, piece, start: put_slots(buf, piece, start, when)
+    return self.replace(
+        k_codes=put(self.k_codes, new.k_codes, at), k_scale=put(self.k_scale, new.k_scale, at // g),
+        k_zero=put(self.k_zero, new.k_zero, at // g), v_codes=put(self.v_codes, new.v_codes, at),
+        v_scale=put(self.v_scale, new.v_scale, at), v_zero=put(self.v_zero, new.v_zero, at),
+        positions=put(self.positions, new.positions, at),
+        lengths=jnp.where(when, self.lengths + g, self.lengths))
+
 
 def flush(cache):
-  """Decode-time KIVI streaming: where a head's full-precision window holds ``residual + group``
-  tokens, its oldest ``group`` tokens are quantized into the store (keys per channel over those
-  tokens, values per token) and the window shifts left by ``group``. Jittable; one group per
-  call (called after every decoded token, so the window stays below ``residual + group``).
+  """Decode-time streaming of any quantized store (KIVI's ``QuantStore``, KVQuant's
+  ``KVQuantStore``): where a head's full-precision window holds ``residual + group`` tokens, its
+  oldest ``group`` tokens are quantized into the store (``store.insert``) and the window shifts
+  left by ``group``. Jittable; one group per call (called after every decoded token, so the
+  window stays below ``residual + group``).
 
   ``cache`` is a ``KVCache`` with ``quant`` set; the store must have a free group of slots
-  (``KIVI.apply`` allocates them for the tokens it was told to leave room for).
+  (the method's ``apply`` allocates them for the tokens it was told to leave room for).
   """
   q = cache.quant
   g = q.group
@@ -115,27 +132,9 @@ def flush(cache):
 
 
 def _flush(cache, when):
-  q = cache.quant
-  g = q.group
-  new = QuantStore.build(cache.keys[:, :, :, :g], cache.values[:, :, :, :g],
-                         cache.positions[:, :, :, :g], jnp.full(when.shape, g, jnp.int32),
-                         k_bits=q.k_bits, v_bits=q.v_bits, group=g, residual=q.residual,
-                         scale_dtype=q.k_scale.dtype)
-  at = jnp.minimum(q.lengths, q.capacity - g)  # where the group goes (a multiple of g)
-
-  def put(buf, piece, start):  # buf [L, B, K, S, ...], piece [L, B, K, s, ...], start [L, B, K]
-    def one(b, p, s0):
-      return jax.lax.dynamic_update_slice_in_dim(b, p.astype(b.dtype), s0, axis=0)
-    wrote = jax.vmap(jax.vmap(jax.vmap(one)))(buf, piece, start)
-    w = when.reshape(when.shape + (1,) * (buf.ndim - 3))
-    return jnp.where(w, wrote, buf)
-
-  store = q.replace(
-      k_codes=put(q.k_codes, new.k_codes, at), k_scale=put(q.k_scale, new.k_scale, at // g),
-      k_zero=put(q.k_zero, new.k_zero, at // g), v_codes=put(q.v_codes, new.v_codes, at),
-      v_scale=put(q.v_scale, new.v_scale, at), v_zero=put(q.v_zero, new.v_zero, at),
-      positions=put(q.positions, new.positions, at),
-      lengths=jnp.where(when, q.lengths + g, q.lengths))
+  g = cache.quant.group
+  store = cache.quant.insert(cache.keys[:, :, :, :g], cache.values[:, :, :, :g],
+                             cache.positions[:, :, :, :g], when)
   cap = cache.capacity
   idx = jnp.minimum(jnp.arange(cap) + jnp.where(when, g, 0)[..., None], cap - 1)
   lengths = jnp.where(when, cache.lengths - g, cache.lengths)
@@ -144,6 +143,46 @@ def _flush(cache, when):
   return cache.replace(keys=shift(cache.keys), values=shift(cache.values),
                        positions=jnp.where(keep, jnp.take_along_axis(cache.positions, idx, 3), -1),
                        lengths=lengths, quant=store)
+
+
+def put_slots(buf, piece, start, when):
+  """Writes ``piece [L, B, K, s, ...]`` into ``buf [L, B, K, S, ...]`` at slot ``start
+  [L, B, K]`` for the heads where ``when [L, B, K]``; the others keep ``buf``."""
+  def one(b, p, s0):
+    return jax.lax.dynamic_update_slice_in_dim(b, p.astype(b.dtype), s0, axis=0)
+  wrote = jax.vmap(jax.vmap(jax.vmap(one)))(buf, piece, start)
+  w = when.reshape(when.shape + (1,) * (buf.ndim - 3))
+  return jnp.where(w, wrote, buf)
+
+
+def check_window(name: str, group: int, residual: int) -> None:
+  """Clear error unless ``residual`` (full-precision tokens) is a non-negative multiple of the
+  flush ``group``."""
+  if group < 1 or residual < 0 or residual % group:
+    raise ValueError(f"{name}: residual ({residual}) must be a non-negative multiple of group "
+                     f"({group})")
+
+
+def first_slots(x: jax.Array, n: int) -> jax.Array:
+  """Slots ``[0, n)`` of a cache leaf ``[L, B, K, S, ...]`` (zero/-1-free padded past S)."""
+  s = x.shape[3]
+  if n <= s:
+    return x[:, :, :, :n]
+  return jnp.pad(x, [(0, 0)] * 3 + [(0, n - s)] + [(0, 0)] * (x.ndim - 4))
+
+
+def split_window(cache, n_q: jax.Array, res_cap: int, quant):
+  """The cache whose full-precision part keeps each head's slots from ``n_q [L, B, K]`` on,
+  moved to the front of ``res_cap`` slots, with ``quant`` (the store of the first ``n_q``)."""
+  res_len = cache.lengths - n_q
+  idx = jnp.minimum(n_q[..., None] + jnp.arange(res_cap), cache.capacity - 1)  # [L, B, K, R]
+  take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
+  in_res = jnp.arange(res_cap) < res_len[..., None]
+  return cache.replace(
+      keys=jnp.where(in_res[..., None], take(cache.keys), 0).astype(cache.keys.dtype),
+      values=jnp.where(in_res[..., None], take(cache.values), 0).astype(cache.values.dtype),
+      positions=jnp.where(in_res, jnp.take_along_axis(cache.positions, idx, axis=3), -1),
+      lengths=res_len, scores=None, quant=quant)
 
 
 def check_head_dim(head_dim: int, k_bits: int, v_bits: int, group: int) -> None:

@@ -1,0 +1,66 @@
+r"""Calibrates KVQuant for a model: Fisher information, key ranges, per-layer datatypes, Q-Norm.
+
+  python -m experiments.calibrate_kvquant --model=smollm2-135m --num_samples=16 --seqlen=2048 \
+      --bits=2,3,4 --out=results/calibration/kvquant_smollm2-135m
+
+Calibration text is real prose from the second half of the offline stdlib documentation
+(``lib.data.text``); the perplexity task draws from the first half, so the two do not overlap.
+The result is an orbax checkpoint directory (arrays + JSON metadata with the model's
+fingerprint) that ``methods.make("kvquant", calibration=...)`` reads. A killed run restarts
+from scratch (a calibration takes minutes; the Fisher pass dominates).
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+
+import models
+from lib.data.text import stdlib_docs, text_of_tokens
+from lib.quant import kvquant_calibrate as calib
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
+flags.DEFINE_integer("num_samples", 16, "Calibration samples (KVQuant: 16).")
+flags.DEFINE_integer("seqlen", 2048, "Tokens per sample (KVQuant: 2048).")
+flags.DEFINE_list("bits", ["2", "3", "4"], "Datatype widths to fit.")
+flags.DEFINE_list("qnorm_bits", ["2"], "Widths whose LUT gets Q-Norm.")
+flags.DEFINE_float("outlier_fraction", 0.01, "Fraction of values kept sparse (KVQuant: 1 %).")
+flags.DEFINE_integer("kmeans_iters", 50, "Lloyd iterations (sklearn max_iter in KVQuant).")
+flags.DEFINE_integer("max_points", 1 << 20, "k-means points per layer (uniform subsample).")
+flags.DEFINE_string("out", "results/calibration/kvquant_smollm2-135m", "Output directory.")
+
+
+def calibration_samples(tokenizer, num_samples: int, seqlen: int) -> list[list[int]]:
+  """``num_samples`` consecutive ``seqlen``-token windows from the second half of the docs."""
+  text = stdlib_docs()
+  ids = text_of_tokens(tokenizer, num_samples * seqlen, offset_chars=len(text) // 2)
+  return [ids[i * seqlen:(i + 1) * seqlen] for i in range(num_samples)]
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  bits = [int(b) for b in FLAGS.bits]
+  lm = models.load(FLAGS.model, progress=True)
+  if FLAGS.seqlen > lm.config.max_position_embeddings:
+    raise app.UsageError(f"--seqlen={FLAGS.seqlen} exceeds the model's context of "
+                         f"{lm.config.max_position_embeddings} tokens")
+  t0 = time.time()
+  samples = calibration_samples(lm.tokenizer, FLAGS.num_samples, FLAGS.seqlen)
+  cal = calib.calibrate(lm, samples, bits=bits, qnorm_bits=[int(b) for b in FLAGS.qnorm_bits],
+                        outlier_fraction=FLAGS.outlier_fraction, iters=FLAGS.kmeans_iters,
+                        max_points=FLAGS.max_points, model_name=FLAGS.model)
+  cal.meta["seconds"] = round(time.time() - t0, 1)
+  path = calib.save(cal, FLAGS.out)
+  print(f"wrote {path} in {cal.meta['seconds']} s")
+  for b in bits:
+    print(f"{b}-bit key LUT of layer 0: {cal.lut('k', b)[0].round(3).tolist()}")
+  with open(os.path.join(path, "summary.json"), "w") as f:
+    json.dump({**cal.meta, "luts_layer0": {k: v[0].tolist() for k, v in cal.luts.items()}},
+              f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

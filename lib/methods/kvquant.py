@@ -1,0 +1,122 @@
+"""KVQuant (Hooper et al. 2024, METHODS.md §3.1): non-uniform 2-/3-/4-bit quantization of the
+cache with pre-RoPE per-channel keys, per-token values, dense-and-sparse outliers and Q-Norm,
+from an offline calibration (``experiments/calibrate_kvquant.py``).
+
+All five parts are on (``lib.quant.kvquant_store`` holds the layout):
+1. keys per channel with static calibrated ranges, 2. quantized **before** RoPE (un-rotated at
+compression, rotated again by position when attention reads them), 3. per-layer LUTs from
+Fisher-weighted k-means, 4. the ~1 % largest entries of every key and value vector kept in
+float16 (``outlier_fraction``; fixed capacity: ``ceil(0.01 * head_dim)`` per vector),
+5. Q-Norm folded into the 2-bit LUTs at calibration.
+
+Choices:
+* every prompt token is quantized (KVQuant keeps none in full precision; ``residual`` can keep
+  the newest ones, default 0). Decoded tokens gather in the full-precision window and are
+  quantized ``group`` (16) at a time inside the jitted decode loop (``lib.quant.store.flush``),
+  so at most 31 of them are full precision at any step (the reference quantizes each on append).
+* the attention-sink option of the reference (``first_few_fp16``) is not implemented: with
+  ``snapkv+kvquant`` style composition the first token is quantized like the others.
+* RoPE is undone and redone with the frequencies stored in the calibration (the model's; for
+  dynamic-NTK models, those at the calibration length), so KVQuant needs no prefill
+  observations and also quantizes a cache compressed during prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lib.cache import KVCache, round_capacity
+from lib.quant import nuq, packing
+from lib.quant import kvquant_calibrate as calib
+from lib.quant.kvquant_store import KVQuantStore
+from lib.quant.store import check_window, first_slots, split_window
+
+# Where the committed calibration of the default model lives (experiments/calibrate_kvquant.py).
+DEFAULT_CALIBRATION = "results/calibration/kvquant_smollm2-135m"
+
+
+@functools.lru_cache(maxsize=8)
+def _load(path: str) -> calib.Calibration:
+  return calib.load(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuant:
+  """``bits`` for keys and values; ``calibration`` the directory written by
+  ``experiments/calibrate_kvquant.py`` (default: the committed one of SmolLM2-135M)."""
+
+  bits: int = 3
+  calibration: str = DEFAULT_CALIBRATION
+  outlier_fraction: float = 0.01
+  group: int = 16
+  residual: int = 0
+  name = "kvquant"
+  observe = None
+  quantizes = True
+
+  def __post_init__(self):
+    packing.check_bits(self.bits)
+    if self.bits == 8:
+      raise ValueError(f"{self.name}: KVQuant's datatypes are 2, 3 or 4 bit, got 8")
+    nuq.outlier_count(64, self.outlier_fraction)  # validates the fraction
+    check_window(self.name, self.group, self.residual)
+
+  def load_calibration(self) -> calib.Calibration:
+    """The calibration (cached per path); raises a clear error if it is missing or damaged."""
+    return _load(self.calibration)
+
+  def apply(self, cache: KVCache, observations=None, *, extra: int = 0,
+            block: int = 512) -> KVCache:
+    """Quantizes every valid token (keeping the newest ``residual`` in full precision) and
+    leaves ``extra`` free slots. Returns the cache with ``cache.quant`` a ``KVQuantStore``."""
+    del block, observations
+    if cache.quant is not None:
+      raise ValueError(f"{self.name}: the cache is already quantized (one quantizer per cache)")
+    cal = self.load_calibration()
+    cal.check_shapes(cache.num_layers, cache.kv_heads, cache.head_dim)
+    packing.check_packable(cache.head_dim, self.bits, "head dim")
+    inv_freq = jnp.asarray(cal.inv_freq)
+    lengths = np.asarray(cache.lengths)
+    n_q = np.maximum(lengths - self.residual, 0)
+    q_cap = -(-(int(n_q.max()) + extra) // 64) * 64  # 64 = a multiple of every group
+    q_cap = max(q_cap, 64)
+    res_cap = round_capacity(int((lengths - n_q).max()) + extra)
+    n_out = nuq.outlier_count(cache.head_dim, self.outlier_fraction)
+    arrays = (jnp.asarray(cal.lut("k", self.bits)), jnp.asarray(cal.lut("v", self.bits)),
+              jnp.asarray(cal.k_offset), jnp.asarray(cal.k_range), inv_freq)
+    return _split(self, cache, jnp.asarray(n_q, jnp.int32), arrays, q_cap, res_cap, n_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuant2(KVQuant):
+  """KVQuant with 2-bit keys and values (Q-Norm on)."""
+
+  bits: int = 2
+  name = "kvquant2"
+
+
+@dataclasses.dataclass(frozen=True)
+class KVQuant4(KVQuant):
+  """KVQuant with 4-bit keys and values."""
+
+  bits: int = 4
+  name = "kvquant4"
+
+
+@functools.partial(jax.jit, static_argnames=("method", "q_cap", "res_cap", "n_out"))
+def _split(method: KVQuant, cache: KVCache, n_q, arrays, q_cap: int, res_cap: int,
+           n_out: int) -> KVCache:
+  """Quantizes each head's first ``n_q`` slots into a ``q_cap``-slot store; the rest move to the
+  front of a ``res_cap``-slot full-precision window."""
+  k_lut, v_lut, k_off, k_rng, inv_freq = arrays
+  take = lambda x: first_slots(x, q_cap)
+  quant = KVQuantStore.build(take(cache.keys), take(cache.values), take(cache.positions), n_q,
+                             k_lut=k_lut, v_lut=v_lut, k_offset=k_off, k_range=k_rng,
+                             inv_freq=inv_freq, n_outliers=n_out, group=method.group,
+                             residual=method.residual)
+  return split_window(cache, n_q, res_cap, quant)
