@@ -15,12 +15,16 @@ import os
 import time
 
 from absl import app, flags, logging
+import jax
 
 import models
+from lib import distributed, sharding
 from lib.data.text import stdlib_docs, text_of_tokens
 from lib.quant import kvquant_calibrate as calib
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device).")
+distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_integer("num_samples", 16, "Calibration samples (KVQuant: 16).")
 flags.DEFINE_integer("seqlen", 2048, "Tokens per sample (KVQuant: 2048).")
@@ -41,9 +45,11 @@ def calibration_samples(tokenizer, num_samples: int, seqlen: int) -> list[list[i
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   bits = [int(b) for b in FLAGS.bits]
   lm = models.load(FLAGS.model, progress=True)
+  lm, _ = sharding.place_model(lm, FLAGS.mesh)
   if FLAGS.seqlen > lm.config.max_position_embeddings:
     raise app.UsageError(f"--seqlen={FLAGS.seqlen} exceeds the model's context of "
                          f"{lm.config.max_position_embeddings} tokens")
@@ -53,10 +59,12 @@ def main(argv):
                         outlier_fraction=FLAGS.outlier_fraction, iters=FLAGS.kmeans_iters,
                         max_points=FLAGS.max_points, model_name=FLAGS.model)
   cal.meta["seconds"] = round(time.time() - t0, 1)
-  path = calib.save(cal, FLAGS.out)
+  path = calib.save(cal, FLAGS.out)  # orbax: every process takes part in the write
   print(f"wrote {path} in {cal.meta['seconds']} s")
   for b in bits:
     print(f"{b}-bit key LUT of layer 0: {cal.lut('k', b)[0].round(3).tolist()}")
+  if jax.process_index():
+    return
   with open(os.path.join(path, "summary.json"), "w") as f:
     json.dump({**cal.meta, "luts_layer0": {k: v[0].tolist() for k, v in cal.luts.items()}},
               f, indent=1)

@@ -14,9 +14,11 @@ import os
 import time
 
 from absl import app, flags
+import jax
 from tqdm.auto import tqdm
 
 import models
+from lib import distributed, sharding
 from lib import methods
 from lib.eval import aggregate
 from lib.eval.runner import PROTOCOLS, run_perplexity, run_sample
@@ -25,6 +27,8 @@ from lib.online import split_online
 from lib.provenance import git_rev
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device).")
+distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_list("method", ["snapkv", "streaming_llm", "knorm", "tova"],
                   "Method specs (registry names; 'a+b' composes).")
@@ -61,6 +65,7 @@ def _done(path):
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   ratios = [float(r) for r in FLAGS.ratio]
   cells = [(spec, r, methods.make(spec, ratio=r)) for spec in FLAGS.method for r in ratios]
   lengths = [int(x) for x in FLAGS.lengths]
@@ -75,6 +80,7 @@ def main(argv):
       except ValueError as e:
         raise app.UsageError(f"--method={spec}: {e}") from e
   lm = models.load(FLAGS.model, progress=False)
+  lm, _ = sharding.place_model(lm, FLAGS.mesh)
   for spec, _, m in cells:
     try:
       methods.check_for_model(m, lm.config, lm.params, FLAGS.model)
@@ -94,7 +100,8 @@ def main(argv):
   rev = git_rev()
   jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
           for i in range(FLAGS.num_samples)]
-  with open(FLAGS.out, "a") as f:
+  # multi-host: every process computes, process 0 writes
+  with open(FLAGS.out if jax.process_index() == 0 else os.devnull, "a") as f:
     for task, n, seed in tqdm(jobs, desc="samples"):
       protocol = "prefix" if task == "perplexity" else FLAGS.protocol
       want = [(s, r, m) for s, r, _ in cells for m in modes] + [("full", 1.0, "after")]

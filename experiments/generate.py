@@ -13,12 +13,15 @@ import jax
 import jax.numpy as jnp
 
 import models
+from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
 from lib.protocol import ask, compress_for, prefill_context
 from lib.sampling import SamplingConfig, sample
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device).")
+distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_string("prompt", "What is the capital of France?", "User prompt.")
 flags.DEFINE_string("system", None, "Optional system message (chat mode).")
@@ -68,9 +71,11 @@ def _stream(m, ids, sampling):
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
   t = time.perf_counter()
   m = models.load(FLAGS.model, dtype=dtype)
+  m, _ = sharding.place_model(m, FLAGS.mesh)
   load_s = time.perf_counter() - t
   if not FLAGS.prompt:
     raise app.UsageError("--prompt is empty: give the text to answer")

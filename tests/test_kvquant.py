@@ -261,3 +261,19 @@ def test_kvquant_quantizes_a_cache_compressed_during_prefill(tiny, calibration):
   assert cache.quant is not None and cache.quant.k_bits == 4
   assert np.asarray(cache.quant.lengths)[:, 0].max() == 20  # 25 % of 80, all quantized
   assert np.asarray(cache.quant.lengths)[:, 1].max() == 13
+
+
+@pytest.mark.slow
+def test_committed_calibration_fits_the_default_model(default_model):
+  """results/calibration/kvquant_smollm2-135m is SmolLM2's: accepted for it, refused for a
+  different model; its 3-bit LUTs are sorted and spread over [-1, 1]."""
+  m = methods.make("snapkv+kvquant", ratio=0.5)
+  methods.check_for_model(m, default_model.config, default_model.params)
+  cal = m.methods[-1].load_calibration()
+  lut = cal.lut("k", 3)
+  assert lut.shape == (30, 8) and (np.diff(lut, axis=-1) > 0).all()
+  assert lut.min() < -0.5 and lut.max() > 0.5 and cal.meta["n_samples"] == 16
+  other = jax.tree.map(lambda x: x, default_model.params)
+  other["embed"] = other["embed"] * 1.01
+  with pytest.raises(ValueError, match="not on"):
+    methods.check_for_model(m, default_model.config, other)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib.sharding import to_host
 from lib.cache import KVCache, round_capacity
 
 NEG_INF = -jnp.inf
@@ -125,9 +126,9 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
   """
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
-  kept = method.kept(np.asarray(cache.lengths))
+  kept = method.kept(to_host(cache.lengths))
   if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
-    kept = np.asarray(_budgets(method, cache, observations, jnp.asarray(kept, jnp.int32)))
+    kept = to_host(_budgets(method, cache, observations, jnp.asarray(kept, jnp.int32)))
   capacity = round_capacity(int(kept.max()) + extra, block)
   return _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity)
 

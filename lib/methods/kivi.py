@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib.sharding import to_host
 from lib.cache import KVCache, round_capacity
 from lib.quant import packing
 from lib.quant.store import QuantStore, check_head_dim, check_window, first_slots, split_window
@@ -55,7 +56,7 @@ class KIVI:
     if cache.quant is not None:
       raise ValueError(f"{self.name}: the cache is already quantized (one quantizer per cache)")
     check_head_dim(cache.head_dim, self.bits, self.bits, self.group)
-    lengths = np.asarray(cache.lengths)
+    lengths = to_host(cache.lengths)
     g = self.group
     n_q = np.maximum(lengths - self.residual, 0) // g * g
     q_cap = int(n_q.max())

@@ -25,19 +25,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib.sharding import to_host
 from lib.cache import KVCache, round_capacity
 from lib.quant import nuq, packing
 from lib.quant import kvquant_calibrate as calib
 from lib.quant.kvquant_store import KVQuantStore
 from lib.quant.store import check_window, first_slots, split_window
 
-# Where the committed calibration of the default model lives (experiments/calibrate_kvquant.py).
-DEFAULT_CALIBRATION = "results/calibration/kvquant_smollm2-135m"
+# The committed calibration of the default model (experiments/calibrate_kvquant.py), found
+# from the source tree whatever the working directory.
+DEFAULT_CALIBRATION = os.path.normpath(os.path.join(
+    os.path.dirname(__file__), "..", "..", "results", "calibration", "kvquant_smollm2-135m"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -81,7 +85,7 @@ class KVQuant:
     cal.check_shapes(cache.num_layers, cache.kv_heads, cache.head_dim)
     packing.check_packable(cache.head_dim, self.bits, "head dim")
     inv_freq = jnp.asarray(cal.inv_freq)
-    lengths = np.asarray(cache.lengths)
+    lengths = to_host(cache.lengths)
     n_q = np.maximum(lengths - self.residual, 0)
     q_cap = -(-(int(n_q.max()) + extra) // 64) * 64  # 64 = a multiple of every group
     q_cap = max(q_cap, 64)

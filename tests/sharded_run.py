@@ -1,0 +1,74 @@
+"""Runs prefill + compress + decode of a tiny random model on one mesh and saves what came out.
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/sharded_run.py OUT_DIR MESH...
+
+Each MESH is ``data:4,model:2`` style, or ``one`` for a single device; writes
+``OUT_DIR/<mesh>.npz``. Used by ``tests/test_sharding.py`` (a fresh process, because the host
+device count is fixed when jax starts).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # pylint: disable=g-import-not-at-top
+import jax.numpy as jnp
+import numpy as np
+
+from lib import generate as gen
+from lib import methods
+from lib import sharding
+from lib.cache import KVCache
+from lib.rope import RopeConfig
+from models.config import ModelConfig
+from models.decoder import init_params, make_apply_fn
+
+METHODS = ("snapkv", "h2o", "pyramidkv", "streaming_llm+kivi4")
+STEPS = 32
+
+
+def run(out: str, mesh_spec: str):
+  cfg = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=8, num_kv_heads=4, head_dim=32,
+                    rope=RopeConfig(head_dim=32), max_position_embeddings=512)
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda x: x * 3.0, params)  # larger weights: peaked, decisive logits
+  apply_fn = make_apply_fn(cfg, attn_block_size=16)
+  rng = np.random.RandomState(0)
+  prompts = [rng.randint(1, 96, n).tolist() for n in (70, 45, 64, 33, 80, 52, 61, 40)]
+  mesh = None if mesh_spec == "one" else sharding.make_mesh(mesh_spec)
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
+  results = {}
+  for spec in METHODS:
+    m = methods.make(spec, ratio=0.5)
+    tokens, lengths = gen.pad_batch(prompts, 16)
+    cache = KVCache.init(num_layers=2, batch=8, kv_heads=4, capacity=tokens.shape[1],
+                         head_dim=32)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    if mesh is not None:
+      cache = sharding.shard_cache(cache, mesh)
+      tokens, lengths = sharding.replicated((tokens, lengths), mesh)
+    first, cache, obs = gen.prefill(params, tokens, lengths, cache, apply_fn=apply_fn,
+                                    chunk_size=16, observe=m.observe)
+    small = methods.compress(m, cache, obs, extra=STEPS + 8)
+    if mesh is not None:
+      small = sharding.shard_cache(small, mesh)
+    toks, _, final = gen.decode_loop(params, small, first, jax.random.PRNGKey(0),
+                                     apply_fn=apply_fn, max_new_tokens=STEPS)
+    logits, _ = gen.decode_step(params, toks[:, -1], final, apply_fn=apply_fn)
+    key = spec.replace("+", "_")
+    results[f"{key}/first"] = np.asarray(first)
+    results[f"{key}/tokens"] = np.asarray(toks)
+    results[f"{key}/logits"] = np.asarray(logits)
+    if mesh is not None:  # the cache really is laid out on the mesh
+      results[f"{key}/key_shards"] = np.asarray(
+          len(final.keys.sharding.device_set) if hasattr(final.keys, "sharding") else 1)
+  np.savez(out, **results)
+
+
+if __name__ == "__main__":
+  os.makedirs(sys.argv[1], exist_ok=True)
+  for spec_ in sys.argv[2:]:
+    run(os.path.join(sys.argv[1], spec_.replace(":", "").replace(",", "_") + ".npz"), spec_)

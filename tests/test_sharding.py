@@ -1,0 +1,68 @@
+"""Sharding on 8 host devices gives the numbers of one device; mesh and layout errors."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lib import sharding
+from lib.cache import KVCache
+
+MESHES = ("data:8", "data:4,model:2", "data:2,model:4", "data:1,model:8")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sharded")
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  here = os.path.dirname(__file__)
+  proc = subprocess.run([sys.executable, os.path.join(here, "sharded_run.py"), str(out), "one",
+                         *MESHES], env=env, capture_output=True, text=True, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  load = lambda name: dict(np.load(out / (name.replace(":", "").replace(",", "_") + ".npz")))
+  return load("one"), {m: load(m) for m in MESHES}, proc.stderr
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_prefill_compress_decode_match_one_device(runs, mesh):
+  """Each method family (window scores, accumulated attention, per-layer budgets, evict +
+  quantize): same 32 greedy tokens, logits within 1e-5 of one device."""
+  one, by_mesh, _ = runs
+  got = by_mesh[mesh]
+  for key, want in one.items():
+    if key.endswith("/tokens"):
+      np.testing.assert_array_equal(got[key], want, err_msg=f"{mesh} {key}")
+      assert len(np.unique(want)) > 8  # the decode is not degenerate
+    else:
+      np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-5, err_msg=f"{mesh} {key}")
+  assert all(int(got[k]) == 8 for k in got if k.endswith("/key_shards"))
+
+
+def test_heads_that_do_not_divide_are_replicated_with_a_reason(runs):
+  *_, stderr = runs
+  assert "kv heads of the cache (4) do not divide the model axis (8): replicated" in stderr
+
+
+def test_mesh_errors():
+  with pytest.raises(ValueError, match="mesh .* needs 6 devices, there are 1"):
+    sharding.make_mesh("data:3,model:2")
+  with pytest.raises(ValueError, match="--mesh=data:4,model:2"):
+    sharding.parse_mesh("rows:2")
+  assert sharding.parse_mesh("model:2") == {"data": 1, "model": 2}
+  mesh = sharding.make_mesh("data:1")
+  cache = KVCache.init(num_layers=1, batch=3, kv_heads=2, capacity=8, head_dim=4)
+  specs = sharding.cache_specs(cache, mesh)
+  assert specs.keys == jax.sharding.PartitionSpec(None, None, None, None, None)
+
+
+def test_batch_that_does_not_split_names_the_fix():
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices() * 1).reshape(1, 1), sharding.AXES)
+  cache = KVCache.init(num_layers=1, batch=3, kv_heads=2, capacity=8, head_dim=4)
+  fake = type("M", (), {"shape": {"data": 2, "model": 1}})()
+  with pytest.raises(ValueError, match="batch 3 does not split over the data axis \\(2\\).*data:1"):
+    sharding.cache_specs(cache, fake)
+  assert sharding.describe(mesh).startswith("data:1,model:1 (1 cpu")
