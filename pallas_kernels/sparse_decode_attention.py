@@ -1,0 +1,168 @@
+"""One decode step of GQA attention over pages: ragged caches and block-selected reads.
+
+Letters: B batch, K kv heads, G query heads per kv head, H head dim, P slots per page, M pages
+listed per (b, k), N pages in the pool.
+
+Layout: keys and values live in a pool of pages ``k_pages, v_pages [N, P, H]``; each (b, k)
+lists its pages in ``page_table [B, K, M]`` (int32 pool indices) with ``page_valid [B, K, M]``
+tokens valid in each (the first ones of the page; 0 = the entry is unused). Two uses:
+
+* **ragged caches** (AdaKV / PyramidKV budgets): every head stores only the pages its own budget
+  needs (``to_pages``), instead of padding every head to the largest budget;
+* **block selection** (retrieval-style methods): the pool is a full cache viewed as pages
+  (``as_pages``, no copy) and the table lists the top-scoring blocks of each head
+  (``select_blocks``), so a step reads only those.
+
+``paged_decode_attention`` (Pallas: one program per (b, k), online softmax over its listed pages,
+skipping unused entries) and ``paged_decode_attention_reference`` (jnp gather + masked softmax)
+share the signature and return ``[B, K, G, H]`` float32; a head with no valid token returns 0.
+``interpret=True`` runs the kernel on CPU (tests); on GPU it lowers through Triton. Not yet
+measured on an accelerator.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+_NEG = -1e30
+
+
+def _check(q, k_pages, v_pages, page_table, page_valid):
+  b, k, g, h = q.shape
+  if k_pages.shape != v_pages.shape or k_pages.ndim != 3 or k_pages.shape[2] != h:
+    raise ValueError(f"pages {k_pages.shape} / {v_pages.shape} must both be [N, P, {h}]")
+  if page_table.shape[:2] != (b, k) or page_valid.shape != page_table.shape:
+    raise ValueError(f"page_table {page_table.shape} and page_valid {page_valid.shape} must be "
+                     f"[{b}, {k}, M]")
+
+
+def paged_decode_attention_reference(q, k_pages, v_pages, page_table, page_valid):
+  """jnp reference: gathers each head's listed pages and runs a masked softmax."""
+  _check(q, k_pages, v_pages, page_table, page_valid)
+  b, k, g, h = q.shape
+  p = k_pages.shape[1]
+  f32 = jnp.float32
+  keys = k_pages[page_table].astype(f32).reshape(b, k, -1, h)  # [B, K, M*P, H]
+  vals = v_pages[page_table].astype(f32).reshape(b, k, -1, h)
+  valid = (jnp.arange(p) < page_valid[..., None]).reshape(b, k, -1)  # [B, K, M*P]
+  s = jnp.einsum("BKGH,BKSH->BKGS", q.astype(f32), keys) / math.sqrt(h)
+  s = jnp.where(valid[:, :, None, :], s, _NEG)
+  m = s.max(-1, keepdims=True)
+  e = jnp.where(valid[:, :, None, :], jnp.exp(s - m), 0.0)
+  l = e.sum(-1, keepdims=True)
+  return jnp.einsum("BKGS,BKSH->BKGH", e, vals) / jnp.maximum(l, 1e-30)
+
+
+def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *, n_listed):
+  f32 = jnp.float32
+  q = q_ref[...].astype(f32)  # [G, H]
+  g, h = q.shape
+  p = kp_ref.shape[1]
+  inv = 1.0 / math.sqrt(h)
+
+  def body(j, carry):
+    m, l, acc = carry
+    page = pt_ref[j]
+    n_valid = pv_ref[j]
+    keys = kp_ref[pl.ds(page, 1), :, :].reshape(p, h).astype(f32)
+    vals = vp_ref[pl.ds(page, 1), :, :].reshape(p, h).astype(f32)
+    valid = jnp.arange(p) < n_valid
+    s = jnp.where(valid[None, :], (q @ keys.T) * inv, _NEG)
+    m_new = jnp.maximum(m, s.max(-1))
+    e = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
+    alpha = jnp.exp(m - m_new)
+    return m_new, l * alpha + e.sum(-1), acc * alpha[:, None] + e @ vals
+
+  carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
+  # listed entries come first (to_pages / select_blocks order them so): stop at the last one
+  n_used = jnp.sum((pv_ref[...] > 0).astype(jnp.int32))
+  _, l, acc = jax.lax.fori_loop(0, jnp.minimum(n_used, n_listed), body, carry)
+  o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
+                           interpret: bool = False):
+  """Pallas kernel: see the module docstring. Listed pages must come before unused entries."""
+  _check(q, k_pages, v_pages, page_table, page_valid)
+  b, k, g, h = q.shape
+  n, p, _ = k_pages.shape
+  mm = page_table.shape[2]
+  row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
+  pool = pl.BlockSpec((n, p, h), lambda i, j: (0, 0, 0))
+  return pl.pallas_call(
+      functools.partial(_kernel, n_listed=mm),
+      grid=(b, k),
+      in_specs=[row(mm), row(mm), row(g, h), pool, pool],
+      out_specs=row(g, h),
+      out_shape=jax.ShapeDtypeStruct((b, k, g, h), jnp.float32),
+      interpret=interpret,
+  )(page_table.astype(jnp.int32), page_valid.astype(jnp.int32), q, k_pages, v_pages)
+
+
+# ---- layouts -----------------------------------------------------------------------------------
+
+def to_pages(keys, values, lengths, page: int):
+  """Ragged storage of one layer: ``keys, values [B, K, S, H]`` whose heads hold ``lengths
+  [B, K]`` valid slots (host-level: the pool size depends on the lengths). Returns
+  ``(k_pages, v_pages [N, P, H], page_table, page_valid [B, K, M])`` with ``N = sum over heads of
+  ceil(length / P)`` (at least one page, so the pool is never empty) and ``M`` the most pages
+  any head needs."""
+  lengths = np.asarray(lengths)
+  b, k, s, h = keys.shape
+  need = -(-lengths // page)  # pages per head
+  m = max(int(need.max()), 1)
+  n = max(int(need.sum()), 1)
+  pad = -s % page
+  kp = jnp.pad(keys, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(b * k * ((s + pad) // page), page, h)
+  vp = jnp.pad(values, ((0, 0), (0, 0), (0, pad), (0, 0))).reshape(kp.shape)
+  per_head = (s + pad) // page
+  src, table = [], np.zeros((b, k, m), np.int32)
+  valid = np.zeros((b, k, m), np.int32)
+  for i in range(b):
+    for j in range(k):
+      for t in range(int(need[i, j])):
+        table[i, j, t] = len(src)
+        src.append((i * k + j) * per_head + t)
+        valid[i, j, t] = min(page, int(lengths[i, j]) - t * page)
+  src = jnp.asarray(src if src else [0], jnp.int32)
+  return kp[src][:n], vp[src][:n], jnp.asarray(table), jnp.asarray(valid)
+
+
+def as_pages(keys, values, page: int):
+  """A full cache layer ``[B, K, S, H]`` (``S`` a multiple of ``page``) viewed as a pool of
+  ``B * K * S / P`` pages (a reshape, no copy); page ``(b * K + k) * S / P + i`` is block i of
+  head (b, k)."""
+  b, k, s, h = keys.shape
+  if s % page:
+    raise ValueError(f"{s} slots do not split into pages of {page}: pad the cache to a multiple")
+  return keys.reshape(-1, page, h), values.reshape(-1, page, h)
+
+
+def select_blocks(q, keys, lengths, page: int, n_blocks: int):
+  """Block selection over a full cache layer (jittable): scores each block of ``page`` slots of
+  every head by the largest ``q . k`` over its keys and its G queries, keeps the ``n_blocks``
+  best valid blocks (the newest block is always kept). Returns ``(page_table, page_valid
+  [B, K, n_blocks])`` into ``as_pages(keys, ...)``."""
+  b, k, s, h = keys.shape
+  nb = s // page
+  f32 = jnp.float32
+  kb = keys.astype(f32).reshape(b, k, nb, page, h)
+  slot = jnp.arange(s).reshape(nb, page)
+  ok = slot[None, None] < lengths[..., None, None]  # [B, K, nb, P]
+  sc = jnp.einsum("BKGH,BKNPH->BKGNP", q.astype(f32), kb).max(2)  # [B, K, nb, P]
+  sc = jnp.where(ok, sc, _NEG).max(-1)  # [B, K, nb]
+  n_valid_blocks = -(-lengths // page)
+  newest = jnp.maximum(n_valid_blocks - 1, 0)
+  sc = jnp.where(jnp.arange(nb) == newest[..., None], jnp.inf, sc)
+  sc = jnp.where(jnp.arange(nb) < n_valid_blocks[..., None], sc, -jnp.inf)
+  _, idx = jax.lax.top_k(sc, n_blocks)  # best first; invalid blocks last
+  tok = jnp.clip(lengths[..., None] - idx * page, 0, page)  # valid tokens of each chosen block
+  base = (jnp.arange(b)[:, None] * k + jnp.arange(k)[None, :]) * nb
+  return (base[..., None] + idx).astype(jnp.int32), tok.astype(jnp.int32)
