@@ -212,8 +212,9 @@ def test_kvquant_cache_decodes_close_to_the_full_cache(tiny, calibration, bits):
   assert m.bits == bits
   first, cache, obs = _prefill(tiny, prompts, m)
   q = methods.compress(m, cache, obs, extra=40)
-  assert int(q.quant.lengths[0, 0, 0]) == 70 and int(q.quant.lengths[0, 1, 0]) == 45
-  assert int(q.lengths.max()) == 0
+  # every token is quantized but the attention sink (position 0), kept in full precision
+  assert int(q.quant.lengths[0, 0, 0]) == 69 and int(q.quant.lengths[0, 1, 0]) == 44
+  assert int(q.lengths.max()) == 1 and int(q.positions[0, 0, 0, 0]) == 0
   full = cache.resize(cache.capacity + 40)
   steps = 20
   toks_f, _, _ = gen.decode_loop(tiny.params, jax.tree.map(jnp.copy, full), first,
@@ -229,8 +230,9 @@ def test_kvquant_cache_decodes_close_to_the_full_cache(tiny, calibration, bits):
   kl = float(jnp.sum(pf * (jnp.log(pf) - jax.nn.log_softmax(jnp.asarray(np.stack(lq)), -1)), -1)
              .mean())
   assert kl < {2: 0.5, 3: 0.1, 4: 0.03}[bits]
-  assert int(cq.quant.lengths[0, 0, 0]) == 70 + 16  # one group of decoded tokens flushed
-  assert int(cq.lengths[0, 0, 0]) == steps - 16
+  assert int(cq.quant.lengths[0, 0, 0]) == 69 + 16  # one group of decoded tokens flushed
+  assert int(cq.lengths[0, 0, 0]) == 1 + steps - 16  # the sink stays
+  assert int(cq.positions[0, 0, 0, 0]) == 0
   assert cq.trimmed().nbytes < 0.5 * cf.trimmed().nbytes
 
 
@@ -240,11 +242,13 @@ def test_kvquant_composes_after_eviction(tiny, calibration):
   prompts = [np.random.RandomState(4).randint(0, 160, 64).tolist()]
   _, cache, obs = _prefill(tiny, prompts, m)
   out = methods.compress(m, cache, obs, extra=8)
-  assert int(out.quant.lengths.max()) == 32 and out.quant.k_bits == 3
+  assert (np.asarray(out.quant.lengths + out.lengths) == 32).all() and out.quant.k_bits == 3
   with pytest.raises(ValueError, match="must come last"):
     methods.make("kvquant+snapkv", ratio=0.5)
-  alone = methods.compress(KVQuant(calibration=path), cache, None)  # needs no observations
-  assert int(alone.quant.lengths.max()) == 64
+  alone = methods.compress(KVQuant(calibration=path, sink=0), cache, None)  # no observations
+  assert int(alone.quant.lengths.max()) == 64 and int(alone.lengths.max()) == 0
+  with pytest.raises(ValueError, match="sink"):
+    KVQuant(sink=-1)
   with pytest.raises(ValueError, match="keeps every token"):
     methods.make("kvquant", ratio=0.5)
 
@@ -259,8 +263,8 @@ def test_kvquant_quantizes_a_cache_compressed_during_prefill(tiny, calibration):
                                          num_layers=c.num_layers, kv_heads=c.num_kv_heads,
                                          head_dim=c.head_dim, chunk_size=16)
   assert cache.quant is not None and cache.quant.k_bits == 4
-  assert np.asarray(cache.quant.lengths)[:, 0].max() == 20  # 25 % of 80, all quantized
-  assert np.asarray(cache.quant.lengths)[:, 1].max() == 13
+  both = np.asarray(cache.quant.lengths + cache.lengths)
+  assert (both[:, 0] == 20).all() and (both[:, 1] == 13).all()  # 25 % kept, sinks in fp
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ n sparse outliers per vector, W packed words per vector (``H * bits / 32``).
 Every token is quantized on its own (no token groups); ``group`` is only how many decoded
 tokens the full-precision window gathers before they are quantized together (``flush``), a
 batching of the rewrite, with ``residual`` tokens always left in full precision (KVQuant keeps
-none: default 0). The calibration leaves (LUTs, key ranges, ``inv_freq``) are shared by every
+none: default 0); tokens at positions below ``sink`` (attention sinks) stay in the window for
+good. The calibration leaves (LUTs, key ranges, ``inv_freq``) are shared by every
 row and are counted in ``nbytes`` too.
 """
 
@@ -56,6 +57,7 @@ class KVQuantStore:
   v_bits: int = struct.field(pytree_node=False, default=3)
   group: int = struct.field(pytree_node=False, default=16)
   residual: int = struct.field(pytree_node=False, default=0)
+  sink: int = struct.field(pytree_node=False, default=0)
 
   @property
   def capacity(self) -> int:
@@ -67,7 +69,8 @@ class KVQuantStore:
 
   @classmethod
   def build(cls, keys, values, positions, lengths, *, k_lut, v_lut, k_offset, k_range, inv_freq,
-            n_outliers: int, group: int = 16, residual: int = 0) -> "KVQuantStore":
+            n_outliers: int, group: int = 16, residual: int = 0,
+            sink: int = 0) -> "KVQuantStore":
     """Quantizes post-RoPE ``keys`` and ``values [L, B, K, Q, H]`` at ``positions
     [L, B, K, Q]``; slots at or beyond ``lengths [L, B, K]`` are kept out (positions -1).
 
@@ -113,7 +116,7 @@ class KVQuantStore:
         k_lut=k_lut.astype(jnp.float32), v_lut=v_lut.astype(jnp.float32),
         k_offset=k_offset.astype(jnp.float32), k_range=k_range.astype(jnp.float32),
         inv_freq=inv_freq.astype(jnp.float32), k_bits=k_bits, v_bits=v_bits, group=group,
-        residual=residual)
+        residual=residual, sink=sink)
 
   def _per_slot(self):
     return ("k_codes", "k_out_idx", "k_out_val", "v_codes", "v_offset", "v_range", "v_out_idx",
@@ -158,7 +161,8 @@ class KVQuantStore:
     new = KVQuantStore.build(keys, values, positions, jnp.full(when.shape, g, jnp.int32),
                              k_lut=self.k_lut, v_lut=self.v_lut, k_offset=self.k_offset,
                              k_range=self.k_range, inv_freq=self.inv_freq,
-                             n_outliers=self.n_outliers, group=g, residual=self.residual)
+                             n_outliers=self.n_outliers, group=g, residual=self.residual,
+                             sink=self.sink)
     at = jnp.minimum(self.lengths, self.capacity - g)
     upd = {f: put_slots(getattr(self, f), getattr(new, f), at, when) for f in self._per_slot()}
     return self.replace(**upd, lengths=jnp.where(when, self.lengths + g, self.lengths))

@@ -115,30 +115,51 @@ class QuantStore:
 
 def flush(cache):
   """Decode-time streaming of any quantized store (KIVI's ``QuantStore``, KVQuant's
-  ``KVQuantStore``): where a head's full-precision window holds ``residual + group`` tokens, its
-  oldest ``group`` tokens are quantized into the store (``store.insert``) and the window shifts
-  left by ``group``. Jittable; one group per call (called after every decoded token, so the
-  window stays below ``residual + group``).
+  ``KVQuantStore``): where a head's full-precision window holds ``residual + group`` tokens
+  (besides its attention sinks), its oldest ``group`` non-sink tokens are quantized into the
+  store (``store.insert``) and the later ones shift left by ``group``. Jittable; one group per
+  call (called after every decoded token, so the window stays below ``residual + group``).
 
   ``cache`` is a ``KVCache`` with ``quant`` set; the store must have a free group of slots
-  (the method's ``apply`` allocates them for the tokens it was told to leave room for).
+  (the method's ``apply`` allocates them for the tokens it was told to leave room for). A store
+  with ``sink > 0`` (KVQuant) keeps tokens at positions below ``sink`` at the front of the
+  window for good.
   """
   q = cache.quant
   g = q.group
+  skip = sink_slots(cache.positions, getattr(q, "sink", 0))  # [L, B, K]
   # Heads whose window is full flush, if the store has a free group (else the window grows).
-  when = (cache.lengths >= q.residual + g) & (q.lengths + g <= q.capacity)  # [L, B, K]
+  when = (cache.lengths - skip >= q.residual + g) & (q.lengths + g <= q.capacity)  # [L, B, K]
   # Most decode steps flush nothing: skip the whole rewrite then (it touches every buffer).
-  return jax.lax.cond(when.any(), lambda c: _flush(c, when), lambda c: c, cache)
+  return jax.lax.cond(when.any(), lambda c: _flush(c, when, skip), lambda c: c, cache)
 
 
-def _flush(cache, when):
+def sink_slots(positions: jax.Array, sink: int) -> jax.Array:
+  """``[L, B, K]`` slots holding tokens at positions ``[0, sink)`` (they come first)."""
+  if sink == 0:
+    return jnp.zeros(positions.shape[:3], jnp.int32)
+  return jnp.sum((positions >= 0) & (positions < sink), axis=-1).astype(jnp.int32)
+
+
+def take_slots(x: jax.Array, start: jax.Array, n: int) -> jax.Array:
+  """Slots ``[start, start + n)`` (``start [L, B, K]``) of a leaf ``[L, B, K, S, ...]``; slots
+  past S repeat the last one (callers mask them by length)."""
+  idx = jnp.minimum(start[..., None] + jnp.arange(n), x.shape[3] - 1)
+  idx = idx.reshape(idx.shape + (1,) * (x.ndim - 4))
+  return jnp.take_along_axis(x, idx, axis=3)
+
+
+def _flush(cache, when, skip):
   g = cache.quant.group
-  store = cache.quant.insert(cache.keys[:, :, :, :g], cache.values[:, :, :, :g],
-                             cache.positions[:, :, :, :g], when)
+  piece = lambda x: take_slots(x, skip, g)
+  store = cache.quant.insert(piece(cache.keys), piece(cache.values), piece(cache.positions),
+                             when)
   cap = cache.capacity
-  idx = jnp.minimum(jnp.arange(cap) + jnp.where(when, g, 0)[..., None], cap - 1)
+  j = jnp.arange(cap)
+  moved = jnp.where(j < skip[..., None], j, j + jnp.where(when, g, 0)[..., None])
+  idx = jnp.minimum(moved, cap - 1)
   lengths = jnp.where(when, cache.lengths - g, cache.lengths)
-  keep = jnp.arange(cap) < lengths[..., None]
+  keep = j < lengths[..., None]
   shift = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
   return cache.replace(keys=shift(cache.keys), values=shift(cache.values),
                        positions=jnp.where(keep, jnp.take_along_axis(cache.positions, idx, 3), -1),
@@ -171,13 +192,17 @@ def first_slots(x: jax.Array, n: int) -> jax.Array:
   return jnp.pad(x, [(0, 0)] * 3 + [(0, n - s)] + [(0, 0)] * (x.ndim - 4))
 
 
-def split_window(cache, n_q: jax.Array, res_cap: int, quant):
-  """The cache whose full-precision part keeps each head's slots from ``n_q [L, B, K]`` on,
-  moved to the front of ``res_cap`` slots, with ``quant`` (the store of the first ``n_q``)."""
+def split_window(cache, n_q: jax.Array, res_cap: int, quant, skip: jax.Array | None = None):
+  """The cache whose full-precision part keeps each head's first ``skip [L, B, K]`` slots
+  (sinks; default none) and its slots from ``skip + n_q`` on, moved to the front of ``res_cap``
+  slots, with ``quant`` (the store of the ``n_q [L, B, K]`` slots in between)."""
+  skip = jnp.zeros_like(n_q) if skip is None else skip
   res_len = cache.lengths - n_q
-  idx = jnp.minimum(n_q[..., None] + jnp.arange(res_cap), cache.capacity - 1)  # [L, B, K, R]
+  j = jnp.arange(res_cap)
+  idx = jnp.where(j < skip[..., None], j, n_q[..., None] + j)
+  idx = jnp.minimum(idx, cache.capacity - 1)  # [L, B, K, R]
   take = lambda x: jnp.take_along_axis(x, idx[..., None], axis=3)
-  in_res = jnp.arange(res_cap) < res_len[..., None]
+  in_res = j < res_len[..., None]
   return cache.replace(
       keys=jnp.where(in_res[..., None], take(cache.keys), 0).astype(cache.keys.dtype),
       values=jnp.where(in_res[..., None], take(cache.values), 0).astype(cache.values.dtype),
