@@ -127,8 +127,8 @@ def _decode_step(params, token: jax.Array, cache: KVCache, *, apply_fn: ApplyFn,
                                 jnp.zeros(token.shape, jnp.int32), observe)
   if method is not None and hasattr(method, "update"):
     cache = method.update(cache, obs)
-  if cache.quant is not None:  # quantized cache: stream the oldest full-precision tokens in
-    cache = quant_flush(cache)
+  if cache.quant is not None and hasattr(cache.quant, "insert"):  # quantized: stream the
+    cache = quant_flush(cache)  # oldest full-precision tokens in (a low-rank store takes none)
   return logits, cache
 
 

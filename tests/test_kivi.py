@@ -98,7 +98,7 @@ def test_evict_then_quantize_and_invalid_orders(tiny):
   m = methods.Compose((methods.make("snapkv", ratio=0.5), KIVI(bits=4, group=16, residual=16)))
   out = methods.compress(m, cache, obs, extra=8)
   assert int(out.quant.lengths[0, 0, 0]) + int(out.lengths[0, 0, 0]) == 110
-  with pytest.raises(ValueError, match="quantization \\(kivi\\) must come last.*snapkv\\+kivi"):
+  with pytest.raises(ValueError, match="low-rank \\(kivi\\) must come last.*snapkv\\+kivi"):
     methods.make("kivi+snapkv", ratio=0.5)
   with pytest.raises(ValueError, match="keeps every token"):
     methods.make("kivi", ratio=0.5)

@@ -17,6 +17,7 @@ from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 from lib.methods.expected_attention import ExpectedAttention
 from lib.methods.kivi import KIVI, KIVI4
 from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
+from lib.methods.xkv import XKV
 
 REGISTRY: dict[str, type[Method]] = {
     "streaming_llm": StreamingLLM,
@@ -33,6 +34,7 @@ REGISTRY: dict[str, type[Method]] = {
     "kvquant": KVQuant,
     "kvquant2": KVQuant2,
     "kvquant4": KVQuant4,
+    "xkv": XKV,
 }
 
 
@@ -50,8 +52,9 @@ class Compose:
     names = [m.name for m in self.methods]
     for i, m in enumerate(self.methods[:-1]):
       if getattr(m, "quantizes", False):
-        raise ValueError(f"invalid order {'+'.join(names)}: quantization ({m.name}) must come "
-                         f"last — evict first, then quantize what is kept, e.g. "
+        raise ValueError(f"invalid order {'+'.join(names)}: quantization / low-rank "
+                         f"({m.name}) must come last — evict first, then quantize what is "
+                         f"kept, e.g. "
                          f"{'+'.join(names[:i] + names[i + 1:] + [m.name])}")
 
   @property
@@ -116,4 +119,4 @@ def check_for_model(method, config, params, what: str = "the model") -> None:
 
 __all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
            "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KIVI",
-           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4"]
+           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV"]

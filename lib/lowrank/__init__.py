@@ -1,0 +1,1 @@
+"""Low-rank representations of cache tensors (xKV)."""

@@ -1,0 +1,83 @@
+"""xKV: cross-layer SVD of pre-RoPE keys/values in the one cache pytree."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from lib import generate as gen
+from lib import methods
+from lib.lowrank.store import factor
+from lib.methods.xkv import XKV
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+  path, _ = tiny_dir("llama")  # 3 layers, 2 kv heads, head dim 16
+  return models.load(path, progress=False, attn_block_size=8)
+
+
+def test_factor_is_exact_at_full_rank_and_error_falls_with_rank():
+  rng = np.random.RandomState(0)
+  x = jnp.asarray(rng.randn(2, 40, 3, 24) @ np.diag(np.linspace(3, 0.1, 24)), jnp.float32)
+  valid = jnp.asarray(np.arange(40)[None] < np.array([[40], [31]]))
+  errs = []
+  for r in (2, 8, 24, 72):
+    coef, basis = factor(x, valid, r)
+    back = jnp.einsum("BQR,GBRF->BQGF", coef, basis)
+    want = jnp.where(valid[..., None, None], x, 0)
+    errs.append(float(jnp.linalg.norm(back - want) / jnp.linalg.norm(want)))
+  assert errs[-1] < 1e-5 and all(a > b for a, b in zip(errs, errs[1:]))
+
+
+def _run(tiny, method, prompts, steps=12):
+  c = tiny.config
+  tokens, lengths = gen.pad_batch(prompts, 16)
+  cache = tiny.new_cache(len(prompts), tokens.shape[1])
+  first, cache, obs = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                                  apply_fn=tiny.apply_fn, chunk_size=16, observe=method.observe)
+  small = methods.compress(method, cache, obs, extra=steps + 8)
+  toks, _, final = gen.decode_loop(tiny.params, jax.tree.map(jnp.copy, small), first,
+                                   jax.random.PRNGKey(0),
+                                   apply_fn=tiny.apply_fn, max_new_tokens=steps)
+  logits, _ = gen.decode_step(tiny.params, toks[:, -1], final, apply_fn=tiny.apply_fn)
+  del c
+  return np.asarray(toks), np.asarray(logits), small
+
+
+def test_full_rank_equals_the_uncompressed_model(tiny):
+  rng = np.random.RandomState(1)
+  prompts = [rng.randint(0, 160, 60).tolist(), rng.randint(0, 160, 37).tolist()]
+  full_t, full_l, _ = _run(tiny, methods.make("streaming_llm", ratio=1.0), prompts)
+  # 1 layer per group, rank = K * H: exact up to float error
+  t, l, small = _run(tiny, XKV(layers_per_group=1, rank_k=1.0, rank_v=1.0), prompts)
+  np.testing.assert_array_equal(t, full_t)
+  np.testing.assert_allclose(l, full_l, rtol=1e-3, atol=1e-3)
+  assert small.quant.k_coef.shape[-1] == 32 and int(small.lengths.max()) == 0
+
+
+def test_logit_error_falls_with_rank_and_bytes_show(tiny):
+  rng = np.random.RandomState(2)
+  prompts = [rng.randint(0, 160, 64).tolist()]
+  _, full_l, full = _run(tiny, methods.make("streaming_llm", ratio=1.0), prompts, steps=2)
+  errs, sizes = [], []
+  for r in (4, 16, 48, 96):  # groups of 3 layers: 96 features
+    _, l, small = _run(tiny, XKV(layers_per_group=3, rank_k=r, rank_v=r), prompts, steps=2)
+    errs.append(float(np.abs(l - full_l).max()))
+    sizes.append(small.trimmed().nbytes)
+  assert errs[-1] < 1e-3 and all(a > b for a, b in zip(errs, errs[1:])), errs
+  assert sizes[0] < 0.3 * full.trimmed().nbytes and sizes == sorted(sizes)
+
+
+def test_errors(tiny):
+  rng = np.random.RandomState(3)
+  prompts = [rng.randint(0, 160, 64).tolist()]
+  with pytest.raises(ValueError, match="must divide the 3 layers"):
+    _run(tiny, XKV(layers_per_group=2), prompts)
+  with pytest.raises(ValueError, match="same tokens in every layer and head"):
+    _run(tiny, methods.make("snapkv+xkv", ratio=0.75, layers_per_group=1), prompts)
+  with pytest.raises(ValueError, match="must come last"):
+    methods.make("xkv+snapkv", ratio=0.5)
+  with pytest.raises(ValueError, match="ranks must be positive"):
+    XKV(rank_k=0)
