@@ -9,6 +9,8 @@ Choices:
 * exact SVD in float32 per batch row (``jnp.linalg.svd``); the reference also offers a
   randomized one.
 * decoded tokens stay in full precision (the reference compresses the prefill only).
+* when ``layers_per_group`` does not divide the layers (SmolLM2 has 30), the last group is
+  shorter (its SVD runs over fewer layers).
 * xKV needs the same tokens in every layer and head (one token factor serves them all): it
   runs on the full cache or after a layer- and head-uniform eviction (``streaming_llm+xkv``);
   after per-head eviction it raises. It takes the cache's stored-part slot, so it does not
@@ -59,7 +61,7 @@ class XKV:
     return _observe
 
   def ranks(self, cache: KVCache) -> tuple[int, int]:
-    feats = self.layers_per_group * cache.kv_heads * cache.head_dim
+    feats = min(self.layers_per_group, cache.num_layers) * cache.kv_heads * cache.head_dim
     as_rank = lambda r: int(round(r * feats)) if r <= 1 else int(r)
     return max(as_rank(self.rank_k), 1), max(as_rank(self.rank_v), 1)
 
@@ -73,9 +75,6 @@ class XKV:
     if observations is None:
       raise ValueError("xkv re-applies RoPE with the frequencies it records during prefill: "
                        "prefill with observe=method.observe and pass the observations")
-    if cache.num_layers % self.layers_per_group:
-      raise ValueError(f"xkv: layers_per_group={self.layers_per_group} must divide the "
-                       f"{cache.num_layers} layers")
     pos = to_host(cache.positions)
     lengths = to_host(cache.lengths)
     if not ((pos == pos[:1, :, :1]).all() and (lengths == lengths[:1, :, :1]).all()):
@@ -93,7 +92,8 @@ class XKV:
 def _factor_cache(method: XKV, cache: KVCache, inv_freq, cap: int, res_cap: int, rk: int,
                   rv: int) -> KVCache:
   l, b, k, s, h = cache.keys.shape
-  g = method.layers_per_group
+  g = min(method.layers_per_group, l)
+  lp = -(-l // g) * g  # the last group may be short: padded with zero layers (no effect on SVD)
   take = lambda x: x[:, :, :, :cap] if cap <= s else jnp.pad(
       x, [(0, 0)] * 3 + [(0, cap - s)] + [(0, 0)] * (x.ndim - 4))
   pos = take(cache.positions)
@@ -101,13 +101,14 @@ def _factor_cache(method: XKV, cache: KVCache, inv_freq, cap: int, res_cap: int,
   k_pre = rotate(take(cache.keys), jnp.maximum(pos, 0), -inv_freq)  # un-rotate: [L, B, K, Q, H]
 
   def grouped(x):  # [L, B, K, Q, H] -> [C, B, Q, G, K*H]
-    x = x.reshape(l // g, g, b, k, cap, h).transpose(0, 2, 4, 1, 3, 5)
-    return x.reshape(l // g, b, cap, g, k * h)
+    x = jnp.pad(x, [(0, lp - l)] + [(0, 0)] * 4)
+    x = x.reshape(lp // g, g, b, k, cap, h).transpose(0, 2, 4, 1, 3, 5)
+    return x.reshape(lp // g, b, cap, g, k * h)
 
   def per_group(x, rank):
     coef, basis = jax.vmap(lambda xg: factor(xg, valid, rank))(grouped(x))
     # basis [C, G, B, r, F] -> [L, B, r, F]
-    return coef.astype(cache.keys.dtype), basis.reshape(l, b, rank, k * h).astype(
+    return coef.astype(cache.keys.dtype), basis.reshape(lp, b, rank, k * h)[:l].astype(
         cache.keys.dtype)
 
   k_coef, k_basis = per_group(k_pre, rk)
