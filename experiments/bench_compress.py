@@ -18,12 +18,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
 from lib.provenance import git_rev, write_result
 
 FLAGS = flags.FLAGS
+distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
 flags.DEFINE_integer("length", 4096, "Prompt tokens.")
 flags.DEFINE_float("ratio", 0.5, "Fraction kept.")
@@ -48,7 +50,9 @@ def _best(f, reps):
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   lm = models.load(FLAGS.model, progress=False)
+  lm, _ = sharding.place_model(lm, FLAGS.mesh)
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
   tokens, lengths = gen.pad_batch([ids], 512)
   tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)

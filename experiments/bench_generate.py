@@ -25,12 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from lib import distributed, sharding
 from lib import generate as gen
 from lib.data.text import text_of_tokens
 from lib.provenance import git_rev, write_result
 from lib.reference import load_hf_reference
 
 FLAGS = flags.FLAGS
+distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model (the reference must load it too).")
 flags.DEFINE_list("lengths", ["1024", "4096"], "Prompt lengths.")
 flags.DEFINE_integer("decode_tokens", 32, "Decode steps timed per repetition.")
@@ -87,7 +89,9 @@ def hf_run(hf, ids, n_decode):
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   m = models.load(FLAGS.model, progress=False)
+  m, _ = sharding.place_model(m, FLAGS.mesh)
   hf = load_hf_reference(m.source) if FLAGS.reference else None
   if hf is not None:
     import torch  # pylint: disable=g-import-not-at-top

@@ -23,7 +23,6 @@ from lib.data.text import stdlib_docs, text_of_tokens
 from lib.quant import kvquant_calibrate as calib
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device).")
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_integer("num_samples", 16, "Calibration samples (KVQuant: 16).")

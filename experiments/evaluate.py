@@ -13,7 +13,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 import jax
 from tqdm.auto import tqdm
 
@@ -27,7 +27,6 @@ from lib.online import split_online
 from lib.provenance import git_rev
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device).")
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_list("method", ["snapkv", "streaming_llm", "knorm", "tova"],
@@ -66,6 +65,7 @@ def _done(path):
 def main(argv):
   del argv
   distributed.initialize_from_flags()
+  logging.set_verbosity(logging.WARNING)  # orbax (KVQuant calibrations) logs every read
   ratios = [float(r) for r in FLAGS.ratio]
   cells = [(spec, r, methods.make(spec, ratio=r)) for spec in FLAGS.method for r in ratios]
   lengths = [int(x) for x in FLAGS.lengths]

@@ -20,7 +20,6 @@ from lib.protocol import ask, compress_for, prefill_context
 from lib.sampling import SamplingConfig, sample
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device).")
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_string("prompt", "What is the capital of France?", "User prompt.")

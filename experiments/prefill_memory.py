@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import models
+from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
@@ -31,6 +32,7 @@ from lib.memory import explain_oom
 from lib.online import prefill_context_compressing
 
 FLAGS = flags.FLAGS
+distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model to load.")
 flags.DEFINE_integer("length", 4096, "Prompt tokens (real stdlib-docs text).")
 flags.DEFINE_integer("chunk_size", 512, "Prefill chunk.")
@@ -42,7 +44,9 @@ flags.DEFINE_integer("batch", 1, "Prompts prefilled together (lengths length, le
 
 def main(argv):
   del argv
+  distributed.initialize_from_flags()
   m = models.load(FLAGS.model, progress=False)
+  m, _ = sharding.place_model(m, FLAGS.mesh)
   c = m.config
   ids = text_of_tokens(m.tokenizer, FLAGS.length)
   prompts = [ids[: max(len(ids) - 64 * i, 1)] for i in range(FLAGS.batch)]

@@ -12,7 +12,10 @@ from absl import flags
 
 
 def define_flags() -> None:
-  """Defines the three flags (call once, at a launcher's module level)."""
+  """Defines ``--mesh`` and the three multi-host flags (call once, at a launcher's module
+  level)."""
+  flags.DEFINE_string("mesh", "", "Device mesh, e.g. data:4,model:2 (default: one device); "
+                      "see lib/sharding.py.")
   flags.DEFINE_string("coordinator_address", "", "host:port of process 0, for multi-host runs "
                       "(empty: one process).")
   flags.DEFINE_integer("num_processes", 1, "Processes in a multi-host run.")
