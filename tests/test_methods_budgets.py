@@ -193,3 +193,32 @@ def test_decode_time_methods_change_nothing_until_the_cache_is_full(tiny):
 def jax_copy(cache):
   import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(jnp.copy, cache)
+
+
+def test_keyformer_column_sums_equal_dense_gumbel_softmax(tiny):
+  """Blockwise, chunked Gumbel-softmax sums == a dense softmax((s + G) / tau) with the same
+  hashed noise, over the whole prompt."""
+  from lib.methods.accumulated import gumbel_noise  # pylint: disable=g-import-not-at-top
+  ids = np.random.RandomState(12).randint(0, 160, size=29).tolist()
+  c = tiny.config
+  tau, seed = 0.7, 3
+  m = methods.Keyformer(ratio=0.5, tau=tau, seed=seed)
+  cache, obs = _prefill(tiny, ids, 8, m.observe)  # 4 chunks, attention blocks of 8
+  got = np.asarray(obs.sum(0))[:, 0, :, :29]  # [L, K, n]
+  _, q_all = _prefill(tiny, ids, 64, _all_queries)
+  n = len(ids)
+  q = np.asarray(q_all)[0][:, 0, :n]
+  keys = np.asarray(cache.keys)[:, 0, :, :n]
+  g = c.num_heads // c.num_kv_heads
+  for layer in range(c.num_layers):
+    qq = q[layer].reshape(n, c.num_kv_heads, g, -1)
+    s = np.einsum("nkgh,ksh->kgns", qq, keys[layer]) / np.sqrt(c.head_dim)
+    heads = (np.arange(c.num_kv_heads)[:, None] * g + np.arange(g)[None])[..., None, None]
+    noise = np.asarray(gumbel_noise(seed, layer, heads, np.arange(n)[:, None],
+                                    np.arange(n)[None, :]))
+    z = np.where(np.tril(np.ones((n, n), bool)), (s + noise) / tau, -np.inf)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got[layer], p.sum(2).mean(1), rtol=2e-4, atol=2e-5)
+  u = np.asarray(gumbel_noise(0, 0, 0, np.arange(4096), 7))
+  assert abs(u.mean() - 0.5772) < 0.06 and abs(u.std() - 1.2825) < 0.08  # Gumbel moments

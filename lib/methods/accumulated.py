@@ -23,37 +23,35 @@ from lib.methods.base import Method, evict_one, forced
 @functools.lru_cache(maxsize=None)
 def column_sums(gumbel_tau: float | None = None, seed: int = 0):
   """Observe hook: ``[B, K, S]`` attention mass each cache slot receives from this chunk's
-  queries (mean over each GQA group). With ``gumbel_tau``, the probabilities are Keyformer's
-  Gumbel-softmax ``softmax((x + G) / tau)``, fresh noise per layer and chunk (a softmax of its
-  own over the chunk's logits); without, they come from the attention's normalisers in one
-  blockwise pass (``_sums_from_lse``)."""
+  queries (mean over each GQA group), in one blockwise pass over the valid cache (nothing
+  ``T x S`` beyond one block). Without ``gumbel_tau`` the probabilities are the attention's own
+  (``exp(s - lse)`` with the attention's normalisers); with it they are Keyformer's
+  Gumbel-softmax ``softmax((s + G) / tau)``, whose normaliser takes one more blockwise pass.
+  The Gumbel noise ``G`` is a counter-based hash of (seed, layer, query head, query position,
+  key position) (``gumbel_noise``), so both passes see the same noise without storing it."""
 
   def observe(layer, x, cache):
-    if gumbel_tau is None and x.lse is not None:
-      return _sums_from_lse(layer, x, cache)
-    q, k_new, q_positions, q_valid = x.q, x.k, x.positions, x.valid
-    b, t, n, h = q.shape
-    kh = k_new.shape[1]
-    keys = jax.lax.dynamic_index_in_dim(cache.keys, layer, 0, keepdims=False)  # [B, K, S, H]
-    lens = jax.lax.dynamic_index_in_dim(cache.lengths, layer, 0, keepdims=False)  # [B, K]
-    s_cap = keys.shape[2]
-    qg = q.astype(jnp.float32).reshape(b, t, kh, n // kh, h) / math.sqrt(h)
-    lc = jnp.einsum("BTKGH,BKSH->BKGTS", qg, keys.astype(jnp.float32))
-    ln = jnp.einsum("BTKGH,BKUH->BKGTU", qg, k_new.astype(jnp.float32))
-    mc = (jnp.arange(s_cap)[None, None, :] < lens[..., None])[:, :, None, None, :]
-    mn = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
-    x = jnp.concatenate([jnp.where(mc, lc, -jnp.inf), jnp.where(mn, ln, -jnp.inf)], -1)
-    if gumbel_tau is not None:
-      key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), layer),
-                               q_positions[0, 0])
-      x = (x + jax.random.gumbel(key, x.shape)) / gumbel_tau
-    p = jax.nn.softmax(x, axis=-1)
-    p = jnp.where(q_valid[:, None, None, :, None], p, 0.0)
-    col = p.sum(3).mean(2)  # [B, K, S + T]
-    # The chunk's keys land at slots [lens, lens + T) of each (row, head): put their sums there.
-    return col[..., :s_cap] + _place_new(col[..., s_cap:], lens, s_cap)
+    if gumbel_tau is None:
+      return _column_sums(layer, x, cache)
+    return _column_sums(layer, x, cache, gumbel=(gumbel_tau, seed))
 
   return observe
+
+
+def gumbel_noise(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
+  """Standard Gumbel noise from a hash of its integer coordinates (broadcast together); the
+  same coordinates always give the same value. float32, finite."""
+  u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)
+  h = (u32(q_pos) * jnp.uint32(0x9E3779B1)) ^ (u32(k_pos) * jnp.uint32(0x85EBCA77))
+  h = h ^ (u32(layer) * jnp.uint32(0xC2B2AE3D)) ^ (u32(head) * jnp.uint32(0x27D4EB2F))
+  h = h ^ jnp.uint32(seed * 0x165667B1 & 0xFFFFFFFF)
+  h = h ^ (h >> 16)  # murmur3's finaliser: every input bit reaches every output bit
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  u = ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1)
+  return -jnp.log(-jnp.log(u))
 
 
 def _place_new(col_new, lens, s_cap):
@@ -63,16 +61,16 @@ def _place_new(col_new, lens, s_cap):
   return place(jnp.zeros((b, kh, s_cap + t), jnp.float32), col_new, lens)[..., :s_cap]
 
 
-def _sums_from_lse(layer, x, cache, block: int = 512):
-  """Column sums from the attention's own normalisers ``x.lse``: one pass of ``q.k`` over the
-  valid cache blocks, ``exp(s - lse)`` summed over queries (no second softmax, nothing
-  ``T x S`` beyond one block). Masks as attention does (validity, causality, sliding window).
-  """
-  q, k_new, lse = x.q, x.k, x.lse  # lse [B, K, G, T]
+def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
+  """Column sums of this chunk's attention (or Gumbel-softmax with ``gumbel=(tau, seed)``)
+  over the valid cache blocks and the chunk itself. Masks as attention does (validity,
+  causality, sliding window)."""
+  q, k_new = x.q, x.k
   b, t, n, h = q.shape
   kh = k_new.shape[1]
+  g = n // kh
   f32 = jnp.float32
-  qg = (q.astype(f32) / math.sqrt(h)).reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+  qg = (q.astype(f32) / math.sqrt(h)).reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
   qpos = x.positions[:, None, None, :, None]  # [B, 1, 1, T, 1]
   qok = x.valid[:, None, None, :, None]
   win = x.sliding_window
@@ -80,22 +78,49 @@ def _sums_from_lse(layer, x, cache, block: int = 512):
   lens = jax.lax.dynamic_index_in_dim(cache.lengths, layer, 0, keepdims=False)  # [B, K]
   s_cap = cache.capacity
   bs = min(block, s_cap)
+  n_blocks = (jnp.max(lens) + bs - 1) // bs
+  heads = (jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
+
+  def logits(s, kpos):  # s [B, K, G, T, S], kpos broadcastable to it
+    if gumbel is None:
+      return s
+    tau, seed = gumbel
+    return (s + gumbel_noise(seed, layer, heads, qpos, kpos)) / tau
+
+  def cache_part(i):
+    kb, pb, ok = cache_block(cache.keys, cache.positions, lens, layer, i, bs)
+    kpos = pb[:, :, None, None, :]
+    ok = ok[:, :, None, None, :] & qok & window_ok(kpos)
+    return logits(jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32)), kpos), ok
+
+  kpos_new = x.positions[:, None, None, None, :]
+  ok_new = jnp.tril(jnp.ones((t, t), bool))[None, None, None] & qok & window_ok(kpos_new)
+  z_new = logits(jnp.einsum("BKGTH,BKUH->BKGTU", qg, k_new.astype(f32)), kpos_new)
+
+  if gumbel is None and x.lse is not None:
+    lse = x.lse  # [B, K, G, T]
+  else:  # the normaliser of these logits: one more online pass
+    def fold(i, carry):
+      m, l = carry
+      z, ok = cache_part(i)
+      m_new = jnp.maximum(m, jnp.where(ok, z, -jnp.inf).max(-1))
+      return m_new, l * jnp.exp(m - m_new) + jnp.where(ok, jnp.exp(z - m_new[..., None]),
+                                                       0.0).sum(-1)
+    m0 = jnp.where(ok_new, z_new, -jnp.inf).max(-1)  # the diagonal is always allowed
+    l0 = jnp.where(ok_new, jnp.exp(z_new - m0[..., None]), 0.0).sum(-1)
+    m0 = jnp.where(jnp.isfinite(m0), m0, 0.0)  # padded queries: nothing allowed
+    m, l = jax.lax.fori_loop(0, n_blocks, fold, (m0, l0))
+    lse = m + jnp.log(jnp.maximum(l, 1e-30))
 
   def body(i, out):
-    kb, pb, ok = cache_block(cache.keys, cache.positions, lens, layer, i, bs)
-    ok = ok[:, :, None, None, :] & qok & window_ok(pb[:, :, None, None, :])
-    s = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32))
-    p = jnp.where(ok, jnp.exp(s - lse[..., None]), 0.0)
+    z, ok = cache_part(i)
+    p = jnp.where(ok, jnp.exp(z - lse[..., None]), 0.0)
     start = jnp.minimum(i * bs, s_cap - bs)  # where cache_block read (masked overlap adds 0)
     cur = jax.lax.dynamic_slice(out, (0, 0, start), (b, kh, bs))
     return jax.lax.dynamic_update_slice(out, cur + p.sum(3).mean(2), (0, 0, start))
 
-  n_blocks = (jnp.max(lens) + bs - 1) // bs
   out = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((b, kh, s_cap), f32))
-  sn = jnp.einsum("BKGTH,BKUH->BKGTU", qg, k_new.astype(f32))
-  causal = jnp.tril(jnp.ones((t, t), bool))[None, None, None]
-  ok = causal & qok & window_ok(x.positions[:, None, None, None, :])
-  p = jnp.where(ok, jnp.exp(sn - lse[..., None]), 0.0)
+  p = jnp.where(ok_new, jnp.exp(z_new - lse[..., None]), 0.0)
   return out + _place_new(p.sum(3).mean(2), lens, s_cap)
 
 
