@@ -38,7 +38,7 @@ class LowRankStore:
   lengths: jax.Array
   inv_freq: jax.Array
   layers_per_group: int = struct.field(pytree_node=False, default=4)
-  group: int = struct.field(pytree_node=False, default=64)  # slots per attention block
+  group: int = struct.field(pytree_node=False, default=8)  # block granularity (trimmed rounds to it)
   residual: int = struct.field(pytree_node=False, default=0)
 
   @property

@@ -17,6 +17,7 @@ from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 from lib.methods.expected_attention import ExpectedAttention
 from lib.methods.kivi import KIVI, KIVI4
 from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
+from lib.methods.think import ThinK
 from lib.methods.xkv import XKV
 
 REGISTRY: dict[str, type[Method]] = {
@@ -35,6 +36,7 @@ REGISTRY: dict[str, type[Method]] = {
     "kvquant2": KVQuant2,
     "kvquant4": KVQuant4,
     "xkv": XKV,
+    "think": ThinK,
 }
 
 
@@ -119,4 +121,4 @@ def check_for_model(method, config, params, what: str = "the model") -> None:
 
 __all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
            "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KIVI",
-           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV"]
+           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK"]

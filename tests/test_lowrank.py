@@ -1,4 +1,5 @@
-"""xKV: cross-layer SVD of pre-RoPE keys/values in the one cache pytree."""
+"""Low-rank and structural methods in the one cache pytree: xKV (cross-layer SVD), ThinK (key
+channel pruning)."""
 
 import jax
 import jax.numpy as jnp
@@ -83,3 +84,39 @@ def test_errors(tiny):
     methods.make("xkv+snapkv", ratio=0.5)
   with pytest.raises(ValueError, match="ranks must be positive"):
     XKV(rank_k=0)
+
+
+def test_think_without_pruning_equals_the_uncompressed_model(tiny):
+  rng = np.random.RandomState(4)
+  prompts = [rng.randint(0, 160, 70).tolist(), rng.randint(0, 160, 41).tolist()]
+  full_t, full_l, _ = _run(tiny, methods.make("streaming_llm", ratio=1.0), prompts)
+  t, l, small = _run(tiny, methods.ThinK(pruning=0.0, window=8, recent=8), prompts)
+  np.testing.assert_array_equal(t, full_t)
+  np.testing.assert_allclose(l, full_l, rtol=1e-4, atol=1e-4)
+  assert int(small.quant.lengths[0, 0, 0]) == 62 and int(small.lengths[0, 1, 0]) == 8
+
+
+def test_think_error_falls_with_less_pruning_and_composes_after_eviction(tiny):
+  rng = np.random.RandomState(5)
+  prompts = [rng.randint(0, 160, 80).tolist()]
+  _, full_l, full = _run(tiny, methods.make("streaming_llm", ratio=1.0), prompts, steps=2)
+  errs, rec, sizes = [], [], []
+  keys = np.asarray(full.keys)[:, :, :, :72]  # the 72 pruned slots (80 - recent 8)
+  for p in (0.75, 0.5, 0.25, 0.0):
+    _, l, small = _run(tiny, methods.ThinK(pruning=p, window=8, recent=8), prompts, steps=2)
+    errs.append(float(np.abs(l - full_l).max()))
+    sizes.append(small.trimmed().nbytes)
+    assert small.quant.keys.shape[-1] == 16 - int(np.floor(p * 16))
+    back = np.stack([np.asarray(small.quant.read(i, 0, 72)[0]) for i in range(3)])
+    rec.append(float(np.linalg.norm(back - keys) / np.linalg.norm(keys)))
+  # kept channel sets are nested, so the key reconstruction error falls strictly with pruning
+  assert rec[-1] < 1e-6 and all(a > b for a, b in zip(rec, rec[1:])), rec
+  assert errs[-1] < 1e-4 and errs[2] < errs[0], errs  # logits: exact without pruning
+  assert sizes == sorted(sizes)
+  m = methods.make("snapkv+think", ratio=0.5, window=8, recent=8)
+  _, _, small = _run(tiny, m, prompts, steps=2)
+  assert (np.asarray(small.quant.lengths + small.lengths) == 40).all()
+  _, _, evicted = _run(tiny, methods.make("snapkv", ratio=0.5, window=8), prompts, steps=2)
+  assert small.trimmed().nbytes < 0.9 * evicted.trimmed().nbytes  # pruned channels saved
+  with pytest.raises(ValueError, match="pruning is the fraction"):
+    methods.ThinK(pruning=1.0)
