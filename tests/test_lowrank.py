@@ -118,5 +118,7 @@ def test_think_error_falls_with_less_pruning_and_composes_after_eviction(tiny):
   assert (np.asarray(small.quant.lengths + small.lengths) == 40).all()
   _, _, evicted = _run(tiny, methods.make("snapkv", ratio=0.5, window=8), prompts, steps=2)
   assert small.trimmed().nbytes < 0.9 * evicted.trimmed().nbytes  # pruned channels saved
+  with pytest.raises(ValueError, match="already has a stored part \\(ChannelStore\\)"):
+    methods.compress(methods.make("xkv"), small, None)
   with pytest.raises(ValueError, match="pruning is the fraction"):
     methods.ThinK(pruning=1.0)

@@ -29,7 +29,8 @@ import numpy as np
 from lib.sharding import to_host
 from lib.cache import KVCache, round_capacity
 from lib.quant import packing
-from lib.quant.store import QuantStore, check_head_dim, check_window, first_slots, split_window
+from lib.quant.store import (QuantStore, check_head_dim, check_plain, check_window, first_slots,
+                             split_window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +54,7 @@ class KIVI:
     """Splits ``cache`` into packed codes (older tokens) + a full-precision residual window with
     ``extra`` free slots. Returns the quantized cache (``cache.quant`` set)."""
     del observations, block
-    if cache.quant is not None:
-      raise ValueError(f"{self.name}: the cache is already quantized (one quantizer per cache)")
+    check_plain(self.name, cache)
     check_head_dim(cache.head_dim, self.bits, self.bits, self.group)
     lengths = to_host(cache.lengths)
     g = self.group

@@ -38,7 +38,8 @@ from lib.cache import KVCache, round_capacity
 from lib.quant import nuq, packing
 from lib.quant import kvquant_calibrate as calib
 from lib.quant.kvquant_store import KVQuantStore
-from lib.quant.store import check_window, sink_slots, split_window, take_slots
+from lib.quant.store import (check_plain, check_window, sink_slots, split_window,
+                             take_slots)
 
 # The committed calibration of the default model (experiments/calibrate_kvquant.py), found
 # from the source tree whatever the working directory.
@@ -84,8 +85,7 @@ class KVQuant:
     """Quantizes every valid token (keeping the newest ``residual`` in full precision) and
     leaves ``extra`` free slots. Returns the cache with ``cache.quant`` a ``KVQuantStore``."""
     del block, observations
-    if cache.quant is not None:
-      raise ValueError(f"{self.name}: the cache is already quantized (one quantizer per cache)")
+    check_plain(self.name, cache)
     cal = self.load_calibration()
     cal.check_shapes(cache.num_layers, cache.kv_heads, cache.head_dim)
     packing.check_packable(cache.head_dim, self.bits, "head dim")

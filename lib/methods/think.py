@@ -25,7 +25,7 @@ import numpy as np
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.channels import ChannelStore
 from lib.methods.window import last_queries, window_queries
-from lib.quant.store import first_slots, split_window
+from lib.quant.store import check_plain, first_slots, split_window
 from lib.sharding import to_host
 
 
@@ -56,8 +56,7 @@ class ThinK:
     """Prunes the key channels of all but each head's newest ``recent`` tokens; ``extra`` free
     full-precision slots. Returns the cache with a ``ChannelStore``."""
     del block
-    if cache.quant is not None:
-      raise ValueError("think: the cache already has a stored part (quantized): use one of them")
+    check_plain(self.name, cache)
     if observations is None:
       raise ValueError("think scores channels with the observation-window queries: prefill with "
                        "observe=method.observe and pass the observations")

@@ -28,6 +28,7 @@ import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.store import LowRankStore, factor
+from lib.quant.store import check_plain
 from lib.rope import rotate
 from lib.sharding import to_host
 
@@ -70,8 +71,7 @@ class XKV:
     """Factors every valid token of ``cache`` (must be uniform over layers and heads); leaves a
     full-precision window of ``extra`` slots. Returns the cache with a ``LowRankStore``."""
     del block
-    if cache.quant is not None:
-      raise ValueError("xkv: the cache already has a stored part (quantized): use one of them")
+    check_plain(self.name, cache)
     if observations is None:
       raise ValueError("xkv re-applies RoPE with the frequencies it records during prefill: "
                        "prefill with observe=method.observe and pass the observations")

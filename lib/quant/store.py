@@ -176,6 +176,15 @@ def put_slots(buf, piece, start, when):
   return jnp.where(w, wrote, buf)
 
 
+def check_plain(name: str, cache) -> None:
+  """One stored part per cache: raises if ``cache`` is already quantized / low-rank / pruned
+  (compose ``eviction+X``, with X last, instead of stacking two such methods)."""
+  if cache.quant is not None:
+    raise ValueError(f"{name}: the cache already has a stored part "
+                     f"({type(cache.quant).__name__}); a cache takes one quantizer / low-rank / "
+                     "channel-pruning method, composed last after eviction")
+
+
 def check_window(name: str, group: int, residual: int) -> None:
   """Clear error unless ``residual`` (full-precision tokens) is a non-negative multiple of the
   flush ``group``."""
