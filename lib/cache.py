@@ -32,9 +32,14 @@ class KVCache:
       tokens the row has seen, compressed or not).
     scores: optional ``[L, B, K, S]`` float32 per-slot statistic carried by decode-time
       methods (H2O's accumulated attention); None otherwise (and then it costs no bytes).
-    quant: optional ``lib.quant.store.QuantStore``: the older tokens as packed low-bit codes
-      (KIVI); then ``keys/values`` hold only the newest tokens in full precision (the residual
-      window) and attention reads both. None for a full-precision cache.
+    quant: optional stored part holding the older tokens in a compact form: packed low-bit
+      codes (``lib.quant.store.QuantStore`` for KIVI, ``lib.quant.kvquant_store.KVQuantStore``),
+      cross-layer SVD factors (``lib.lowrank.store.LowRankStore``, xKV) or pruned key channels
+      (``lib.lowrank.channels.ChannelStore``, ThinK). Every store has ``capacity``, ``group``,
+      ``lengths``, ``read(layer, start, size)`` (float keys/values of a block, post-RoPE),
+      ``trimmed()`` and ``grown(n)``; the streaming ones also ``insert`` (decode-time flush).
+      ``keys/values`` then hold the newest tokens in full precision (the window) and attention
+      reads both. None for a plain cache.
   """
 
   keys: jax.Array
