@@ -60,8 +60,9 @@ def chunk_attention(
       scanning over per-layer slices makes XLA copy every layer's cache on every step.
     sliding_window: keys with ``q_pos - k_pos >= sliding_window`` are masked (Mistral).
     block_size: cache slots per online-softmax block.
-    quant: a ``lib.quant.store.QuantStore`` (stacked over layers; needs ``layer``): older
-      tokens as packed codes, read block by block and dequantized in the same online softmax.
+    quant: the cache's stored part (``KVCache.quant``: packed codes, low-rank factors or
+      pruned channels; stacked over layers; needs ``layer``): older tokens read block by block
+      (``read``) and folded into the same online softmax.
     return_lse: also return each query's log normaliser ``lse [B, K, G, T]`` (of the logits
       ``q.k / sqrt(H)`` over every key it attends to), so observation hooks can form exact
       attention probabilities ``exp(s - lse)`` block by block without a second softmax.
