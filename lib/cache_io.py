@@ -1,4 +1,5 @@
-"""Saving and loading a ``KVCache`` (any layout: dense, compressed, KIVI- or KVQuant-quantized)
+"""Saving and loading a ``KVCache`` (any layout: dense, compressed, KIVI- or KVQuant-quantized,
+xKV low-rank, ThinK channel-pruned)
 with orbax, so a long document's compressed cache is computed once and reused by later runs.
 
 A saved cache is an orbax checkpoint directory holding the leaves (written shard by shard from
@@ -24,9 +25,13 @@ FORMAT = "kvlab-cache/1"
 
 
 def _stores():
-  from lib.quant.kvquant_store import KVQuantStore  # pylint: disable=g-import-not-at-top
-  from lib.quant.store import QuantStore  # pylint: disable=g-import-not-at-top
-  return {"QuantStore": QuantStore, "KVQuantStore": KVQuantStore}
+  """Every stored-part type a cache may carry, by class name."""
+  # pylint: disable=g-import-not-at-top
+  from lib.lowrank.channels import ChannelStore
+  from lib.lowrank.store import LowRankStore
+  from lib.quant.kvquant_store import KVQuantStore
+  from lib.quant.store import QuantStore
+  return {c.__name__: c for c in (QuantStore, KVQuantStore, LowRankStore, ChannelStore)}
 
 
 def _fields(obj) -> tuple[dict[str, Any], dict[str, Any]]:

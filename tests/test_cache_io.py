@@ -1,4 +1,4 @@
-"""Saved caches (dense, KIVI, KVQuant) load back identical, also across meshes."""
+"""Saved caches (dense, KIVI, KVQuant, xKV, ThinK) load back identical, also across meshes."""
 
 import os
 import subprocess
@@ -12,6 +12,8 @@ import pytest
 from lib import cache_io, methods
 from lib.cache import KVCache
 from lib.methods.kivi import KIVI
+from lib.lowrank.channels import ChannelStore
+from lib.lowrank.store import LowRankStore
 from lib.quant.kvquant_store import KVQuantStore
 
 
@@ -34,7 +36,16 @@ def _caches():
   kvq = dense.replace(keys=dense.keys[:, :, :, :8], values=dense.values[:, :, :, :8],
                       positions=jnp.full(shape[:3] + (8,), -1), scores=None,
                       lengths=jnp.zeros(shape[:3], jnp.int32), quant=store)
-  return {"dense": dense, "kivi": kivi, "kvquant": kvq}
+  lowrank = kvq.replace(quant=LowRankStore(
+      k_coef=jnp.asarray(rng.randn(1, 4, 96, 12), jnp.float32),
+      k_basis=jnp.asarray(rng.randn(2, 4, 12, 64), jnp.float32),
+      v_coef=jnp.asarray(rng.randn(1, 4, 96, 20), jnp.bfloat16),
+      v_basis=jnp.asarray(rng.randn(2, 4, 20, 64), jnp.bfloat16), positions=dense.positions,
+      lengths=dense.lengths, inv_freq=jnp.linspace(1, 1e-3, 16), layers_per_group=2))
+  pruned = kvq.replace(quant=ChannelStore(
+      keys=dense.keys[..., :20], channels=jnp.asarray(rng.randint(0, 32, (2, 4, 2, 20)), jnp.uint8),
+      values=dense.values, positions=dense.positions, lengths=dense.lengths))
+  return {"dense": dense, "kivi": kivi, "kvquant": kvq, "xkv": lowrank, "think": pruned}
 
 
 def _same(a: KVCache, b: KVCache):
