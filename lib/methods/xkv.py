@@ -28,7 +28,7 @@ import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.store import LowRankStore, factor
-from lib.quant.store import check_plain
+from lib.quant.store import check_plain, first_slots
 from lib.rope import rotate
 from lib.sharding import to_host
 
@@ -91,11 +91,10 @@ class XKV:
 @functools.partial(jax.jit, static_argnames=("method", "cap", "res_cap", "rk", "rv"))
 def _factor_cache(method: XKV, cache: KVCache, inv_freq, cap: int, res_cap: int, rk: int,
                   rv: int) -> KVCache:
-  l, b, k, s, h = cache.keys.shape
+  l, b, k, _, h = cache.keys.shape
   g = min(method.layers_per_group, l)
   lp = -(-l // g) * g  # the last group may be short: padded with zero layers (no effect on SVD)
-  take = lambda x: x[:, :, :, :cap] if cap <= s else jnp.pad(
-      x, [(0, 0)] * 3 + [(0, cap - s)] + [(0, 0)] * (x.ndim - 4))
+  take = lambda x: first_slots(x, cap)
   pos = take(cache.positions)
   valid = pos[0, :, 0] >= 0  # [B, Q] (the same for every layer and head)
   k_pre = rotate(take(cache.keys), jnp.maximum(pos, 0), -inv_freq)  # un-rotate: [L, B, K, Q, H]
