@@ -28,10 +28,13 @@ def _stores():
   """Every stored-part type a cache may carry, by class name."""
   # pylint: disable=g-import-not-at-top
   from lib.lowrank.channels import ChannelStore
+  from lib.lowrank.merged import MergedStore
+  from lib.lowrank.projected import ProjectedStore
   from lib.lowrank.store import LowRankStore
   from lib.quant.kvquant_store import KVQuantStore
   from lib.quant.store import QuantStore
-  return {c.__name__: c for c in (QuantStore, KVQuantStore, LowRankStore, ChannelStore)}
+  return {c.__name__: c for c in (QuantStore, KVQuantStore, LowRankStore, ChannelStore,
+                                  MergedStore, ProjectedStore)}
 
 
 def _fields(obj) -> tuple[dict[str, Any], dict[str, Any]]:

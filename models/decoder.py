@@ -43,13 +43,14 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, scanned, ctx):
-    """x ``[B, T, D]``; scanned ``(layer, probe)``: this layer's index and its slice of the
-    optional ``probe``; ctx ``(cache, q_positions [B, T], q_valid [B, T] (False for right
-    padding), inv_freq [H/2])`` broadcast to every layer. Returns ``(x, (k_new, v_new, obs))``."""
+    """x ``[B, T, D]``; scanned ``(layer, probe, project)``: this layer's index and its slices
+    of the optional ``probe`` and ``project``; ctx ``(cache, q_positions [B, T], q_valid
+    [B, T] (False for right padding), inv_freq [H/2])`` broadcast to every layer. Returns
+    ``(x, (k_new, v_new, obs))``."""
     c = self.cfg
     d, n, k, h, f = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size
     b, t, _ = x.shape
-    layer, probe = scanned
+    layer, probe, project = scanned
     cache, q_positions, q_valid, inv_freq = ctx
     p = lambda name, shape, init=_init: self.param(name, init, shape, self.dtype)
 
@@ -76,11 +77,16 @@ class DecoderLayer(nn.Module):
     kk = apply_rope(kk, q_positions, inv_freq)
     k_new = kk.transpose(0, 2, 1, 3)  # [B, K, T, H]
     v_new = v.transpose(0, 2, 1, 3)
+    if project is not None:  # (x - mean) P + mean per head: a low-rank K/V (MatryoshkaKV)
+      pk, mk, pv, mv = project  # [K, H, H], [K, H], [K, H, H], [K, H]
+      proj = lambda x, p_, m_: (jnp.einsum("BKTH,KHG->BKTG", x - m_[:, None], p_)
+                                + m_[:, None]).astype(x.dtype)
+      k_new, v_new = proj(k_new, pk, mk), proj(v_new, pv, mv)
     out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                           cache.lengths, q_positions, layer=layer,
                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
                           quant=cache.quant, return_lse=self.observe is not None,
-                          static_trip=probe is not None)
+                          static_trip=probe is not None or project is not None)
     obs = None
     if self.observe is not None:  # after attention: hooks see each query's normaliser
       attn, lse = out
@@ -116,7 +122,8 @@ class Decoder(nn.Module):
   observe: Any = None
 
   @nn.compact
-  def __call__(self, tokens, cache: KVCache, n_valid, logit_index=None, probe=None):
+  def __call__(self, tokens, cache: KVCache, n_valid, logit_index=None, probe=None,
+               project=None):
     """Forward over ``tokens [B, T]`` appended after ``cache``.
 
     Args:
@@ -127,6 +134,11 @@ class Decoder(nn.Module):
         with respect to the K/V activations (KVQuant's Fisher information). With a probe, the
         layers are rematerialised on the backward pass and attention loops have static trip
         counts, so the forward is reverse-differentiable.
+      project: optional ``(pk, mk, pv, mv)``: ``pk, pv [L, K, H, H]`` projection matrices and
+        ``mk, mv [L, K, H]`` means; every layer's post-RoPE keys and values become
+        ``(x - m) @ p + m`` per kv head before attention and caching (MatryoshkaKV's
+        distillation: ``p = U diag(mask) U^T``). Attention loops get static trip counts, so
+        the forward is reverse-differentiable with respect to ``project``.
 
     Returns:
       ``(logits [B, V] or [B, T, V] float32, cache with the tokens appended, observations)``.
@@ -150,7 +162,7 @@ class Decoder(nn.Module):
     )(c, self.dtype, self.attn_block_size, self.observe, name="layers")
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     q_valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
-    x, (k_new, v_new, obs) = layers(x, (layer_ids, probe),
+    x, (k_new, v_new, obs) = layers(x, (layer_ids, probe, project),
                                     (cache, q_positions, q_valid, inv_freq))
     cache = cache.append(k_new, v_new, n_valid)
 

@@ -1,16 +1,15 @@
 """Low-rank and structural methods in the one cache pytree: xKV (cross-layer SVD), ThinK (key
 channel pruning)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import models
-from lib import generate as gen
 from lib import methods
 from lib.lowrank.store import factor
 from lib.methods.xkv import XKV
+from compressed_run import run_compressed
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +32,7 @@ def test_factor_is_exact_at_full_rank_and_error_falls_with_rank():
 
 
 def _run(tiny, method, prompts, steps=12):
-  c = tiny.config
-  tokens, lengths = gen.pad_batch(prompts, 16)
-  cache = tiny.new_cache(len(prompts), tokens.shape[1])
-  first, cache, obs = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                  apply_fn=tiny.apply_fn, chunk_size=16, observe=method.observe)
-  small = methods.compress(method, cache, obs, extra=steps + 8)
-  toks, _, final = gen.decode_loop(tiny.params, jax.tree.map(jnp.copy, small), first,
-                                   jax.random.PRNGKey(0),
-                                   apply_fn=tiny.apply_fn, max_new_tokens=steps)
-  logits, _ = gen.decode_step(tiny.params, toks[:, -1], final, apply_fn=tiny.apply_fn)
-  del c
-  return np.asarray(toks), np.asarray(logits), small
+  return run_compressed(tiny, method, prompts, steps)[:3]
 
 
 def test_full_rank_equals_the_uncompressed_model(tiny):

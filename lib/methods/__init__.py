@@ -17,6 +17,8 @@ from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 from lib.methods.expected_attention import ExpectedAttention
 from lib.methods.kivi import KIVI, KIVI4
 from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
+from lib.methods.matryoshka import MatryoshkaKV, MatryoshkaPCA
+from lib.methods.minicache import MiniCache
 from lib.methods.think import ThinK
 from lib.methods.xkv import XKV
 
@@ -37,6 +39,9 @@ REGISTRY: dict[str, type[Method]] = {
     "kvquant4": KVQuant4,
     "xkv": XKV,
     "think": ThinK,
+    "matryoshka": MatryoshkaKV,
+    "matryoshka_pca": MatryoshkaPCA,
+    "minicache": MiniCache,
 }
 
 
@@ -86,13 +91,35 @@ def _joint_observe(hooks):
   return _JOINT[hooks]
 
 
+def _options(part: str) -> tuple[str, dict[str, Any]]:
+  """``"minicache:start=0:retain=0.1"`` -> ``("minicache", {"start": 0.0, "retain": 0.1})``."""
+  name, *opts = [o.strip() for o in part.split(":")]
+  out: dict[str, Any] = {}
+  for o in opts:
+    key, eq, val = o.partition("=")
+    if not eq or not key:
+      raise ValueError(f"bad method option {o!r} in {part!r}: write name:key=value, e.g. "
+                       "minicache:start=0.25")
+    low = val.lower()
+    if low in ("true", "false"):
+      out[key] = low == "true"
+    else:
+      try:
+        out[key] = int(val) if val.lstrip("-").isdigit() else float(val)
+      except ValueError:
+        out[key] = val
+  return name, out
+
+
 def make(spec: str, **kwargs) -> Method | Compose:
-  """``make("snapkv", ratio=0.5)``; ``"a+b"`` composes (each gets the same kwargs it accepts)."""
+  """``make("snapkv", ratio=0.5)``; ``"a+b"`` composes (each gets the same kwargs it accepts);
+  ``"name:key=value"`` sets one member's own option (``"snapkv+matryoshka:rank=0.25"``)."""
   parts = [p.strip() for p in spec.split("+") if p.strip()]
   if not parts:
     raise ValueError("empty method name: pass e.g. --method=snapkv")
   built = []
   for p in parts:
+    p, own = _options(p)
     if p not in REGISTRY:
       raise ValueError(f"unknown method {p!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[p]
@@ -104,15 +131,21 @@ def make(spec: str, **kwargs) -> Method | Compose:
     unknown = set(kwargs_p) - names
     if len(parts) == 1 and unknown:
       raise ValueError(f"{p} does not take {sorted(unknown)}; it takes {sorted(names)}")
+    if set(own) - names:
+      raise ValueError(f"{p} does not take {sorted(set(own) - names)}; it takes "
+                       f"{sorted(names)}")
+    kwargs_p = {**kwargs_p, **own}
     built.append(cls(**{k: v for k, v in kwargs_p.items() if k in names}))
   return built[0] if len(built) == 1 else Compose(tuple(built))
 
 
 def check_for_model(method, config, params, what: str = "the model") -> None:
-  """Raises a clear error if a calibrated member of ``method`` (KVQuant) was calibrated on
-  another model than the one with this ``config`` and ``params``."""
+  """Raises a clear error if a calibrated member of ``method`` (KVQuant, MatryoshkaKV) was
+  calibrated on another model than the one with this ``config`` and ``params``."""
   from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
   for m in getattr(method, "methods", (method,)):
+    if hasattr(m, "check_for"):
+      m.check_for(config, params, what)
     if hasattr(m, "load_calibration"):
       cal = m.load_calibration()
       cal.check_shapes(config.num_layers, config.num_kv_heads, config.head_dim)
@@ -121,4 +154,5 @@ def check_for_model(method, config, params, what: str = "the model") -> None:
 
 __all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
            "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KIVI",
-           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK"]
+           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK", "MatryoshkaKV",
+           "MatryoshkaPCA", "MiniCache"]

@@ -24,13 +24,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.store import LowRankStore, factor
-from lib.quant.store import check_plain, first_slots
+from lib.quant.store import check_plain, check_uniform_tokens, first_slots
 from lib.rope import rotate
-from lib.sharding import to_host
 
 
 def _observe(layer, x, cache):
@@ -75,14 +73,8 @@ class XKV:
     if observations is None:
       raise ValueError("xkv re-applies RoPE with the frequencies it records during prefill: "
                        "prefill with observe=method.observe and pass the observations")
-    pos = to_host(cache.positions)
-    lengths = to_host(cache.lengths)
-    if not ((pos == pos[:1, :, :1]).all() and (lengths == lengths[:1, :, :1]).all()):
-      raise ValueError("xkv needs the same tokens in every layer and head (one token factor "
-                       "serves them all): apply it to the full cache or after streaming_llm, "
-                       "not after a per-head eviction")
+    n = check_uniform_tokens(self.name, "one token factor serves them all", cache)
     inv_freq = jnp.asarray(observations).reshape(-1, observations.shape[-1])[-1]
-    n = int(lengths.max())
     cap = max(-(-n // 64) * 64, 64)
     rk, rv = self.ranks(cache)
     return _factor_cache(self, cache, inv_freq, cap, round_capacity(extra), rk, rv)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib import saved_arrays
 from lib.quant import nuq
 
 FORMAT = "kvlab-kvquant-calibration/1"
@@ -228,34 +229,14 @@ def calibrate(lm, samples: Sequence[Sequence[int]], *, bits: Sequence[int] = (2,
 
 def save(cal: Calibration, path: str) -> str:
   """Writes ``cal`` as an orbax checkpoint directory (arrays + JSON metadata); returns it."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
   arrays = {"k_offset": cal.k_offset, "k_range": cal.k_range, "inv_freq": cal.inv_freq,
             "luts": dict(cal.luts)}
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-    ckpt.save(path, ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                       meta=ocp.args.JsonSave(cal.meta)), force=True)
-  return path
+  return saved_arrays.save(path, arrays, cal.meta)
 
 
 def load(path: str) -> Calibration:
   """Reads a calibration written by ``save``; clear errors for a missing or foreign directory."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no KVQuant calibration at {path}: create one with "
-                            "python -m experiments.calibrate_kvquant --out=" + path)
-  try:
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
-      got = ckpt.restore(path, ocp.args.Composite(arrays=ocp.args.StandardRestore(),
-                                                  meta=ocp.args.JsonRestore()))
-  except Exception as e:  # orbax raises several types for a damaged directory
-    raise ValueError(f"{path} is not a readable KVQuant calibration ({type(e).__name__}: {e}); "
-                     "re-create it with experiments/calibrate_kvquant.py") from e
-  meta = dict(got["meta"])
-  if meta.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a KVQuant calibration (format {meta.get('format')!r}, "
-                     f"expected {FORMAT!r})")
-  arr = got["arrays"]
-  return Calibration(np.asarray(arr["k_offset"]), np.asarray(arr["k_range"]),
-                     np.asarray(arr["inv_freq"]), {k: np.asarray(v) for k, v in arr["luts"].items()}, meta)
+  arr, meta = saved_arrays.load(path, FORMAT, "KVQuant calibration",
+                                "python -m experiments.calibrate_kvquant --out=" +
+                                os.path.abspath(path))
+  return Calibration(arr["k_offset"], arr["k_range"], arr["inv_freq"], dict(arr["luts"]), meta)

@@ -23,6 +23,7 @@ from flax import struct
 
 from lib.quant import packing
 from lib.quant.uniform import Quantized, dequantize, quantize
+from lib.sharding import to_host
 
 
 @struct.dataclass
@@ -185,6 +186,17 @@ def check_plain(name: str, cache) -> None:
                      "channel-pruning method, composed last after eviction")
 
 
+def check_uniform_tokens(name: str, why: str, cache) -> int:
+  """Clear error unless every layer and head of ``cache`` holds the same tokens (cross-layer and
+  cross-head methods: xKV, MiniCache); ``why`` says what needs it. Returns the longest row."""
+  pos = to_host(cache.positions)
+  lengths = to_host(cache.lengths)
+  if not ((pos == pos[:1, :, :1]).all() and (lengths == lengths[:1, :, :1]).all()):
+    raise ValueError(f"{name} needs the same tokens in every layer and head ({why}): apply it "
+                     "to the full cache or after streaming_llm, not after a per-head eviction")
+  return int(lengths.max())
+
+
 def check_window(name: str, group: int, residual: int) -> None:
   """Clear error unless ``residual`` (full-precision tokens) is a non-negative multiple of the
   flush ``group``."""
@@ -194,11 +206,13 @@ def check_window(name: str, group: int, residual: int) -> None:
 
 
 def first_slots(x: jax.Array, n: int) -> jax.Array:
-  """Slots ``[0, n)`` of a cache leaf ``[L, B, K, S, ...]`` (zero/-1-free padded past S)."""
+  """Slots ``[0, n)`` of a cache leaf ``[L, B, K, S, ...]``, padded past S with 0 (float
+  leaves) or -1 (integer leaves: positions, so padded slots read as empty)."""
   s = x.shape[3]
   if n <= s:
     return x[:, :, :, :n]
-  return jnp.pad(x, [(0, 0)] * 3 + [(0, n - s)] + [(0, 0)] * (x.ndim - 4))
+  fill = -1 if jnp.issubdtype(x.dtype, jnp.signedinteger) else 0
+  return jnp.pad(x, [(0, 0)] * 3 + [(0, n - s)] + [(0, 0)] * (x.ndim - 4), constant_values=fill)
 
 
 def split_window(cache, n_q: jax.Array, res_cap: int, quant, skip: jax.Array | None = None):

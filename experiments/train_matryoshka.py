@@ -1,0 +1,134 @@
+r"""Trains MatryoshkaKV projections for a model: PCA start, Matryoshka distillation, evaluation.
+
+  python -m experiments.train_matryoshka --model=smollm2-135m --steps=300 \
+      --out=results/matryoshka/smollm2-135m            # rerun the same command after a kill
+
+Writes, under ``--out``:
+* ``pca/``      the PCA projections (orbax; ``methods.make("matryoshka_pca")`` reads them);
+* ``train/``    the resumable training state (orbax ``CheckpointManager``, every
+  ``--save_every`` steps) and ``metrics.jsonl`` (one row per step);
+* ``trained/``  the trained projections (``methods.make("matryoshka")``) and the ranks of the
+  greedy per-head search (``--search_budget``; ``matryoshka:searched=true``);
+* ``summary.json`` the distillation loss / KL / CE at ``--eval_rank`` on held-out windows for
+  the PCA start and the trained projections, and the settings.
+
+Calibration and training text is the second half of the offline stdlib docs; held-out windows
+come from the first half (where the perplexity task draws). ``--mesh=data:8`` splits the batch
+over devices (the same launcher runs on a TPU pod with the coordinator flags).
+"""
+
+import json
+import os
+import time
+
+from absl import app, flags, logging
+import jax
+import numpy as np
+
+import models
+from lib import distributed, sharding
+from lib.data.text import stdlib_docs, text_of_tokens
+from lib.lowrank import matryoshka as mk
+from lib.lowrank import matryoshka_search as ms
+from lib.lowrank import matryoshka_train as mt
+from lib.quant.kvquant_calibrate import model_fingerprint
+
+FLAGS = flags.FLAGS
+distributed.define_flags()
+flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
+flags.DEFINE_string("out", "results/matryoshka/smollm2-135m", "Output directory.")
+flags.DEFINE_integer("num_calib", 16, "PCA calibration windows.")
+flags.DEFINE_integer("calib_seqlen", 512, "Tokens per PCA window.")
+flags.DEFINE_integer("pool_tokens", 65536, "Training text tokens (windows drawn at random).")
+flags.DEFINE_integer("steps", 300, "Training steps.")
+flags.DEFINE_integer("batch", 2, "Windows per step (split over the mesh's data axis).")
+flags.DEFINE_integer("seqlen", 256, "Tokens per training window.")
+flags.DEFINE_float("lr", 1e-3, "Peak learning rate (reference: 1e-3 for the projections).")
+flags.DEFINE_integer("warmup", 10, "Linear warm-up steps before the cosine decay.")
+flags.DEFINE_float("kl_weight", 0.25, "Loss = w * KL(teacher || student) + (1 - w) * CE.")
+flags.DEFINE_integer("rank_step", 8, "Ranks are sampled from {s, 2s, ..., head_dim}.")
+flags.DEFINE_integer("seed", 0, "Seed of window and rank sampling.")
+flags.DEFINE_integer("save_every", 25, "Checkpoint interval (steps).")
+flags.DEFINE_integer("eval_windows", 8, "Held-out windows for the PCA-vs-trained comparison.")
+flags.DEFINE_float("eval_rank", 0.5, "Rank (fraction of the head dim) of that comparison.")
+flags.DEFINE_float("search_budget", 0.5, "Greedy per-head rank search for this mean fraction "
+                   "of the head dim, stored with the trained projections (0: no search).")
+flags.DEFINE_integer("search_step", 16, "Rank grid step of the search (reference: H / 4).")
+flags.DEFINE_integer("search_windows", 2, "Calibration windows of the search.")
+flags.DEFINE_integer("search_seqlen", 128, "Tokens per search window.")
+
+
+def main(argv):
+  del argv
+  distributed.initialize_from_flags()
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  lm = models.load(FLAGS.model, progress=True)
+  lm, mesh = sharding.place_model(lm, FLAGS.mesh)
+  if mesh is None and len(jax.devices()) > 1:
+    mesh = sharding.make_mesh("")
+  cfg = mt.TrainConfig(steps=FLAGS.steps, batch=FLAGS.batch, seqlen=FLAGS.seqlen, lr=FLAGS.lr,
+                       warmup=FLAGS.warmup, kl_weight=FLAGS.kl_weight,
+                       rank_step=FLAGS.rank_step, seed=FLAGS.seed, save_every=FLAGS.save_every)
+  for n, what in ((FLAGS.seqlen, "--seqlen"), (FLAGS.calib_seqlen, "--calib_seqlen")):
+    if n > lm.config.max_position_embeddings:
+      raise app.UsageError(f"{what}={n} exceeds the model's context of "
+                           f"{lm.config.max_position_embeddings} tokens")
+  text = stdlib_docs()
+  fp = model_fingerprint(lm.config, lm.params)
+  out = os.path.abspath(FLAGS.out)
+  pca_dir = os.path.join(out, "pca")
+  t0 = time.time()
+  if os.path.isdir(pca_dir):  # a resumed run keeps the start it trained from
+    pca = mk.load(pca_dir)
+    pca.check_model(fp, lm.config.num_layers, lm.config.num_kv_heads, lm.config.head_dim)
+  else:
+    ids = text_of_tokens(lm.tokenizer, FLAGS.num_calib * FLAGS.calib_seqlen,
+                         offset_chars=len(text) // 2)
+    samples = [ids[i * FLAGS.calib_seqlen:(i + 1) * FLAGS.calib_seqlen]
+               for i in range(FLAGS.num_calib)]
+    pca = mk.pca(mk.kv_moments(lm, samples, progress=True), FLAGS.model, fp)
+    mk.save(pca, pca_dir)
+  pca_seconds = round(time.time() - t0, 1)
+
+  pool = np.asarray(text_of_tokens(lm.tokenizer, FLAGS.pool_tokens, offset_chars=len(text) // 2),
+                    np.int32)
+  t0 = time.time()
+  theta, run = mt.train(lm, pca, pool, cfg, os.path.join(out, "train"), mesh=mesh,
+                        progress=True)
+  train_seconds = round(time.time() - t0, 1)
+  trained = mt.to_projections(pca, theta, {"steps": cfg.steps, "train": cfg.__dict__})
+  search_seconds = None
+  if FLAGS.search_budget:
+    t0 = time.time()
+    windows = mt.windows_of(pool, FLAGS.search_windows, FLAGS.search_seqlen)
+    err = ms.sensitivities(lm, trained, windows, FLAGS.search_step, progress=True)
+    trained.ranks = ms.greedy_ranks(err, FLAGS.search_step, lm.config.head_dim,
+                                    FLAGS.search_budget)
+    trained.meta["search_budget"] = FLAGS.search_budget
+    search_seconds = round(time.time() - t0, 1)
+  mk.save(trained, os.path.join(out, "trained"))
+
+  held = mt.windows_of(text_of_tokens(lm.tokenizer, FLAGS.eval_windows * FLAGS.seqlen),
+                       FLAGS.eval_windows, FLAGS.seqlen)
+  rank = mk.as_ranks(FLAGS.eval_rank, lm.config.head_dim)
+  before = mt.evaluate(lm, pca, mt.init_theta(pca), held, rank, cfg.kl_weight)
+  after = mt.evaluate(lm, pca, theta, held, rank, cfg.kl_weight)
+  full = mt.evaluate(lm, pca, mt.init_theta(pca), held, lm.config.head_dim, cfg.kl_weight)
+  evals = {"pca": before, "trained": after, "full_rank": full}
+  if trained.ranks is not None:
+    evals["trained_searched"] = mt.evaluate(lm, pca, theta, held, trained.ranks, cfg.kl_weight)
+    evals["trained_searched"]["ranks_keys_mean_per_layer"] = trained.ranks[0].mean(1).tolist()
+    evals["trained_searched"]["ranks_values_mean_per_layer"] = trained.ranks[1].mean(1).tolist()
+  summary = {"model": FLAGS.model, "model_fingerprint": fp, "train": cfg.__dict__,
+             "pca_seconds": pca_seconds, "train_seconds_this_run": train_seconds,
+             "steps_this_run": len(run), "search_seconds": search_seconds, "eval": evals,
+             "eval_text": "stdlib docs, first half (held out)", "devices": jax.device_count(),
+             "platform": jax.devices()[0].platform}
+  print(json.dumps(summary["eval"], indent=1))
+  if jax.process_index() == 0:
+    with open(os.path.join(out, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
