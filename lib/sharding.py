@@ -68,7 +68,7 @@ def _note(reason: str) -> None:
     _log.warning("sharding: %s", reason)
 
 
-def _split(n: int, m: int, what: str) -> bool:
+def splits(n: int, m: int, what: str) -> bool:
   """Whether ``n`` units (heads, channels) split evenly over ``m`` model shards (logs why not)."""
   if m == 1:
     return False
@@ -94,7 +94,7 @@ def param_specs(params, cfg, mesh: Mesh):
   def spec(path, x):
     name = str(getattr(path[-1], "key", path[-1]))
     kind = _COLUMN.get(name) or _ROW.get(name)
-    if kind is None or not _split(*units[kind][:1], m, units[kind][1]):
+    if kind is None or not splits(*units[kind][:1], m, units[kind][1]):
       return P()
     axes = [None] * x.ndim
     axes[-1 if name in _COLUMN else -2] = "model"
@@ -111,7 +111,7 @@ def shard_params(params, cfg, mesh: Mesh):
 
 # ---- caches ---------------------------------------------------------------------------------
 
-def _check_batch(batch: int, mesh: Mesh) -> None:
+def check_batch(batch: int, mesh: Mesh) -> None:
   d = mesh.shape["data"]
   if batch % d:
     raise ValueError(f"batch {batch} does not split over the data axis ({d}): use a batch that "
@@ -120,10 +120,10 @@ def _check_batch(batch: int, mesh: Mesh) -> None:
 
 def cache_specs(cache, mesh: Mesh):
   """``PartitionSpec`` per leaf of a ``KVCache`` (any quantized store included), same tree."""
-  _check_batch(cache.batch, mesh)
+  check_batch(cache.batch, mesh)
   b, k = cache.batch, cache.kv_heads
   data = "data" if mesh.shape["data"] > 1 else None
-  heads = "model" if _split(k, mesh.shape["model"], "kv heads of the cache") else None
+  heads = "model" if splits(k, mesh.shape["model"], "kv heads of the cache") else None
 
   def spec(x):
     # per-(layer, row, head) leaves: [L, B, K, ...]; next_position: [B]; the rest is shared

@@ -1,5 +1,6 @@
 """Sharding on 8 host devices gives the numbers of one device; mesh and layout errors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,18 @@ def test_batch_that_does_not_split_names_the_fix():
   with pytest.raises(ValueError, match="batch 3 does not split over the data axis \\(2\\).*data:1"):
     sharding.cache_specs(cache, fake)
   assert sharding.describe(mesh).startswith("data:1,model:1 (1 cpu")
+
+
+def test_kernels_under_shard_map_match_one_device(tmp_path):
+  out = tmp_path / "kernels.json"
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  here = os.path.dirname(__file__)
+  proc = subprocess.run([sys.executable, os.path.join(here, "sharded_kernel_run.py"), str(out)],
+                        env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(out.read_text())
+  for spec in ("data:4,model:2", "data:2,model:4"):
+    assert got[spec]["quantized"] < 1e-5 and got[spec]["paged"] < 1e-5, got
+  assert "'data', 'model'" in got["data:4,model:2"]["out_sharding"]
+  assert "None" in got["data:2,model:4"]["out_sharding"]  # 2 kv heads on 4 shards: replicated
+  assert "multiple of 8" in got["data:8"]["error"]
