@@ -119,14 +119,22 @@ def main(argv):
     evals["trained_searched"] = mt.evaluate(lm, pca, theta, held, trained.ranks, cfg.kl_weight)
     evals["trained_searched"]["ranks_keys_mean_per_layer"] = trained.ranks[0].mean(1).tolist()
     evals["trained_searched"]["ranks_values_mean_per_layer"] = trained.ranks[1].mean(1).tolist()
+  summary_path = os.path.join(out, "summary.json")
+  before_runs = []  # a resumed run keeps the earlier runs' timings
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      old = json.load(f)
+    before_runs = old.get("runs", []) or [{"steps": old.get("steps_this_run"),
+                                           "train_seconds": old.get("train_seconds_this_run")}]
   summary = {"model": FLAGS.model, "model_fingerprint": fp, "train": cfg.__dict__,
+             "runs": before_runs + [{"steps": len(run), "train_seconds": train_seconds}],
              "pca_seconds": pca_seconds, "train_seconds_this_run": train_seconds,
              "steps_this_run": len(run), "search_seconds": search_seconds, "eval": evals,
              "eval_text": "stdlib docs, first half (held out)", "devices": jax.device_count(),
              "platform": jax.devices()[0].platform}
   print(json.dumps(summary["eval"], indent=1))
   if jax.process_index() == 0:
-    with open(os.path.join(out, "summary.json"), "w") as f:
+    with open(summary_path, "w") as f:
       json.dump(summary, f, indent=1)
 
 
