@@ -54,6 +54,8 @@ flags.DEFINE_float("eval_rank", 0.5, "Rank (fraction of the head dim) of that co
 flags.DEFINE_float("search_budget", 0.5, "Greedy per-head rank search for this mean fraction "
                    "of the head dim, stored with the trained projections (0: no search).")
 flags.DEFINE_integer("search_step", 16, "Rank grid step of the search (reference: H / 4).")
+flags.DEFINE_bool("search_per_layer", True, "One rank per layer (the cache stores each layer at "
+                  "its largest head rank, so per-head ranks save no bytes within a layer).")
 flags.DEFINE_integer("search_windows", 2, "Calibration windows of the search.")
 flags.DEFINE_integer("search_seqlen", 128, "Tokens per search window.")
 
@@ -103,8 +105,10 @@ def main(argv):
     windows = mt.windows_of(pool, FLAGS.search_windows, FLAGS.search_seqlen)
     err = ms.sensitivities(lm, trained, windows, FLAGS.search_step, progress=True)
     trained.ranks = ms.greedy_ranks(err, FLAGS.search_step, lm.config.head_dim,
-                                    FLAGS.search_budget)
+                                    FLAGS.search_budget, per_layer=FLAGS.search_per_layer)
     trained.meta["search_budget"] = FLAGS.search_budget
+    trained.meta["search_per_layer"] = FLAGS.search_per_layer
+    np.save(os.path.join(out, "search_errors.npy"), err)  # [2, L, K, grid]: re-search offline
     search_seconds = round(time.time() - t0, 1)
   mk.save(trained, os.path.join(out, "trained"))
 

@@ -119,5 +119,7 @@ def _assemble(arrays: dict, layout: dict) -> KVCache:
   quant = None
   if layout["quant"] is not None:
     cls = _stores()[layout["quant"]["type"]]
-    quant = cls(**q, **layout["quant"]["static"])
+    static = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to (hashable) tuples
+              for k, v in layout["quant"]["static"].items()}
+    quant = cls(**q, **static)
   return KVCache(**arrays, quant=quant)

@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import models
 from lib import methods
 from lib.lowrank import matryoshka as mk
 from lib.lowrank import matryoshka_train as mt
+from lib.lowrank.projected import flat_offsets, layer_widths
 from lib.quant.kvquant_calibrate import model_fingerprint
 from compressed_run import run_compressed
 
@@ -55,7 +57,7 @@ def test_full_rank_equals_the_uncompressed_model_and_error_falls_with_rank(tiny,
   t, l, small, _ = _run(tiny, methods.MatryoshkaPCA(rank=1.0, projections=pca_dir), prompts)
   np.testing.assert_array_equal(t, full_t)
   np.testing.assert_allclose(l, full_l, rtol=1e-4, atol=1e-4)
-  assert int(small.lengths.max()) == 0 and small.quant.k_coef.shape[-1] == 16
+  assert int(small.lengths.max()) == 0 and small.quant.k_coef.shape[-1] == 3 * 16
   rec, sizes = [], []
   keys = np.asarray(cache.keys)[:, :, :, :37]
   for r in (2, 4, 8, 12, 16):
@@ -73,11 +75,11 @@ def test_composes_after_eviction_and_bad_input(tiny, pca_dir, tmp_path):
   prompts = [rng.randint(0, 160, 64).tolist()]
   m = methods.make("snapkv+matryoshka_pca", ratio=0.5, window=8, rank=0.5, projections=pca_dir)
   _, _, small, _ = _run(tiny, m, prompts, steps=2)
-  assert (np.asarray(small.quant.lengths) == 32).all() and small.quant.k_coef.shape[-1] == 8
+  assert (np.asarray(small.quant.lengths) == 32).all() and small.quant.k_coef.shape[-1] == 3 * 8
   own = methods.make(f"snapkv+matryoshka_pca:rank=0.25:projections={pca_dir}", ratio=0.5)
   assert own.methods[1].rank == 0.25 and own.methods[0].ratio == 0.5
   _, _, small, _ = _run(tiny, own, prompts, steps=1)
-  assert small.quant.k_coef.shape[-1] == 4
+  assert small.quant.k_coef.shape[-1] == 3 * 4
   with pytest.raises(ValueError, match="does not take \\['window'\\]"):
     methods.make("matryoshka:window=3")
   with pytest.raises(ValueError, match="write name:key=value"):
@@ -132,6 +134,9 @@ def test_rank_search_meets_the_budget_and_spends_rank_where_it_matters(tiny, pca
   err[0, 0, 1] *= 10
   ranks = ms.greedy_ranks(err, 4, 16, 0.5)
   assert ranks.mean() <= 8 and ranks[0, 0, 1] == 16, ranks
+  per_layer = ms.greedy_ranks(err, 4, 16, 0.5, per_layer=True)
+  assert (per_layer == per_layer[:, :, :1]).all() and per_layer.mean() <= 8
+  assert per_layer[0, 0, 0] > per_layer[0, 1, 0]  # the layer holding the sensitive head keeps more
   with pytest.raises(ValueError, match="budget is the mean kept fraction"):
     ms.greedy_ranks(err, 4, 16, 0.0)
   p = mk.load(pca_dir)
@@ -145,7 +150,15 @@ def test_rank_search_meets_the_budget_and_spends_rank_where_it_matters(tiny, pca
   m = methods.MatryoshkaPCA(rank=0.75, projections=saved, searched=True)
   np.testing.assert_array_equal(m.ranks(3, 2, 16), p.ranks)
   _, _, small, _ = _run(tiny, m, [windows[0].tolist()], steps=1)
-  assert small.quant.k_coef.shape[-1] == int(p.ranks.max())
+  widths = layer_widths(p.ranks[0])  # each layer stores its own width on the flat axis
+  assert small.quant.k_coef.shape[-1] == flat_offsets(widths)[1] < 3 * int(p.ranks.max()) + 1
+  from lib import cache_io  # a saved cache keeps the flat layout's offsets and reads the same
+  cache_io.save_cache(small, pca_dir + "_cache")
+  back, _ = cache_io.load_cache(pca_dir + "_cache")
+  assert back.quant.k_offsets == small.quant.k_offsets
+  read = jax.jit(lambda s, layer: s.read(layer, 0, 16)[0])
+  for layer in range(3):
+    np.testing.assert_array_equal(read(back.quant, layer), read(small.quant, layer))
   with pytest.raises(ValueError, match="searched for a mean rank of 0.75"):
     methods.MatryoshkaPCA(rank=0.5, projections=saved, searched=True).ranks(3, 2, 16)
 
@@ -164,3 +177,27 @@ def test_data_parallel_training_matches_one_device(tmp_path):
     losses[mesh] = json.loads(out.read_text())
   assert len(losses["one"]) == 4
   np.testing.assert_allclose(losses["data:8"], losses["one"], rtol=1e-5)
+
+
+def test_flat_layout_reads_each_layer_at_its_own_width():
+  from lib.lowrank.projected import ProjectedStore, flatten
+  rng = np.random.RandomState(7)
+  l, b, k, q, h = 3, 2, 2, 8, 8
+  widths = (2, 8, 5)
+  u = np.linalg.qr(rng.randn(l, k, h, h))[0].astype(np.float32)
+  ranks = np.array([[2, 1], [8, 3], [5, 5]])
+  basis = u * (np.arange(h) < ranks[..., None])[:, :, None, :]
+  x = rng.randn(l, b, k, q, h).astype(np.float32)
+  coef = jnp.einsum("LBKQH,LKHR->LBKQR", x, basis)
+  offsets, total = flat_offsets(widths)
+  assert offsets == (0, 2, 10) and total == 18  # the 8-wide read of layer 2 stays inside
+  store = ProjectedStore(k_coef=flatten(coef, widths), k_basis=jnp.asarray(basis),
+                         k_mean=jnp.zeros((l, k, h)), v_coef=flatten(coef, widths),
+                         v_basis=jnp.asarray(basis), v_mean=jnp.zeros((l, k, h)),
+                         positions=jnp.zeros((l, b, k, q), jnp.int32),
+                         lengths=jnp.full((l, b, k), q, jnp.int32), k_offsets=offsets,
+                         v_offsets=offsets)
+  for layer in range(l):
+    keys, _, _ = store.read(jnp.int32(layer), 0, q)
+    want = np.einsum("BKQR,KHR->BKQH", np.asarray(coef[layer]), basis[layer])
+    np.testing.assert_allclose(keys, want, atol=1e-5)

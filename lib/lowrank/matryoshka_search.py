@@ -9,7 +9,9 @@ Letters: L layers, K kv heads, H head dim, G rank grid ``{s, 2s, ..., H}`` (``s 
    per candidate; we use the output distribution, the quantity MatryoshkaKV distils.)
 2. Greedy: all heads start at rank H; repeatedly cut by one grid step the head whose next cut
    adds the least error (errors assumed additive across heads), until the mean rank is at most
-   ``budget * H`` (the reference: start at 128, steps of 32, stop at the target ratio).
+   ``budget * H`` (the reference: start at 128, steps of 32, stop at the target ratio). With
+   ``per_layer`` (the launcher's default) a layer's heads are cut together, so the bytes of the
+   cache, which stores each layer at its largest head rank, follow the budget exactly.
 """
 
 from __future__ import annotations
@@ -63,10 +65,19 @@ def sensitivities(lm, p: mk.Projections, windows: np.ndarray, step: int,
   return err
 
 
-def greedy_ranks(err: np.ndarray, step: int, head_dim: int, budget: float) -> np.ndarray:
-  """``err [2, L, K, G]`` -> ranks ``[2, L, K]`` with mean ``<= budget * head_dim``."""
+def greedy_ranks(err: np.ndarray, step: int, head_dim: int, budget: float,
+                 per_layer: bool = False) -> np.ndarray:
+  """``err [2, L, K, G]`` -> ranks ``[2, L, K]`` with mean ``<= budget * head_dim``.
+
+  ``per_layer``: every head of a layer gets the same rank (cut together, their errors summed).
+  The cache stores each layer at its largest head rank (``lib.lowrank.projected``), so per-layer
+  ranks make the bytes follow the budget exactly; per-head ranks pad within a layer."""
   if not 0.0 < budget <= 1.0:
     raise ValueError(f"budget is the mean kept fraction of the head dim, in (0, 1], got {budget}")
+  if per_layer:
+    k = err.shape[2]
+    ranks = greedy_ranks(err.sum(2, keepdims=True), step, head_dim, budget)
+    return np.repeat(ranks, k, axis=2)
   grid = np.arange(step, head_dim + 1, step)
   idx = np.full(err.shape[:3], len(grid) - 1)  # every head at rank H
   target = budget * head_dim

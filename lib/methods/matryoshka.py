@@ -9,9 +9,9 @@ Projections come from ``experiments/train_matryoshka.py``: ``pca`` (the PCA init
 Choices:
 * ``rank``: a fraction of the head dim (0.5 = half the channels) or an absolute rank, the same
   for every layer and head; ``searched=True`` uses the per-(layer, head) ranks the greedy search
-  stored with the projections (their mean is the fraction they were searched for). The stored
-  layout pads to the largest rank (layers are stacked), so searched ranks trade quality, not
-  bytes, at a given mean rank.
+  stored with the projections (their mean is the fraction they were searched for). Layers sit
+  side by side on one flat coefficient axis, so each layer stores its own width (its largest
+  head rank); heads of one layer share that width (a head of lower rank pads to it).
 * keys are projected post-RoPE (as the reference); decoded tokens stay in full precision (the
   reference projects them too; here they are the newest tokens of the window).
 * composes after any eviction (``snapkv+matryoshka``): coefficients are per (head, slot). It
@@ -30,7 +30,7 @@ import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank import matryoshka as mk
-from lib.lowrank.projected import ProjectedStore
+from lib.lowrank.projected import ProjectedStore, flat_offsets, flatten, layer_widths
 from lib.quant.store import check_plain, first_slots, split_window
 from lib.sharding import to_host
 
@@ -99,10 +99,12 @@ class MatryoshkaKV:
                        f"head dim) {p.shape}, the cache has {(l, k, h)}")
     ranks = self.ranks(l, k, h)
     r_max = int(ranks.max())
+    widths = (layer_widths(ranks[0]), layer_widths(ranks[1]))
     lengths = to_host(cache.lengths)
     q_cap = max(-(-int(lengths.max()) // 64) * 64, 64)
     bases = tuple(jnp.asarray(x) for x in (p.u_k, p.mean_k, p.u_v, p.mean_v))
-    return _project(cache, bases, jnp.asarray(ranks), r_max, q_cap, round_capacity(extra))
+    return _project(cache, bases, jnp.asarray(ranks), r_max, widths, q_cap,
+                    round_capacity(extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,24 +115,26 @@ class MatryoshkaPCA(MatryoshkaKV):
   name = "matryoshka_pca"
 
 
-@functools.partial(jax.jit, static_argnames=("r_max", "q_cap", "res_cap"))
-def _project(cache: KVCache, bases, ranks, r_max: int, q_cap: int, res_cap: int) -> KVCache:
+@functools.partial(jax.jit, static_argnames=("r_max", "widths", "q_cap", "res_cap"))
+def _project(cache: KVCache, bases, ranks, r_max: int, widths, q_cap: int,
+             res_cap: int) -> KVCache:
   u_k, m_k, u_v, m_v = bases
   h = cache.head_dim
   take = lambda x: first_slots(x, q_cap)
   pos = take(cache.positions)
   valid = (pos >= 0)[..., None]
 
-  def part(x, u, mean, rank):  # x [L, B, K, Q, H]; u [L, K, H, H]; rank [L, K]
+  def part(x, u, mean, rank, width):  # x [L, B, K, Q, H]; u [L, K, H, H]; rank [L, K]
     basis = u[..., :r_max] * mk.rank_mask(rank, h)[:, :, None, :r_max]  # [L, K, H, R]
     coef = jnp.einsum("LBKQH,LKHR->LBKQR", x.astype(jnp.float32) - mean[:, None, :, None], basis)
-    return jnp.where(valid, coef, 0).astype(cache.keys.dtype), basis, mean
+    coef = flatten(jnp.where(valid, coef, 0).astype(cache.keys.dtype), width)
+    return coef, basis, mean, flat_offsets(width)[0]
 
-  k_coef, k_basis, k_mean = part(take(cache.keys), u_k, m_k, ranks[0])
-  v_coef, v_basis, v_mean = part(take(cache.values), u_v, m_v, ranks[1])
-  store = ProjectedStore(k_coef=k_coef, k_basis=k_basis.astype(cache.keys.dtype),
-                         k_mean=k_mean.astype(cache.keys.dtype), v_coef=v_coef,
-                         v_basis=v_basis.astype(cache.keys.dtype),
-                         v_mean=v_mean.astype(cache.keys.dtype), positions=pos,
-                         lengths=cache.lengths)
+  k_coef, k_basis, k_mean, k_off = part(take(cache.keys), u_k, m_k, ranks[0], widths[0])
+  v_coef, v_basis, v_mean, v_off = part(take(cache.values), u_v, m_v, ranks[1], widths[1])
+  dt = cache.keys.dtype
+  store = ProjectedStore(k_coef=k_coef, k_basis=k_basis.astype(dt), k_mean=k_mean.astype(dt),
+                         v_coef=v_coef, v_basis=v_basis.astype(dt), v_mean=v_mean.astype(dt),
+                         positions=pos, lengths=cache.lengths, k_offsets=k_off,
+                         v_offsets=v_off)
   return split_window(cache, cache.lengths, res_cap, store)
