@@ -1,19 +1,19 @@
-r"""Decode attention over a ragged AdaKV cache: paged (only each head's own pages) vs padded to
-the largest budget and masked (what the dense cache stores today).
+r"""Decode over a ragged AdaKV cache: the paged layout (the cache's own, ``lib.paged``) vs the
+same kept tokens padded to the largest budget and masked (``adakv:layout=padded``).
 
   python -m experiments.bench_sparse_decode --length=4096 --ratio=0.25 \
       --out=results/bench_sparse_decode_cpu.json
 
-The per-(layer, head) budgets are real: the default model prefills ``--length`` tokens of offline
-text and AdaKV (``--ratio``) compresses the cache; its kept lengths ``[L, 1, K]`` shape both
-layouts (random keys/values, the default model's 3 kv heads x 3 query heads, head dim 64). One
-decode step of attention over all layers, paths timed alternately rep by rep (best of
-``--reps``), bytes of the cache from the leaves:
+The default model prefills ``--length`` tokens of offline text; AdaKV (``--ratio``) compresses the
+cache once into each layout (the same kept tokens per layer and head: checked). Bytes come from
+each compressed cache's leaves. Timed, paths alternating rep by rep (best of ``--reps``):
 
-* ``padded_xla``: every head padded to the largest budget of its layer, masked (XLA);
-* ``paged_xla``: ``to_pages`` pool + the jnp reference of ``paged_decode_attention`` (XLA gather);
-* ``paged_pallas``: the Pallas kernel — only on GPU/TPU (interpret mode on CPU times the
-  interpreter, not the kernel).
+* one decode step of attention over all layers, the query of one new token:
+  ``padded_xla`` (``chunk_attention`` over the padded cache), ``paged_xla`` (``chunk_attention``
+  reading the pages through ``PagedStore.read``: a gather of whole pages per block),
+  ``paged_pallas`` (``paged_decode_attention`` on ``PagedStore.kernel_inputs``; GPU/TPU only —
+  interpret mode on CPU would time the interpreter);
+* one whole decode step of the model (``lib.generate.decode_step``) on each layout.
 """
 
 import platform
@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from lib import generate as gen
 from lib import methods
+from lib.attention import chunk_attention
 from lib.data.text import text_of_tokens
 from lib.provenance import write_result
 from lib.protocol import prefill_context
@@ -34,21 +36,9 @@ from pallas_kernels import sparse_decode_attention as sda
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 4096, "Prompt tokens prefilled before AdaKV compresses.")
 flags.DEFINE_float("ratio", 0.25, "AdaKV kept fraction.")
-flags.DEFINE_integer("page", 64, "Slots per page.")
+flags.DEFINE_integer("page", 16, "Slots per page of the paged layout.")
 flags.DEFINE_integer("reps", 20, "Timed repetitions (best is reported).")
 flags.DEFINE_string("out", "results/bench_sparse_decode_cpu.json", "JSON output.")
-
-
-def adakv_lengths(length: int, ratio: float) -> np.ndarray:
-  """Kept tokens ``[L, K]`` per layer and head of AdaKV on the default model."""
-  lm = models.load("smollm2-135m", progress=False)
-  c = lm.config
-  ids = text_of_tokens(lm.tokenizer, length)
-  m = methods.make("adakv", ratio=ratio)
-  cache, obs, _ = prefill_context(lm.params, lm.apply_fn, [ids], num_layers=c.num_layers,
-                                  kv_heads=c.num_kv_heads, head_dim=c.head_dim, observe=m.observe)
-  small = methods.compress(m, cache, obs)
-  return np.asarray(small.lengths)[:, 0, :]
 
 
 def _time(fn, *args):
@@ -59,68 +49,74 @@ def _time(fn, *args):
 
 def main(argv):
   del argv
-  lengths = adakv_lengths(FLAGS.length, FLAGS.ratio)  # [L, K]
-  n_layers, k = lengths.shape
-  g, h, page = 3, 64, FLAGS.page
+  lm = models.load("smollm2-135m", progress=False)
+  c = lm.config
+  ids = text_of_tokens(lm.tokenizer, FLAGS.length)
+  paged_m = methods.make(f"adakv:page={FLAGS.page}", ratio=FLAGS.ratio)
+  padded_m = methods.make("adakv:layout=padded", ratio=FLAGS.ratio)
+  cache, obs, _ = prefill_context(lm.params, lm.apply_fn, [ids], num_layers=c.num_layers,
+                                  kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                  observe=paged_m.observe, block=lm.attn_block_size)
+  paged = methods.compress(paged_m, cache, obs, extra=8, block=lm.attn_block_size)
+  padded = methods.compress(padded_m, cache, obs, extra=8, block=lm.attn_block_size)
+  del cache
+  lengths = np.asarray(padded.lengths)[:, 0, :]  # [L, K]
+  np.testing.assert_array_equal(np.asarray(paged.quant.lengths)[:, 0, :], lengths)
+
+  b, k, n, h = 1, c.num_kv_heads, c.num_heads, c.head_dim
   rng = np.random.RandomState(0)
-  s_max = int(lengths.max())
-  keys = jnp.asarray(rng.randn(n_layers, 1, k, s_max, h), jnp.bfloat16)
-  vals = jnp.asarray(rng.randn(n_layers, 1, k, s_max, h), jnp.bfloat16)
-  q = jnp.asarray(rng.randn(n_layers, 1, k, g, h), jnp.float32)
-  n = jnp.asarray(lengths[:, None, :], jnp.int32)  # [L, 1, K]
-  # padded: per layer, the layer's largest budget (as compress allocates it)
-  padded = [(keys[i, :, :, :int(lengths[i].max())], vals[i, :, :, :int(lengths[i].max())])
-            for i in range(n_layers)]
-  paged = [sda.to_pages(keys[i], vals[i], lengths[i][None], page) for i in range(n_layers)]
-  padded_bytes = sum(a.nbytes + b.nbytes for a, b in padded)
-  paged_bytes = sum(kp.nbytes + vp.nbytes + t.nbytes + v.nbytes for kp, vp, t, v in paged)
+  q = jnp.asarray(rng.randn(c.num_layers, b, 1, n, h), jnp.float32)
+  kv_new = jnp.asarray(rng.randn(c.num_layers, 2, b, k, 1, h), jnp.float32)
+  qpos = jnp.full((b, 1), FLAGS.length, jnp.int32)
 
-  @jax.jit
-  def step_padded(q, padded, n):
-    outs = []
-    for i, (kk, vv) in enumerate(padded):
-      valid = jnp.arange(kk.shape[2]) < n[i][..., None]
-      s = jnp.einsum("bkgh,bksh->bkgs", q[i].astype(kk.dtype), kk,
-                     preferred_element_type=jnp.float32) / np.sqrt(h)
-      p = jax.nn.softmax(jnp.where(valid[:, :, None], s, -1e30), -1)
-      outs.append(jnp.einsum("bkgs,bksh->bkgh", p.astype(vv.dtype), vv,
-                             preferred_element_type=jnp.float32))
-    return jnp.stack(outs)
+  def attend_all(cache):
+    def one(layer):
+      return chunk_attention(q[layer], kv_new[layer, 0], kv_new[layer, 1], cache.keys,
+                             cache.values, cache.positions, cache.lengths, qpos, layer=layer,
+                             block_size=lm.attn_block_size, quant=cache.quant)
+    return jnp.stack([one(layer) for layer in range(c.num_layers)])
 
-  @jax.jit
-  def step_paged(q, paged):
-    return jnp.stack([sda.paged_decode_attention_reference(q[i], *paged[i])
-                      for i in range(n_layers)])
-
-  paths = {"padded_xla": (step_padded, (q, padded, n)), "paged_xla": (step_paged, (q, paged))}
+  step_attn = jax.jit(attend_all)
+  token = jnp.asarray([ids[-1]], jnp.int32)
+  model = jax.jit(lambda params, cache: gen.decode_step(params, token, cache,
+                                                        apply_fn=lm.apply_fn)[0])
+  step_model = lambda cache: model(lm.params, cache)
+  paths = {"padded_xla": (step_attn, padded), "paged_xla": (step_attn, paged),
+           "model_step_padded": (step_model, padded), "model_step_paged": (step_model, paged)}
   on_accel = jax.default_backend() in ("gpu", "tpu")
   if on_accel:
-    kern = jax.jit(lambda q, paged: jnp.stack([sda.paged_decode_attention(q[i], *paged[i])
-                                               for i in range(n_layers)]))
-    paths["paged_pallas"] = (kern, (q, paged))
-  ref = np.asarray(step_padded(q, padded, n))
-  for name, (fn, args) in paths.items():  # compile, and check they agree
-    np.testing.assert_allclose(np.asarray(fn(*args)), ref, rtol=2e-2, atol=2e-2, err_msg=name)
+    qk = q[:, :, 0].reshape(c.num_layers, b, k, n // k, h)
+    kern = jax.jit(lambda store: jnp.stack([sda.paged_decode_attention(
+        qk[layer], *store.kernel_inputs(layer)) for layer in range(c.num_layers)]))
+    paths["paged_pallas"] = (kern, paged.quant)
+  np.testing.assert_allclose(np.asarray(step_attn(paged)), np.asarray(step_attn(padded)),
+                             rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(step_model(paged)), np.asarray(step_model(padded)),
+                             rtol=1e-4, atol=1e-4)
   best = {name: float("inf") for name in paths}
   for _ in range(FLAGS.reps):
-    for name, (fn, args) in paths.items():
-      best[name] = min(best[name], _time(fn, *args))
-  kept = int(lengths.sum())
-  rows = [{"path": name, "seconds_per_step": t,
-           "cache_bytes": padded_bytes if name == "padded_xla" else paged_bytes,
-           "speed_vs_padded": best["padded_xla"] / t} for name, t in best.items()]
-  for r in rows:
-    print(r)
+    for name, (fn, arg) in paths.items():
+      best[name] = min(best[name], _time(fn, arg))
+  bytes_of = {"padded": padded.trimmed().nbytes, "paged": paged.trimmed().nbytes}
+  rows = []
+  for name, t in best.items():
+    layout = "padded" if "padded" in name else "paged"
+    ref = best["model_step_padded" if name.startswith("model") else "padded_xla"]
+    rows.append({"path": name, "seconds_per_step": t, "cache_bytes": bytes_of[layout],
+                 "speed_vs_padded": ref / t})
+    print(rows[-1])
   write_result(FLAGS.out, {
       "benchmark": "bench_sparse_decode", "device": str(jax.devices()[0].device_kind),
       "backend": jax.default_backend(), "host": platform.node(), "context": FLAGS.length,
-      "ratio": FLAGS.ratio, "page": page, "kept_tokens": kept,
-      "padded_slots": int(sum(lengths[i].max() * k for i in range(n_layers))),
+      "ratio": FLAGS.ratio, "page": FLAGS.page, "kept_tokens": int(lengths.sum()),
+      "padded_slots": int(padded.trimmed().capacity * lengths.size),
+      "pool_pages": int(paged.quant.k_pages.shape[0]),
+      "bytes_paged_over_padded": bytes_of["paged"] / bytes_of["padded"],
       "budget_min_max": [int(lengths.min()), int(lengths.max())], "rows": rows,
       "kernel_note": None if on_accel else "no accelerator: the Pallas kernel is tested in "
-      "interpret mode only and not timed",
+      "interpret mode only (tests/test_paged.py, tests/test_sparse_decode_kernel.py), not timed",
       "command": f"python -m experiments.bench_sparse_decode --length={FLAGS.length} "
-                 f"--ratio={FLAGS.ratio}"})
+                 f"--ratio={FLAGS.ratio} --page={FLAGS.page}"})
 
 
 if __name__ == "__main__":

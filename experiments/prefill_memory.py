@@ -83,11 +83,10 @@ def _prefill(m, method, prompts, tokens, lengths, row):
   """Prefills (and compresses) in the chosen mode; adds the cache's byte counts to ``row``."""
   c = m.config
   if method is not None and FLAGS.compress_during_prefill:
-    final, _ = prefill_context_compressing(
+    final, _, peak_cache = prefill_context_compressing(  # the scan's cache: its peak
         m.params, m.apply_fn, prompts, method, num_layers=c.num_layers,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=m.dtype,
         chunk_size=FLAGS.chunk_size)
-    peak_cache = final.nbytes  # the cache is this size throughout
   else:
     cache = m.new_cache(len(prompts), tokens.shape[1])
     peak_cache = cache.nbytes

@@ -1,5 +1,6 @@
-"""Saving and loading a ``KVCache`` (any layout: dense, compressed, KIVI- or KVQuant-quantized,
-xKV low-rank, ThinK channel-pruned)
+"""Saving and loading a ``KVCache`` (any layout: dense, compressed, paged (ragged AdaKV /
+PyramidKV), KIVI- or KVQuant-quantized, xKV low-rank, ThinK channel-pruned, MatryoshkaKV,
+MiniCache)
 with orbax, so a long document's compressed cache is computed once and reused by later runs.
 
 A saved cache is an orbax checkpoint directory holding the leaves (written shard by shard from
@@ -31,10 +32,11 @@ def _stores():
   from lib.lowrank.merged import MergedStore
   from lib.lowrank.projected import ProjectedStore
   from lib.lowrank.store import LowRankStore
+  from lib.paged import PagedStore
   from lib.quant.kvquant_store import KVQuantStore
   from lib.quant.store import QuantStore
   return {c.__name__: c for c in (QuantStore, KVQuantStore, LowRankStore, ChannelStore,
-                                  MergedStore, ProjectedStore)}
+                                  MergedStore, ProjectedStore, PagedStore)}
 
 
 def _fields(obj) -> tuple[dict[str, Any], dict[str, Any]]:

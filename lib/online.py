@@ -31,6 +31,7 @@ from lib import generate as gen
 from lib.cache import KVCache, round_capacity
 from lib.memory import check_fits, explain_oom
 from lib.methods.base import select
+from lib.paged import page_cache
 
 
 def online_capacity(method, lengths: np.ndarray, chunk_size: int, num_layers: int,
@@ -140,9 +141,12 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
       the float peak shrinks too, is not done yet).
 
   Returns:
-    ``(cache, seconds)``: the cache ``[L, B, K, S, H]`` holds at most each head's budget, in
-    slots ``S = round8(max budget + chunk)`` (the peak it ever allocated); ``seconds`` is
-    wall-clock of the jitted scan (compilation included on first use of a shape).
+    ``(cache, seconds, peak_bytes)``: the cache holds at most each head's budget; ``seconds``
+    is wall-clock of the jitted scan (compilation included on first use of a shape);
+    ``peak_bytes`` the bytes of the cache the scan carried (``S = round8(max budget + chunk)``
+    slots, the most it ever allocated). After the scan, a quantizer packs what is kept and a
+    method with ragged budgets (AdaKV, PyramidKV) stores it paged (``lib.paged``), so
+    ``cache.nbytes`` is then below ``peak_bytes``.
   """
   method, quantizers = split_online(method)
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
@@ -160,7 +164,11 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
         params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(kept, jnp.int32),
         apply_fn=apply_fn, chunk_size=chunk, method=method, capacity=cap, dtype=dtype,
         num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim)
+    peak = cache.nbytes
     for q in quantizers:  # what is kept at the end, quantized (peak: budget + chunk, float)
       cache = q.apply(cache, extra=0)
+    if not quantizers and getattr(method, "layout", None) == "paged":
+      cache = page_cache(cache.resize(round_capacity(int(jnp.max(cache.lengths)))),
+                         page=method.page, room=8)
     jax.block_until_ready(cache)
-  return cache, time.perf_counter() - t0
+  return cache, time.perf_counter() - t0, peak

@@ -133,7 +133,14 @@ def cache_specs(cache, mesh: Mesh):
       return P(data)
     return P()
 
-  return jax.tree.map(spec, cache)
+  specs = jax.tree.map(spec, cache)
+  store = cache.quant
+  if store is not None and hasattr(store, "row_leaves"):
+    # leaves with a batch axis but no per-head one (xKV's factors mix heads): rows on data
+    rows = {name: P(None, data, *([None] * (getattr(store, name).ndim - 2)))
+            for name in store.row_leaves}
+    specs = specs.replace(quant=specs.quant.replace(**rows))
+  return specs
 
 
 def shard_cache(cache, mesh: Mesh):

@@ -24,7 +24,7 @@ from lib.rope import RopeConfig
 from models.config import ModelConfig
 from models.decoder import init_params, make_apply_fn
 
-METHODS = ("snapkv", "h2o", "pyramidkv", "streaming_llm+kivi4")
+METHODS = tuple(os.environ.get("SHARDED_RUN_METHODS", "").split(",")) if os.environ.get("SHARDED_RUN_METHODS") else ("snapkv", "h2o", "pyramidkv", "adakv", "streaming_llm+kivi4", "streaming_llm+xkv")
 STEPS = 32
 
 
@@ -42,6 +42,7 @@ def run(out: str, mesh_spec: str):
     params = sharding.shard_params(params, cfg, mesh)
   results = {}
   for spec in METHODS:
+    key = spec.replace("+", "_")
     m = methods.make(spec, ratio=0.5)
     tokens, lengths = gen.pad_batch(prompts, 16)
     cache = KVCache.init(num_layers=2, batch=8, kv_heads=4, capacity=tokens.shape[1],
@@ -55,10 +56,12 @@ def run(out: str, mesh_spec: str):
     small = methods.compress(m, cache, obs, extra=STEPS + 8)
     if mesh is not None:
       small = sharding.shard_cache(small, mesh)
+      if hasattr(small.quant, "row_leaves"):  # xKV's token factors: rows split over data
+        results[f"{key}/coef_shard_rows"] = np.asarray(
+            small.quant.k_coef.addressable_shards[0].data.shape[1])
     toks, _, final = gen.decode_loop(params, small, first, jax.random.PRNGKey(0),
                                      apply_fn=apply_fn, max_new_tokens=STEPS)
     logits, _ = gen.decode_step(params, toks[:, -1], final, apply_fn=apply_fn)
-    key = spec.replace("+", "_")
     results[f"{key}/first"] = np.asarray(first)
     results[f"{key}/tokens"] = np.asarray(toks)
     results[f"{key}/logits"] = np.asarray(logits)

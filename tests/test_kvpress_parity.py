@@ -64,7 +64,10 @@ def _kvlab(m, ids, method, chunk=32):
   _, cache, obs = gen.prefill(m.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
                               apply_fn=m.apply_fn, chunk_size=chunk, observe=method.observe)
   small = methods.compress(method, cache, obs)
-  pos, lens = np.asarray(small.positions)[:, 0], np.asarray(small.lengths)[:, 0]
+  if small.quant is not None:  # AdaKV / PyramidKV: the paged layout (lib.paged)
+    pos, lens = np.asarray(small.quant.dense()[2])[:, 0], np.asarray(small.quant.lengths)[:, 0]
+  else:
+    pos, lens = np.asarray(small.positions)[:, 0], np.asarray(small.lengths)[:, 0]
   kept = [[set(pos[l, k, :lens[l, k]].tolist()) for k in range(pos.shape[1])]
           for l in range(pos.shape[0])]
   return kept, cache, obs

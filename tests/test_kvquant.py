@@ -259,10 +259,10 @@ def test_kvquant_quantizes_a_cache_compressed_during_prefill(tiny, calibration):
   c = tiny.config
   ctx = [np.random.RandomState(6).randint(0, 160, n).tolist() for n in (80, 50)]
   m = methods.make("knorm+kvquant4", ratio=0.25, calibration=path)
-  cache, _ = prefill_context_compressing(tiny.params, tiny.apply_fn, ctx, m,
+  cache, _, peak = prefill_context_compressing(tiny.params, tiny.apply_fn, ctx, m,
                                          num_layers=c.num_layers, kv_heads=c.num_kv_heads,
                                          head_dim=c.head_dim, chunk_size=16)
-  assert cache.quant is not None and cache.quant.k_bits == 4
+  assert cache.quant is not None and cache.quant.k_bits == 4 and cache.nbytes < peak
   both = np.asarray(cache.quant.lengths + cache.lengths)
   assert (both[:, 0] == 20).all() and (both[:, 1] == 13).all()  # 25 % kept, sinks in fp
 

@@ -78,7 +78,7 @@ def test_pyramidkv_layer_budgets(tiny):
 
 def test_adakv_budgets_move_between_heads(tiny):
   ids = np.random.RandomState(11).randint(0, 160, size=48).tolist()
-  m = methods.AdaKV(ratio=0.25, window=4)
+  m = methods.AdaKV(ratio=0.25, window=4, layout="padded")  # test_paged.py: the paged layout
   cache, obs = _prefill(tiny, ids, 8, m.observe)
   small = methods.compress(m, cache, obs)
   lens = np.asarray(small.lengths)[:, 0]  # [L, K]

@@ -89,13 +89,37 @@ def test_evict_during_prefill_then_quantize(tiny):
   kw = dict(num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.head_dim, chunk_size=16)
   method = methods.Compose((methods.make("snapkv", ratio=0.5), KIVI(bits=4, group=16,
                                                                      residual=16)))
-  cache, _ = prefill_context_compressing(tiny.params, tiny.apply_fn, prompts, method, **kw)
+  cache, _, peak = prefill_context_compressing(tiny.params, tiny.apply_fn, prompts, method, **kw)
   total = np.asarray(cache.quant.lengths) + np.asarray(cache.lengths)
   np.testing.assert_array_equal(total[:, 0], 100)
   np.testing.assert_array_equal(total[:, 1], 75)
   assert cache.quant.k_codes.dtype == jnp.uint32
+  assert cache.nbytes < peak  # the float cache of the scan was the peak
   with pytest.raises(ValueError, match="one eviction method, optionally followed by a quantizer"):
     prefill_context_compressing(tiny.params, tiny.apply_fn, prompts,
                                 methods.make("knorm+snapkv", ratio=0.5), **kw)
   with pytest.raises(ValueError, match="compose them after one, e.g. snapkv\\+kivi"):
     prefill_context_compressing(tiny.params, tiny.apply_fn, prompts, methods.make("kivi"), **kw)
+
+
+def test_ragged_budgets_end_paged(tiny):
+  """AdaKV during prefill: the scan carries a padded cache (the peak); what it keeps ends in
+  the paged layout, the same tokens as the scan's last selection."""
+  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  from lib.paged import PagedStore  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(23)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (120, 64)]
+  c = tiny.config
+  kw = dict(num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.head_dim, chunk_size=16)
+  paged, _, peak = prefill_context_compressing(tiny.params, tiny.apply_fn, prompts,
+                                               methods.make("adakv", ratio=0.25), **kw)
+  padded, _, peak2 = prefill_context_compressing(
+      tiny.params, tiny.apply_fn, prompts, methods.make("adakv:layout=padded", ratio=0.25), **kw)
+  assert isinstance(paged.quant, PagedStore) and peak == peak2 == padded.nbytes
+  assert paged.nbytes < peak
+  lens = np.asarray(padded.lengths)
+  np.testing.assert_array_equal(np.asarray(paged.quant.lengths), lens)
+  pos = np.asarray(paged.quant.dense()[2])
+  for l, b, k in np.ndindex(*lens.shape):
+    np.testing.assert_array_equal(pos[l, b, k, :lens[l, b, k]],
+                                  np.asarray(padded.positions)[l, b, k, :lens[l, b, k]])

@@ -140,11 +140,11 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
         small, kept, t_c = compress_for(method, cache, obs, m_room, block)
         t_p, peak = t_pre, full_bytes
       else:  # a fresh chunked prefill that compresses after every chunk
-        online, t_p = prefill_context_compressing(
+        online, t_p, peak = prefill_context_compressing(
             lm.params, lm.apply_fn, [ctx], method, num_layers=c.num_layers,
             kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=lm.dtype, chunk_size=chunk_size)
         n_max = int(jnp.max(online.lengths))
-        peak, t_c = online.nbytes, 0.0
+        t_c = 0.0
         kept = online.trimmed().nbytes
         small = online.resize(round_capacity(n_max + m_room))
         if online.quant is not None:  # room in the packed part for the flushed tokens

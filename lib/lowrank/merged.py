@@ -71,14 +71,20 @@ class MergedStore:
       return (sl(self.keys, layer).astype(jnp.float32), sl(self.values, layer).astype(jnp.float32),
               pos)
     mi = jnp.clip(m, 0, n_merged - 1)
-    keys = self._merged(self.k_dir, self.k_norm, self.k_kept, self.k_index, mi, start, size)
-    values = self._merged(self.v_dir, self.v_norm, self.v_kept, self.v_index, mi, start, size)
+
+    def merged():
+      return (self._merged(self.k_dir, self.k_norm, self.k_kept, self.k_index, mi, start, size),
+              self._merged(self.v_dir, self.v_norm, self.v_kept, self.v_index, mi, start, size))
+
     if self.keys.shape[0] == 0:  # every layer is merged
-      return keys, values, pos
-    is_merged = (m >= 0) & (m < n_merged)
+      return (*merged(), pos)
     ui = jnp.clip(jnp.where(m < 0, layer, layer - n_merged), 0, self.keys.shape[0] - 1)
-    keys = jnp.where(is_merged, keys, sl(self.keys, ui).astype(jnp.float32))
-    values = jnp.where(is_merged, values, sl(self.values, ui).astype(jnp.float32))
+
+    def unmerged():
+      return sl(self.keys, ui).astype(jnp.float32), sl(self.values, ui).astype(jnp.float32)
+
+    # one branch runs (a select would rebuild the merged block for every layer as well)
+    keys, values = jax.lax.cond((m >= 0) & (m < n_merged), merged, unmerged)
     return keys, values, pos
 
   def _merged(self, direction, norm, kept, index, mi, start, size: int):

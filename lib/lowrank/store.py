@@ -41,6 +41,10 @@ class LowRankStore:
   group: int = struct.field(pytree_node=False, default=8)  # block granularity (trimmed rounds to it)
   residual: int = struct.field(pytree_node=False, default=0)
 
+  # ``[C|L, B, ...]`` leaves without a kv-head axis: ``lib.sharding.cache_specs`` puts their
+  # rows on the mesh's data axis (each row's factors are its own).
+  row_leaves = ("k_coef", "k_basis", "v_coef", "v_basis")
+
   @property
   def capacity(self) -> int:
     return self.k_coef.shape[2]

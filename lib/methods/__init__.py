@@ -75,7 +75,7 @@ class Compose:
     for i, m in enumerate(self.methods):
       obs = None if observations is None else observations[i]
       last = i == len(self.methods) - 1
-      cache = compress(m, cache, obs, extra=extra if last else 0, block=block)
+      cache = compress(m, cache, obs, extra=extra if last else 0, block=block, final=last)
     return cache
 
 

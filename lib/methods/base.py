@@ -115,7 +115,7 @@ def _compress(method, cache, obs, kept, capacity):
 
 
 def compress(method: Method, cache: KVCache, observations: Any = None, *, extra: int = 0,
-             block: int = 512) -> KVCache:
+             block: int = 512, final: bool = True) -> KVCache:
   """Applies ``method`` after prefill; returns a smaller cache with ``extra`` free slots.
 
   Args:
@@ -123,14 +123,21 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
     observations: what the method's ``observe`` returned during prefill (or None).
     extra: free slots to leave for tokens appended later (question, answer).
     block: the model's attention block size (capacity is rounded to it).
+    final: the result is the cache used for decoding (not handed to a later member of a
+      composition): methods with ragged budgets then store it paged (``lib.paged``).
   """
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
   kept = method.kept(to_host(cache.lengths))
   if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
     kept = to_host(_budgets(method, cache, observations, jnp.asarray(kept, jnp.int32)))
-  capacity = round_capacity(int(kept.max()) + extra, block)
-  return _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity)
+  paged = final and getattr(method, "layout", None) == "paged"
+  capacity = round_capacity(int(kept.max()) + (0 if paged else extra), block)
+  out = _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity)
+  if paged:  # only what each head keeps; later tokens go to a window of ``extra`` slots
+    from lib.paged import page_cache  # pylint: disable=g-import-not-at-top
+    out = page_cache(out, page=method.page, room=extra, block=block)
+  return out
 
 
 @functools.partial(jax.jit, static_argnames=("method",))

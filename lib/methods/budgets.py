@@ -1,10 +1,11 @@
 """Budget allocators: PyramidKV (per layer) and AdaKV (per head), both on SnapKV scores.
 
-Budgets that differ by layer or head are stored in the stacked cache padded to the largest
-budget (lengths mark what is kept). So these methods save fewer bytes than a uniform method at
-the same number of kept tokens; a ragged (flattened per-head) layout that stores only what is
-kept is future work (issue 6 kernel). ``compress`` reports bytes from the leaves, so the tables
-show this honestly.
+Their budgets differ by layer or head, so by default (``layout="paged"``) the compressed cache
+stores only what each head keeps: a ``lib.paged.PagedStore`` (pages of ``page`` slots listed
+per head) in the cache's stored part, with an empty full-precision window for the tokens appended
+later. ``layout="padded"`` keeps the stacked ``[L, B, K, S, H]`` layout padded to the largest
+budget (what a following member of a composition, e.g. ``adakv+kivi``, receives). Bytes are
+always reported from the leaves.
 """
 
 from __future__ import annotations
@@ -23,7 +24,23 @@ from lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
 
 
 @dataclasses.dataclass(frozen=True)
-class PyramidKV(SnapKV):
+class Ragged:
+  """Mixin of the storage options of methods whose budgets differ per layer or head."""
+
+  layout: str = "paged"
+  page: int = 16
+
+  def __post_init__(self):
+    super().__post_init__()  # the ratio / budget checks of Method
+    if self.layout not in ("paged", "padded"):
+      raise ValueError(f"{self.name}: layout must be 'paged' (only what each head keeps) or "
+                       f"'padded' (every head at the largest budget), got {self.layout!r}")
+    if self.page < 1:
+      raise ValueError(f"{self.name}: page must be >= 1 slot, got {self.page}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PyramidKV(Ragged, SnapKV):
   """PyramidKV (Cai et al. 2024): SnapKV scores, arithmetic layer budgets (lower layers keep
   more; mean unchanged), ``beta=20``. Like the reference code, prompts shorter than twice the
   non-window budget fall back to SnapKV's uniform budget (METHODS.md §2.4 quirk)."""
@@ -54,7 +71,7 @@ class PyramidKV(SnapKV):
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaKV(SnapKV):
+class AdaKV(Ragged, SnapKV):
   """Ada-KV (Feng et al. 2024) on SnapKV scores: heads of a layer compete for the layer's
   budget (top ``K * b`` of the concatenated per-head scores), with a safeguard floor
   ``alpha`` of the uniform budget per head. Choices: scores use the window *mean* and max

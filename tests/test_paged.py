@@ -1,0 +1,124 @@
+"""Ragged (paged) storage of AdaKV / PyramidKV caches: the cache's own layout stores only what
+each head keeps, attention and the Pallas kernel read it in place, and it decodes like the
+padded layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import models
+from compressed_run import run_compressed
+from lib import cache_io
+from lib import methods
+from lib.attention import dense_attention_reference
+from lib.paged import PagedStore, build
+from pallas_kernels import sparse_decode_attention as sda
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+  path, _ = tiny_dir("llama_tied_bias")  # 4 kv heads: AdaKV budgets differ between them
+  return models.load(path, progress=False, attn_block_size=16)
+
+
+def _prompts():
+  rng = np.random.RandomState(31)
+  return [rng.randint(0, 160, size=n).tolist() for n in (150, 97)]
+
+
+@pytest.mark.parametrize("name", ["adakv", "pyramidkv"])
+def test_paged_decodes_like_padded_and_stores_less(tiny, name):
+  opts = ":window=8" if name == "adakv" else ":window=8:beta=4"
+  paged_m = methods.make(name + opts + ":page=8", ratio=0.3)
+  padded_m = methods.make(name + opts + ":layout=padded", ratio=0.3)
+  toks_p, logits_p, paged, _ = run_compressed(tiny, paged_m, _prompts())
+  toks_d, logits_d, padded, _ = run_compressed(tiny, padded_m, _prompts())
+  np.testing.assert_array_equal(toks_p, toks_d)
+  np.testing.assert_allclose(logits_p, logits_d, rtol=1e-5, atol=1e-5)
+
+  store = paged.quant
+  assert isinstance(store, PagedStore) and int(paged.lengths.max()) == 0  # empty window
+  lens = np.asarray(store.lengths)
+  np.testing.assert_array_equal(lens, np.asarray(padded.lengths))
+  assert len(np.unique(lens)) > 2  # the budgets really differ
+  # only what each head keeps: the pool holds sum ceil(length / P) pages
+  assert store.k_pages.shape[0] == int((-(-lens // 8)).sum())
+  assert paged.trimmed().nbytes < padded.trimmed().nbytes
+  # the same tokens, keys and values per head
+  keys, values, pos = (np.asarray(x) for x in store.dense())
+  for l, b, k in np.ndindex(*lens.shape):
+    n = lens[l, b, k]
+    np.testing.assert_array_equal(pos[l, b, k, :n], np.asarray(padded.positions[l, b, k, :n]))
+    np.testing.assert_array_equal(keys[l, b, k, :n], np.asarray(padded.keys[l, b, k, :n]))
+    np.testing.assert_array_equal(values[l, b, k, :n], np.asarray(padded.values[l, b, k, :n]))
+    assert (pos[l, b, k, n:] == -1).all()
+
+
+def test_kernel_reads_the_store_in_place(tiny):
+  """The Pallas kernel (interpret mode) over ``store.kernel_inputs(layer)`` == its jnp reference
+  == textbook attention over the padded cache, layer by layer."""
+  m = methods.make("adakv:window=8:page=8", ratio=0.3)
+  _, _, paged, _ = run_compressed(tiny, m, _prompts(), steps=1)
+  padded = methods.make("adakv:window=8:layout=padded", ratio=0.3)
+  _, _, dense, _ = run_compressed(tiny, padded, _prompts(), steps=1)
+  store = paged.quant
+  c = tiny.config
+  b, k = dense.batch, dense.kv_heads
+  g = c.num_heads // k
+  q = jax.random.normal(jax.random.PRNGKey(0), (b, k, g, c.head_dim))
+  for layer in range(c.num_layers):
+    args = store.kernel_inputs(layer)
+    got = sda.paged_decode_attention(q, *args, interpret=True)
+    ref = sda.paged_decode_attention_reference(q, *args)
+    valid = jnp.arange(dense.capacity) < dense.lengths[layer][..., None]
+    qpos = jnp.full((b, 1), 10_000)
+    want = dense_attention_reference(
+        q.reshape(b, 1, k * g, -1), dense.keys[layer], dense.values[layer], qpos,
+        dense.positions[layer], valid).reshape(b, k, g, -1)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_build_with_empty_heads_and_odd_lengths():
+  rng = np.random.RandomState(3)
+  lengths = np.array([[[0, 5], [17, 8]]], np.int32)  # [L=1, B=2, K=2]
+  keys = jnp.asarray(rng.randn(1, 2, 2, 20, 4), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(20, dtype=jnp.int32), (1, 2, 2, 20))
+  store = build(keys, keys * 2, pos, jnp.asarray(lengths), page=8, block=16)
+  assert store.k_pages.shape == (0 + 1 + 3 + 1, 8, 4)
+  assert store.capacity % 16 == 0 and store.page_table.shape[-1] == 4
+  k, v, p = (np.asarray(x) for x in store.dense())
+  for _, bb, kk in np.ndindex(*lengths.shape):
+    n = lengths[0, bb, kk]
+    np.testing.assert_array_equal(k[0, bb, kk, :n], np.asarray(keys[0, bb, kk, :n]))
+    np.testing.assert_array_equal(v[0, bb, kk, :n], 2 * np.asarray(keys[0, bb, kk, :n]))
+    assert (p[0, bb, kk, :n] == np.arange(n)).all() and (p[0, bb, kk, n:] == -1).all()
+  blk_k, _, blk_p = store.read(0, 8, 8)  # the second page of each head
+  np.testing.assert_array_equal(blk_k[1, 0], np.asarray(keys[0, 1, 0, 8:16]))
+  assert (np.asarray(blk_p[1, 0]) == np.arange(8, 16)).all()
+
+
+def test_saved_paged_cache_round_trips(tiny, tmp_path):
+  m = methods.make("adakv:window=8", ratio=0.3)
+  _, _, paged, _ = run_compressed(tiny, m, _prompts(), steps=1)
+  path = cache_io.save_cache(paged, str(tmp_path / "paged"))
+  back, _ = cache_io.load_cache(path)
+  assert isinstance(back.quant, PagedStore) and back.quant.page == paged.quant.page
+  for a, b in zip(jax.tree_util.tree_leaves(paged), jax.tree_util.tree_leaves(back)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_composition_hands_the_padded_cache_on(tiny):
+  """``adakv+kivi``: AdaKV's result goes to KIVI padded; only the final member's layout stays."""
+  m = methods.make("adakv:window=8+kivi4:group=16:residual=16", ratio=0.5)
+  _, logits, small, _ = run_compressed(tiny, m, _prompts())
+  assert type(small.quant).__name__ == "QuantStore"
+  assert np.isfinite(logits).all()
+
+
+def test_bad_options():
+  with pytest.raises(ValueError, match="layout must be 'paged'"):
+    methods.make("adakv:layout=ragged", ratio=0.5)
+  with pytest.raises(ValueError, match="page must be >= 1"):
+    methods.make("pyramidkv:page=0", ratio=0.5)
