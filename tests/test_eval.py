@@ -188,3 +188,22 @@ def test_compress_during_prefill_rejects_compositions(chat_tiny, tmp_path):
          f"--out={tmp_path / 'x.jsonl'}"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "one eviction method, optionally followed by" in out.stderr
+
+
+def test_offline_text_is_the_same_in_every_process():
+  """The stdlib-docs text must not depend on the process (object addresses in pydoc's default
+  values) or on what the caller imported and configured (logging's handler list)."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  code = ("import sys, hashlib; sys.path.insert(0, {root!r}); {pre}"
+          "from lib.data.text import stdlib_docs; "
+          "print(hashlib.sha256(stdlib_docs().encode()).hexdigest())")
+  digests = set()
+  for pre in ("", "import logging; logging.basicConfig(); logging.getLogger('x').addHandler("
+              "logging.StreamHandler()); "):
+    out = subprocess.run([sys.executable, "-c", code.format(root=ROOT, pre=pre)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    digests.add(out.stdout.strip())
+  from lib.data.text import stdlib_docs  # pylint: disable=g-import-not-at-top
+  digests.add(hashlib.sha256(stdlib_docs().encode()).hexdigest())
+  assert len(digests) == 1, digests
+  assert " at 0x" not in stdlib_docs()
