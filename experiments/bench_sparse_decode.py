@@ -13,7 +13,8 @@ each compressed cache's leaves. Timed, paths alternating rep by rep (best of ``-
   reading the pages through ``PagedStore.read``: a gather of whole pages per block),
   ``paged_pallas`` (``paged_decode_attention`` on ``PagedStore.kernel_inputs``; GPU/TPU only —
   interpret mode on CPU would time the interpreter);
-* one whole decode step of the model (``lib.generate.decode_step``) on each layout.
+* one whole decode step of the model (``lib.generate.decode_step``) on each layout, and on
+  GPU/TPU also with ``attn_impl="pallas"`` (the model's decode reads the pages with the kernel).
 """
 
 import platform
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from models.decoder import make_apply_fn
 from lib import generate as gen
 from lib import methods
 from lib.attention import chunk_attention
@@ -89,6 +91,10 @@ def main(argv):
     kern = jax.jit(lambda store: jnp.stack([sda.paged_decode_attention(
         qk[layer], *store.kernel_inputs(layer)) for layer in range(c.num_layers)]))
     paths["paged_pallas"] = (kern, paged.quant)
+    kern_fn = make_apply_fn(c, lm.dtype, lm.attn_block_size, attn_impl="pallas")
+    model_k = jax.jit(lambda params, cache: gen.decode_step(params, token, cache,
+                                                            apply_fn=kern_fn)[0])
+    paths["model_step_paged_pallas"] = (lambda cache: model_k(lm.params, cache), paged)
   np.testing.assert_allclose(np.asarray(step_attn(paged)), np.asarray(step_attn(padded)),
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(step_model(paged)), np.asarray(step_model(padded)),

@@ -44,6 +44,7 @@ def chunk_attention(
     quant: Any = None,
     return_lse: bool = False,
     static_trip: bool = False,
+    impl: str = "xla",
 ):
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
@@ -68,6 +69,10 @@ def chunk_attention(
       attention probabilities ``exp(s - lse)`` block by block without a second softmax.
     static_trip: loop over every block of the capacity (masked past the valid length) instead
       of stopping at the longest valid length: slower, but reverse-mode differentiable.
+    impl: ``"xla"`` (blockwise jnp, any backend), ``"pallas"`` or ``"interpret"`` (the Pallas
+      kernel, compiled or in interpret mode for CPU tests) for the stored part of a decode step
+      (T = 1) when the store has a kernel (``PagedStore.kernel_inputs``) and no sliding window
+      applies; everything else takes the XLA path.
 
   Returns:
     ``[B, T, N, H]`` attention outputs in ``q.dtype`` (and ``lse`` with ``return_lse``).
@@ -108,7 +113,10 @@ def chunk_attention(
     return _fold(carry, qg, kb.astype(f32), vb.astype(f32), valid)
 
   m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
-  if quant is not None:
+  if quant is not None and impl != "xla" and _kernel_reads(quant, t, sliding_window, static_trip):
+    q1 = q.astype(f32).reshape(b, kh, g, h)  # the one new token's queries, [B, K, G, H]
+    m, l, acc = _kernel_blocks(quant, layer, q1, impl, (m, l, acc))
+  elif quant is not None:
     m, l, acc = _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, (m, l, acc))
   out = acc / l[..., None]  # [B, K, G, T, H]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
@@ -167,6 +175,28 @@ def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry)
     return _fold(carry, qg, kb, vb, valid)
 
   return jax.lax.fori_loop(0, n_blocks, body, carry)
+
+
+IMPLS = ("xla", "pallas", "interpret")
+
+
+def _kernel_reads(quant, t: int, sliding_window, static_trip: bool) -> bool:
+  """Whether a Pallas kernel can read this stored part in this call (see ``impl``)."""
+  return hasattr(quant, "kernel_inputs") and t == 1 and sliding_window is None and not static_trip
+
+
+def _kernel_blocks(quant, layer, q, impl: str, carry):
+  """Folds the stored part into the running softmax through the paged Pallas kernel: it returns
+  the normalised output ``o`` and log normaliser ``lse`` over the store, which merge with
+  ``(m, l, acc)`` exactly like one more block."""
+  from pallas_kernels.sparse_decode_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
+  m, l, acc = carry  # [B, K, G, 1], ..., [B, K, G, 1, H]; q [B, K, G, H] unscaled
+  o, lse = paged_decode_attention(q, *quant.kernel_inputs(layer), interpret=impl == "interpret",
+                                  return_lse=True)
+  lse = lse[..., None]  # [B, K, G, 1]
+  m_new = jnp.maximum(m, lse)
+  alpha, beta = jnp.exp(m - m_new), jnp.exp(lse - m_new)
+  return m_new, l * alpha + beta, acc * alpha[..., None] + o[:, :, :, None] * beta[..., None]
 
 
 def dense_attention_reference(q, k, v, q_positions, k_positions, k_valid, sliding_window=None):

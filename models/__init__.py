@@ -93,8 +93,9 @@ class LanguageModel:
 
 
 def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
-         attn_block_size: int = 512) -> LanguageModel:
-  """Loads ``smollm2-135m`` (default), an HF checkpoint directory or a ``.gguf`` file."""
+         attn_block_size: int = 512, attn_impl: str = "xla") -> LanguageModel:
+  """Loads ``smollm2-135m`` (default), an HF checkpoint directory or a ``.gguf`` file.
+  ``attn_impl`` picks the decode attention over paged stores (``models.decoder.make_apply_fn``)."""
   from models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
 
   kind, path = registry.resolve(name_or_path)
@@ -109,5 +110,6 @@ def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
       tokenizer = tok_mod.from_hf_dir(path)
     except FileNotFoundError:
       tokenizer = None  # weights-only checkpoints (tests) still run on token ids
-  return LanguageModel(cfg, params, tokenizer, make_apply_fn(cfg, dtype, attn_block_size), dtype,
-                       source=path, attn_block_size=attn_block_size)
+  apply_fn = make_apply_fn(cfg, dtype, attn_block_size, attn_impl)
+  return LanguageModel(cfg, params, tokenizer, apply_fn, dtype, source=path,
+                       attn_block_size=attn_block_size)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lib.attention import LayerInputs, chunk_attention
+from lib.attention import IMPLS, LayerInputs, chunk_attention
 from lib.cache import KVCache
 from lib.rope import apply_rope, inv_freq_for
 from models.config import ModelConfig
@@ -40,6 +40,7 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
   attn_block_size: int = 512
   observe: Any = None
+  attn_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, scanned, ctx):
@@ -86,7 +87,8 @@ class DecoderLayer(nn.Module):
                           cache.lengths, q_positions, layer=layer,
                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
                           quant=cache.quant, return_lse=self.observe is not None,
-                          static_trip=probe is not None or project is not None)
+                          static_trip=probe is not None or project is not None,
+                          impl=self.attn_impl)
     obs = None
     if self.observe is not None:  # after attention: hooks see each query's normaliser
       attn, lse = out
@@ -120,6 +122,7 @@ class Decoder(nn.Module):
   dtype: Any = jnp.float32
   attn_block_size: int = 512
   observe: Any = None
+  attn_impl: str = "xla"
 
   @nn.compact
   def __call__(self, tokens, cache: KVCache, n_valid, logit_index=None, probe=None,
@@ -159,7 +162,7 @@ class Decoder(nn.Module):
         in_axes=(0, nn.broadcast),
         out_axes=0,
         length=c.num_layers,
-    )(c, self.dtype, self.attn_block_size, self.observe, name="layers")
+    )(c, self.dtype, self.attn_block_size, self.observe, self.attn_impl, name="layers")
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
     q_valid = jnp.arange(t, dtype=jnp.int32)[None, :] < n_valid[:, None]  # [B, T]
     x, (k_new, v_new, obs) = layers(x, (layer_ids, probe, project),
@@ -177,14 +180,24 @@ class Decoder(nn.Module):
     return logits.astype(jnp.float32), cache, obs
 
 
-def make_apply_fn(cfg: ModelConfig, dtype=jnp.float32, attn_block_size: int = 512):
+def make_apply_fn(cfg: ModelConfig, dtype=jnp.float32, attn_block_size: int = 512,
+                  attn_impl: str = "xla"):
   """Returns the pure ``apply_fn(params, tokens, cache, n_valid, logit_index, observe)`` that
-  ``lib.generate`` expects. Modules are built once per observe hook and cached."""
+  ``lib.generate`` expects. Modules are built once per observe hook and cached.
+
+  ``attn_impl``: ``"xla"`` (default, every backend), ``"pallas"`` (decode steps read a paged
+  store with the Pallas kernel; for GPU/TPU, not yet measured there), ``"interpret"`` (the same
+  kernel in interpret mode: CPU tests), ``"auto"`` (``"pallas"`` on GPU/TPU, else ``"xla"``).
+  """
+  if attn_impl == "auto":
+    attn_impl = "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  if attn_impl not in IMPLS:
+    raise ValueError(f"attn_impl must be one of {IMPLS + ('auto',)}, got {attn_impl!r}")
   modules: dict[Any, Decoder] = {}
 
   def apply_fn(params, tokens, cache, n_valid, logit_index=None, observe=None):
     if observe not in modules:
-      modules[observe] = Decoder(cfg, dtype, attn_block_size, observe)
+      modules[observe] = Decoder(cfg, dtype, attn_block_size, observe, attn_impl)
     return modules[observe].apply({"params": params}, tokens, cache, n_valid, logit_index)
 
   return apply_fn

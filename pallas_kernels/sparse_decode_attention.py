@@ -16,6 +16,9 @@ tokens valid in each (the first ones of the page; 0 = the entry is unused). Two 
 ``paged_decode_attention`` (Pallas: one program per (b, k), online softmax over its listed pages,
 skipping unused entries) and ``paged_decode_attention_reference`` (jnp gather + masked softmax)
 share the signature and return ``[B, K, G, H]`` float32; a head with no valid token returns 0.
+With ``return_lse=True`` both also return each query's log normaliser ``lse [B, K, G]`` (of the
+logits ``q.k / sqrt(H)`` over the listed tokens; -1e30 for an empty head), so a caller can fold the
+result into an online softmax over other keys (``lib.attention`` does, for the decode step).
 ``interpret=True`` runs the kernel on CPU (tests); on GPU it lowers through Triton. Not yet
 measured on an accelerator.
 """
@@ -42,7 +45,8 @@ def _check(q, k_pages, v_pages, page_table, page_valid):
                      f"[{b}, {k}, M]")
 
 
-def paged_decode_attention_reference(q, k_pages, v_pages, page_table, page_valid):
+def paged_decode_attention_reference(q, k_pages, v_pages, page_table, page_valid, *,
+                                     return_lse: bool = False):
   """jnp reference: gathers each head's listed pages and runs a masked softmax."""
   _check(q, k_pages, v_pages, page_table, page_valid)
   b, k, g, h = q.shape
@@ -56,10 +60,13 @@ def paged_decode_attention_reference(q, k_pages, v_pages, page_table, page_valid
   m = s.max(-1, keepdims=True)
   e = jnp.where(valid[:, :, None, :], jnp.exp(s - m), 0.0)
   l = e.sum(-1, keepdims=True)
-  return jnp.einsum("BKGS,BKSH->BKGH", e, vals) / jnp.maximum(l, 1e-30)
+  out = jnp.einsum("BKGS,BKSH->BKGH", e, vals) / jnp.maximum(l, 1e-30)
+  if not return_lse:
+    return out
+  return out, jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(l[..., 0], 1e-30)), _NEG)
 
 
-def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *, n_listed):
+def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *lse_ref, n_listed):
   f32 = jnp.float32
   q = q_ref[...].astype(f32)  # [G, H]
   g, h = q.shape
@@ -82,13 +89,15 @@ def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *, n_listed):
   carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
   # listed entries come first (to_pages / select_blocks order them so): stop at the last one
   n_used = jnp.sum((pv_ref[...] > 0).astype(jnp.int32))
-  _, l, acc = jax.lax.fori_loop(0, jnp.minimum(n_used, n_listed), body, carry)
+  m, l, acc = jax.lax.fori_loop(0, jnp.minimum(n_used, n_listed), body, carry)
   o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+  if lse_ref:
+    lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), _NEG)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("interpret", "return_lse"))
 def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
-                           interpret: bool = False):
+                           interpret: bool = False, return_lse: bool = False):
   """Pallas kernel: see the module docstring. Listed pages must come before unused entries."""
   _check(q, k_pages, v_pages, page_table, page_valid)
   b, k, g, h = q.shape
@@ -96,14 +105,20 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
   mm = page_table.shape[2]
   row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
   pool = pl.BlockSpec((n, p, h), lambda i, j: (0, 0, 0))
-  return pl.pallas_call(
+  out_specs = row(g, h)
+  out_shape = jax.ShapeDtypeStruct((b, k, g, h), jnp.float32)
+  if return_lse:
+    out_specs = [out_specs, row(g)]
+    out_shape = [out_shape, jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
+  out = pl.pallas_call(
       functools.partial(_kernel, n_listed=mm),
       grid=(b, k),
       in_specs=[row(mm), row(mm), row(g, h), pool, pool],
-      out_specs=row(g, h),
-      out_shape=jax.ShapeDtypeStruct((b, k, g, h), jnp.float32),
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
   )(page_table.astype(jnp.int32), page_valid.astype(jnp.int32), q, k_pages, v_pages)
+  return tuple(out) if return_lse else out
 
 
 # ---- layouts -----------------------------------------------------------------------------------
