@@ -71,8 +71,8 @@ def chunk_attention(
       of stopping at the longest valid length: slower, but reverse-mode differentiable.
     impl: ``"xla"`` (blockwise jnp, any backend), ``"pallas"`` or ``"interpret"`` (the Pallas
       kernel, compiled or in interpret mode for CPU tests) for the stored part of a decode step
-      (T = 1) when the store has a kernel (``PagedStore.kernel_inputs``) and no sliding window
-      applies; everything else takes the XLA path.
+      (T = 1) when the store has a kernel (``kernel_attention``: paged AdaKV/PyramidKV pages,
+      KIVI codes) and no sliding window applies; everything else takes the XLA path.
 
   Returns:
     ``[B, T, N, H]`` attention outputs in ``q.dtype`` (and ``lse`` with ``return_lse``).
@@ -181,18 +181,18 @@ IMPLS = ("xla", "pallas", "interpret")
 
 
 def _kernel_reads(quant, t: int, sliding_window, static_trip: bool) -> bool:
-  """Whether a Pallas kernel can read this stored part in this call (see ``impl``)."""
-  return hasattr(quant, "kernel_inputs") and t == 1 and sliding_window is None and not static_trip
+  """Whether a Pallas kernel can read this stored part in this call (see ``impl``): stores with
+  ``kernel_attention`` (``PagedStore``, KIVI's ``QuantStore``), one query token, no window."""
+  return (hasattr(quant, "kernel_attention") and t == 1 and sliding_window is None
+          and not static_trip)
 
 
 def _kernel_blocks(quant, layer, q, impl: str, carry):
-  """Folds the stored part into the running softmax through the paged Pallas kernel: it returns
-  the normalised output ``o`` and log normaliser ``lse`` over the store, which merge with
+  """Folds the stored part into the running softmax through its Pallas kernel: it returns the
+  normalised output ``o`` and log normaliser ``lse`` over the store, which merge with
   ``(m, l, acc)`` exactly like one more block."""
-  from pallas_kernels.sparse_decode_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
   m, l, acc = carry  # [B, K, G, 1], ..., [B, K, G, 1, H]; q [B, K, G, H] unscaled
-  o, lse = paged_decode_attention(q, *quant.kernel_inputs(layer), interpret=impl == "interpret",
-                                  return_lse=True)
+  o, lse = quant.kernel_attention(layer, q, interpret=impl == "interpret")
   lse = lse[..., None]  # [B, K, G, 1]
   m_new = jnp.maximum(m, lse)
   alpha, beta = jnp.exp(m - m_new), jnp.exp(lse - m_new)

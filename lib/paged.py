@@ -96,6 +96,13 @@ class PagedStore:
     table = jax.lax.dynamic_index_in_dim(self.page_table, layer, 0, keepdims=False)
     return self.k_pages, self.v_pages, table, self.page_valid(layer)
 
+  def kernel_attention(self, layer, q, *, interpret: bool = False):
+    """``(o [B, K, G, H], lse [B, K, G])`` of queries ``q [B, K, G, H]`` over this layer's pages
+    by the Pallas kernel (``lib.attention`` merges them into the decode step)."""
+    from pallas_kernels.sparse_decode_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
+    return paged_decode_attention(q, *self.kernel_inputs(layer), interpret=interpret,
+                                  return_lse=True)
+
   def dense(self):
     """``(keys, values [L, B, K, M*P, H], positions [L, B, K, M*P])``: the padded layout again
     (positions -1 past each head's length), for tests and for converting back."""

@@ -54,7 +54,8 @@ def _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block):
 
 def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
                                          n_quant, k_res, v_res, n_res, *, bits: int, group: int,
-                                         block: int = 128, interpret: bool = False):
+                                         block: int = 128, interpret: bool = False,
+                                         return_lse: bool = False):
   """jnp reference (dequantize everything, one masked softmax). Same signature as the kernel."""
   del interpret
   _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
@@ -73,11 +74,16 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
   logits = jnp.where(valid[:, :, None, :], logits, _NEG)
   p = jax.nn.softmax(logits, -1)
   p = jnp.where(valid[:, :, None, :], p, 0.0)
-  return jnp.einsum("bkgs,bksh->bkgh", p, vals)
+  out = jnp.einsum("bkgs,bksh->bkgh", p, vals)
+  if not return_lse:
+    return out
+  m = logits.max(-1)
+  l = jnp.where(valid[:, :, None, :], jnp.exp(logits - m[..., None]), 0.0).sum(-1)
+  return out, jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), _NEG)
 
 
 def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kr_ref,
-            vr_ref, o_ref, *, bits, group, block, slots):
+            vr_ref, o_ref, *lse_ref, bits, group, block, slots):
   f32 = jnp.float32
   q = q_ref[...].astype(f32)  # [G, H]
   h = q.shape[-1]
@@ -122,13 +128,16 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
   valid = jnp.arange(kr.shape[0]) < n_res
   m, l, acc = fold(carry, (q @ kr.T) * inv, vr_ref[...].astype(f32), valid)
   o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
+  if lse_ref:  # each query's log normaliser, for merging with keys outside this call
+    lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), _NEG)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret", "return_lse"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant,
                                k_res, v_res, n_res, *, bits: int, group: int, block: int = 128,
-                               interpret: bool = False):
-  """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32."""
+                               interpret: bool = False, return_lse: bool = False):
+  """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32 (and,
+  with ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid)."""
   _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
   b, k, g, h = q.shape
   s = k_codes.shape[2]
@@ -136,13 +145,19 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   hw = k_codes.shape[3]
   row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
   kernel = functools.partial(_kernel, bits=bits, group=group, block=block, slots=s)
-  return pl.pallas_call(
+  out_specs = row(g, h)
+  out_shape = jax.ShapeDtypeStruct((b, k, g, h), jnp.float32)
+  if return_lse:
+    out_specs = [out_specs, row(g)]
+    out_shape = [out_shape, jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
+  out = pl.pallas_call(
       kernel,
       grid=(b, k),
       in_specs=[row(1), row(1), row(g, h), row(s, hw), row(s // group, h), row(s // group, h),
                 row(s, hw), row(s, h // group), row(s, h // group), row(r, h), row(r, h)],
-      out_specs=row(g, h),
-      out_shape=jax.ShapeDtypeStruct((b, k, g, h), jnp.float32),
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
   )(n_quant.astype(jnp.int32)[..., None], n_res.astype(jnp.int32)[..., None], q, k_codes,
     k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res)
+  return tuple(out) if return_lse else out

@@ -149,3 +149,26 @@ def test_decode_loop_streams_the_window_into_packed_codes(tiny):
   roomy = out.resize(out.capacity + 8)
   np.testing.assert_allclose(_logits(tiny, roomy, cont), _logits(tiny, _dequantized(roomy), cont),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_decode_through_the_kernel_matches_xla(tiny, tiny_dir, bits):
+  """``attn_impl="interpret"``: every decode step reads the packed codes with the Pallas kernel
+  (interpret mode) and merges its log normaliser with the window; while the loop streams groups
+  into the codes, the tokens and logits equal the XLA path's."""
+  path, _ = tiny_dir("llama")
+  kern = models.load(path, progress=False, attn_block_size=8, attn_impl="interpret")
+  rng = np.random.RandomState(5)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (90, 61)]
+  full = _prefill(tiny, prompts)
+  q = methods.compress(KIVI(bits=bits, group=16, residual=16), full, extra=24)
+  logits = jnp.asarray(rng.randn(2, 160), jnp.float32)
+  outs = []
+  for m in (tiny, kern):
+    toks, _, final = gen.decode_loop(m.params, jax.tree.map(jnp.copy, q), logits,
+                                     jax.random.PRNGKey(0), apply_fn=m.apply_fn,
+                                     max_new_tokens=20)
+    last, _ = gen.decode_step(m.params, toks[:, -1], final, apply_fn=m.apply_fn)
+    outs.append((np.asarray(toks), np.asarray(last)))
+  np.testing.assert_array_equal(outs[1][0], outs[0][0])
+  np.testing.assert_allclose(outs[1][1], outs[0][1], rtol=1e-5, atol=1e-5)

@@ -72,3 +72,20 @@ def test_bad_kernel_arguments():
     quantized_decode_attention_reference(**case, bits=2, group=32, block=48)
   with pytest.raises(ValueError, match="unsupported bit width 5"):
     quantized_decode_attention_reference(**case, bits=5, group=32, block=64)
+
+
+def test_log_normaliser_matches_reference_and_hand_computation():
+  rng = np.random.RandomState(8)
+  b, k, g, h, s, r = 1, 2, 3, 64, 128, 8
+  case = _case(rng, b, k, g, h, s, r, 4, 32, [[100, 0]], [[5, 0]])  # head 1: nothing valid
+  o, lse = quantized_decode_attention(**case, bits=4, group=32, block=64, interpret=True,
+                                      return_lse=True)
+  o_r, lse_r = quantized_decode_attention_reference(**case, bits=4, group=32, return_lse=True)
+  np.testing.assert_allclose(o, o_r, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(lse, lse_r, rtol=1e-5, atol=1e-5)
+  kd = np.asarray(uniform.dequantize(uniform.Quantized(case["k_codes"], case["k_scale"],
+                                                       case["k_zero"]), 4, 32, -2))
+  keys = np.concatenate([kd[0, 0, :100], np.asarray(case["k_res"])[0, 0, :5]])
+  want = np.log(np.exp(np.asarray(case["q"])[0, 0] @ keys.T / 8.0).sum(-1))
+  np.testing.assert_allclose(np.asarray(lse)[0, 0], want, rtol=1e-5)
+  assert (np.asarray(lse)[0, 1] == -1e30).all()

@@ -17,6 +17,8 @@ Scales and zero-points are stored in float16 (as KIVI does); everything counts i
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -96,6 +98,24 @@ class QuantStore:
                    sl(self.v_zero, start, size))
     return (dequantize(kq, self.k_bits, g, -2), dequantize(vq, self.v_bits, g, -1),
             sl(self.positions, start, size))
+
+  def kernel_attention(self, layer, q, *, interpret: bool = False):
+    """``(o [B, K, G, H], lse [B, K, G])`` of queries ``q [B, K, G, H]`` over this layer's
+    packed codes by the Pallas kernel, which dequantizes in registers (the full-precision window
+    is folded in by ``lib.attention``, so the kernel's own residual input is left empty)."""
+    from pallas_kernels.quantized_decode_attention import quantized_decode_attention  # pylint: disable=g-import-not-at-top
+    at = lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+    b, k, g, h = q.shape
+    if self.k_bits != self.v_bits:
+      raise ValueError("the quantized kernel takes one bit width for keys and values")
+    empty = jnp.zeros((b, k, 8, h), q.dtype)
+    grp = self.group
+    block = grp * math.gcd(max(128 // grp, 1), self.capacity // grp)
+    return quantized_decode_attention(
+        q, at(self.k_codes), at(self.k_scale), at(self.k_zero), at(self.v_codes),
+        at(self.v_scale), at(self.v_zero), at(self.lengths), empty, empty,
+        jnp.zeros((b, k), jnp.int32), bits=self.k_bits, group=grp, block=block,
+        interpret=interpret, return_lse=True)
 
   def insert(self, keys, values, positions, when) -> "QuantStore":
     """Quantizes one group ``keys, values [L, B, K, group, H]`` (``positions [L, B, K,
