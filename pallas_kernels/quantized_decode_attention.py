@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lib.quant import packing
+from pallas_kernels.outputs import decode_outputs
 
 _NEG = -1e30
 
@@ -145,11 +146,7 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   hw = k_codes.shape[3]
   row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
   kernel = functools.partial(_kernel, bits=bits, group=group, block=block, slots=s)
-  out_specs = row(g, h)
-  out_shape = jax.ShapeDtypeStruct((b, k, g, h), jnp.float32)
-  if return_lse:
-    out_specs = [out_specs, row(g)]
-    out_shape = [out_shape, jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
+  out_specs, out_shape = decode_outputs(row, b, k, g, h, return_lse)
   out = pl.pallas_call(
       kernel,
       grid=(b, k),

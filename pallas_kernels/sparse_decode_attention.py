@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels.outputs import decode_outputs
+
 _NEG = -1e30
 
 
@@ -105,11 +107,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
   mm = page_table.shape[2]
   row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
   pool = pl.BlockSpec((n, p, h), lambda i, j: (0, 0, 0))
-  out_specs = row(g, h)
-  out_shape = jax.ShapeDtypeStruct((b, k, g, h), jnp.float32)
-  if return_lse:
-    out_specs = [out_specs, row(g)]
-    out_shape = [out_shape, jax.ShapeDtypeStruct((b, k, g), jnp.float32)]
+  out_specs, out_shape = decode_outputs(row, b, k, g, h, return_lse)
   out = pl.pallas_call(
       functools.partial(_kernel, n_listed=mm),
       grid=(b, k),
