@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from typing import Any, Callable, Sequence
 
@@ -111,5 +112,9 @@ def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
     except FileNotFoundError:
       tokenizer = None  # weights-only checkpoints (tests) still run on token ids
   apply_fn = make_apply_fn(cfg, dtype, attn_block_size, attn_impl)
+  # The loaders' temporaries (the file's tensors before conversion) sit in reference cycles:
+  # collect them now, or about 0.3 GiB of the default model's load stays resident until some
+  # later allocation happens to trigger the collector (memory checks would count it).
+  gc.collect()
   return LanguageModel(cfg, params, tokenizer, apply_fn, dtype, source=path,
                        attn_block_size=attn_block_size)
