@@ -46,6 +46,9 @@ flags.DEFINE_bool("compress_during_prefill", False,
                   "Also evaluate every cell compressing after each prefill chunk (the cache never "
                   "holds more than budget + one chunk), next to compress-after-prefill.")
 flags.DEFINE_integer("chunk_size", 512, "Prefill chunk (the online mode's extra slots).")
+flags.DEFINE_integer("batch_cells", 8,
+                     "Cells (method x ratio) whose compressed caches are answered together as "
+                     "one batch (plain-cache methods only; 1 = every cell alone).")
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
 
 
@@ -95,7 +98,7 @@ def main(argv):
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",
-                                        "max_new_tokens", "compress_during_prefill",
+                                        "max_new_tokens", "compress_during_prefill", "batch_cells",
                                         "chunk_size")}
   rev = git_rev()
   jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
@@ -117,7 +120,8 @@ def main(argv):
         sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
         rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
                           max_new_tokens=FLAGS.max_new_tokens, chunk_size=FLAGS.chunk_size,
-                          during_prefill=FLAGS.compress_during_prefill)
+                          during_prefill=FLAGS.compress_during_prefill,
+                          batch_cells=FLAGS.batch_cells)
       for r in rows:
         if (task, n, protocol, seed, r["method"], r["ratio"],
             r.get("prefill_mode", "after")) in done:

@@ -16,6 +16,7 @@ import numpy as np
 
 from lib import generate as gen
 from lib import methods as methods_lib
+from lib.eval.batching import plain_rows, stack_rows
 from lib.eval.metrics import fidelity, string_match_all
 from lib.cache import round_capacity
 from lib.eval.tasks import Sample
@@ -51,14 +52,19 @@ def prompt_pieces(tokenizer, sample: Sample, protocol: str) -> tuple[list[int], 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
 def _teacher_force(params, cache, tokens, n, *, apply_fn):
   logits, _, _ = apply_fn(params, tokens, cache, n, None, None)
-  return logits[0]
+  return logits
+
+
+def _force_rows(lm, cache, tokens):
+  """Logits ``[B, T, V]`` after ``tokens`` (the same for every row) appended to ``cache``."""
+  t, b = len(tokens), cache.batch
+  padded = tokens + [0] * (gen.round_up(t, 16) - t)
+  return _teacher_force(lm.params, cache, jnp.asarray([padded] * b, jnp.int32),
+                        jnp.full((b,), t, jnp.int32), apply_fn=lm.apply_fn)[:, :t]
 
 
 def _force(lm, cache, tokens):
-  t = len(tokens)
-  padded = tokens + [0] * (gen.round_up(t, 16) - t)
-  return _teacher_force(lm.params, cache, jnp.asarray([padded], jnp.int32),
-                        jnp.asarray([t], jnp.int32), apply_fn=lm.apply_fn)[:t]
+  return _force_rows(lm, cache, tokens)[0]
 
 
 # Caches handed to the jitted ask/teacher-force functions are padded to a multiple of this many
@@ -77,7 +83,7 @@ def _copy(cache):
 
 def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, protocol: str,
                max_new_tokens: int, chunk_size: int = 512,
-               during_prefill: bool = False) -> list[dict]:
+               during_prefill: bool = False, batch_cells: int = 8) -> list[dict]:
   """Evaluates ``cells`` = [(method spec, ratio, Method)] on one sample.
 
   ``lm`` is a ``models.LanguageModel``-like object (params, apply_fn, tokenizer, config,
@@ -85,7 +91,14 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
   Returns one row per cell plus the full-cache row. With ``shared_context`` every question of
   the sample is asked of the same compressed cache and a row's metrics are means over the
   questions (``n_questions``).
+
+  Cells whose compressed caches are plain keys/values are answered together, up to
+  ``batch_cells`` rows per batch (``lib.eval.batching``; 1 answers every cell alone). Their
+  rows carry ``answer_batch`` (rows in the batch) and ``answer_s`` = the batch's seconds
+  divided by it.
   """
+  if batch_cells < 1:
+    raise ValueError(f"batch_cells must be >= 1, got {batch_cells}")
   c = lm.config
   block = lm.attn_block_size
   queries = [(sample.question, sample.answers)]
@@ -123,7 +136,8 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
                          "kl": 0.0, "top1": 1.0, **_ll(ref_logits, targets), "answer_s": t_ans})
   rows = [{**base, "method": "full", "ratio": 1.0, **_mean(full_metrics),
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
-           "prefill_mode": "after", "peak_cache_bytes": full_bytes}]
+           "prefill_mode": "after", "peak_cache_bytes": full_bytes, "answer_batch": 1}]
+  pending = []  # (index in rows, row without answers, plain cache) answered in batches
 
   for spec, ratio, method in cells:
     obs = None
@@ -149,6 +163,14 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
         small = online.resize(round_capacity(n_max + m_room))
         if online.quant is not None:  # room in the packed part for the flushed tokens
           small = small.replace(quant=online.quant.grown(m_room))
+      meta = {**base, "method": spec, "ratio": ratio, "cache_bytes": kept,
+              "full_bytes": full_bytes, "compress_s": t_c, "prefill_s": t_p,
+              "prefill_mode": mode, "peak_cache_bytes": peak}
+      plain = None if evicting or batch_cells == 1 else plain_rows(small)
+      if plain is not None:
+        pending.append((len(rows), meta, plain))
+        rows.append(None)
+        continue
       # Decode-time evicting methods evict once the cache is full: their capacity stays exact.
       forced = _bucket(small.resize(small.capacity + room) if evicting else small)
       small = small if evicting else forced
@@ -160,10 +182,33 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
         logits = _force(lm, forced, cont)[len(q) - 1: -1]
         per_q.append({"score": string_match_all(pred, answers), "prediction": pred,
                       **fidelity(logits, ref_logits, targets), "answer_s": t_a})
-      rows.append({**base, "method": spec, "ratio": ratio, **_mean(per_q), "cache_bytes": kept,
-                   "full_bytes": full_bytes, "compress_s": t_c, "prefill_s": t_p,
-                   "prefill_mode": mode, "peak_cache_bytes": peak})
+      rows.append({**meta, **_mean(per_q), "answer_batch": 1})
+  for i, row in _answer_batched(lm, pending, qs, queries, refs, room=room,
+                                max_new_tokens=max_new_tokens, batch_cells=batch_cells):
+    rows[i] = row
   return rows
+
+
+def _answer_batched(lm, pending, qs, queries, refs, *, room, max_new_tokens, batch_cells):
+  """Yields ``(index, row)`` for ``pending`` = [(index, row fields, plain cache)], answering
+  up to ``batch_cells`` caches of similar length at a time."""
+  pending = sorted(pending, key=lambda p: int(jnp.max(p[2].lengths)))
+  for start in range(0, len(pending), batch_cells):
+    group = pending[start:start + batch_cells]
+    b = len(group)
+    need = max(int(jnp.max(p[2].lengths)) for p in group) + room
+    stacked = stack_rows([p[2] for p in group], gen.round_up(need, _BUCKET))
+    per_q = [[] for _ in group]
+    for q, (_, answers), (cont, ref_logits, targets) in zip(qs, queries, refs):
+      ans, t_a = ask(lm.params, lm.apply_fn, _copy(stacked), [q] * b,
+                     max_new_tokens=max_new_tokens, stop_tokens=lm.stop_tokens)
+      logits = _force_rows(lm, stacked, cont)[:, len(q) - 1: -1]
+      for j in range(b):
+        pred = lm.tokenizer.decode(ans[j])
+        per_q[j].append({"score": string_match_all(pred, answers), "prediction": pred,
+                         **fidelity(logits[j], ref_logits, targets), "answer_s": t_a / b})
+    for (i, meta, _), m in zip(group, per_q):
+      yield i, {**meta, **_mean(m), "answer_batch": b}
 
 
 def _mean(per_q: list[dict]) -> dict:
