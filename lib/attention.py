@@ -45,6 +45,8 @@ def chunk_attention(
     return_lse: bool = False,
     static_trip: bool = False,
     impl: str = "xla",
+    column_sums: bool = False,
+    query_valid: jax.Array | None = None,
 ):
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
@@ -73,10 +75,18 @@ def chunk_attention(
       kernel, compiled or in interpret mode for CPU tests) for the stored part of a decode step
       (T = 1) when the store has a kernel (``kernel_attention``: paged AdaKV/PyramidKV pages,
       KIVI codes) and no sliding window applies; everything else takes the XLA path.
+    column_sums: also return the attention mass every key receives from this call's queries
+      (H2O's score), summed over the queries marked in ``query_valid [B, T]`` and averaged over
+      each GQA group. Each block's ``exp(s - m)`` is kept from the online softmax and rescaled
+      by ``exp(m - lse)`` once the normaliser is known, so nothing is recomputed; it costs a
+      ``[B, K, G, T, S]`` float32 buffer. Needs a plain cache (``quant`` None).
 
   Returns:
-    ``[B, T, N, H]`` attention outputs in ``q.dtype`` (and ``lse`` with ``return_lse``).
+    ``[B, T, N, H]`` attention outputs in ``q.dtype``, then ``lse`` with ``return_lse``, then
+    with ``column_sums`` the pair ``(cache part [B, K, S], chunk part [B, K, T])``.
   """
+  if column_sums and quant is not None:
+    raise ValueError("column_sums needs a plain cache (quant is None)")
   b, t, n, h = q.shape
   kh = k_new.shape[1]
   g = n // kh
@@ -94,6 +104,7 @@ def chunk_attention(
   p = jnp.where(mask, jnp.exp(s - m[..., None]), 0.0)
   l = p.sum(-1)
   acc = jnp.einsum("BKGTS,BKSH->BKGTH", p, v_new.astype(f32))
+  p_self, m_self = p, m
 
   # 2) Cached blocks with an online softmax, up to the longest valid length.
   if layer is None:
@@ -110,9 +121,19 @@ def chunk_attention(
     vb = cache_block(cache_v, None, None, layer, i, bs)
     valid = valid[:, :, None, None, :] & _window_ok(qpos, pb[:, :, None, None, :],
                                                     sliding_window)  # [B, K, 1|G, 1|T, bs]
-    return _fold(carry, qg, kb.astype(f32), vb.astype(f32), valid)
+    if not column_sums:
+      return _fold(carry, qg, kb.astype(f32), vb.astype(f32), valid)
+    mla, p_buf, m_buf = carry  # keep this block's exp(s - m) and its m for the column sums
+    mla, p = _fold(mla, qg, kb.astype(f32), vb.astype(f32), valid, return_p=True)
+    return mla, p_buf.at[i].set(p), m_buf.at[i].set(mla[0])
 
-  m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
+  if column_sums:
+    nb_cap = -(-s_cap // bs)
+    carry = ((m, l, acc), jnp.zeros((nb_cap, b, kh, g, t, bs), f32),
+             jnp.zeros((nb_cap, b, kh, g, t), f32))
+    (m, l, acc), p_buf, m_buf = jax.lax.fori_loop(0, n_blocks, body, carry)
+  else:
+    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
   if quant is not None and impl != "xla" and _kernel_reads(quant, t, sliding_window, static_trip):
     q1 = q.astype(f32).reshape(b, kh, g, h)  # the one new token's queries, [B, K, G, H]
     m, l, acc = _kernel_blocks(quant, layer, q1, impl, (m, l, acc))
@@ -120,7 +141,22 @@ def chunk_attention(
     m, l, acc = _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, (m, l, acc))
   out = acc / l[..., None]  # [B, K, G, T, H]
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
-  return (out, m + jnp.log(l)) if return_lse else out
+  lse = m + jnp.log(l)
+  result = (out,) + ((lse,) if return_lse else ())
+  if column_sums:
+    qw = (jnp.ones((b, t), f32) if query_valid is None
+          else query_valid.astype(f32))[:, None, None, :] / g  # [B, 1, 1, T]
+    new = jnp.einsum("BKGT,BKGTU->BKU", jnp.exp(m_self - lse) * qw, p_self)
+
+    def rescale(i, col):  # only the blocks the loop read; the last may overlap (zeros there)
+      c = jnp.einsum("BKGT,BKGTS->BKS", jnp.exp(m_buf[i] - lse) * qw, p_buf[i])
+      start = jnp.minimum(i * bs, s_cap - bs)
+      cur = jax.lax.dynamic_slice_in_dim(col, start, bs, axis=2)
+      return jax.lax.dynamic_update_slice_in_dim(col, cur + c, start, axis=2)
+
+    cache_part = jax.lax.fori_loop(0, n_blocks, rescale, jnp.zeros((b, kh, s_cap), f32))
+    result += ((cache_part, new),)
+  return result[0] if len(result) == 1 else result
 
 
 def cache_block(x, positions, lengths, layer, i, bs: int):
@@ -146,16 +182,18 @@ def cache_block(x, positions, lengths, layer, i, bs: int):
   return blk, pb, valid
 
 
-def _fold(carry, qg, kb, vb, valid):
+def _fold(carry, qg, kb, vb, valid, return_p: bool = False):
   """One online-softmax step: folds keys/values ``kb, vb [B, K, bs, H]`` (masked by ``valid``,
-  broadcastable to ``[B, K, G, T, bs]``) into ``(m, l, acc)`` for queries ``qg [B, K, G, T, H]``."""
+  broadcastable to ``[B, K, G, T, bs]``) into ``(m, l, acc)`` for queries ``qg [B, K, G, T, H]``.
+  With ``return_p`` also returns the block's ``exp(s - m_new) [B, K, G, T, bs]`` (0 if masked)."""
   m, l, acc = carry
   sb = jnp.where(valid, jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb), _NEG)
   m_new = jnp.maximum(m, sb.max(-1))
   alpha = jnp.exp(m - m_new)
   p = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
-  return (m_new, l * alpha + p.sum(-1),
-          acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p, vb))
+  out = (m_new, l * alpha + p.sum(-1),
+         acc * alpha[..., None] + jnp.einsum("BKGTS,BKSH->BKGTH", p, vb))
+  return (out, p) if return_p else out
 
 
 def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry):
@@ -231,10 +269,14 @@ class LayerInputs(NamedTuple):
   valid: jax.Array      # [B, T] bool, False for right padding
   inv_freq: jax.Array   # [H/2] RoPE inverse frequencies of this call
   lse: Any = None       # [B, K, G, T] each query's log softmax normaliser over cache + chunk
+  column_sums: Any = None  # ([B, K, S], [B, K, T]) attention mass per cache slot / chunk key,
+  #                          from the attention itself, when the hook asks for it (see below)
   sliding_window: int | None = None  # the model's window (static), for hooks that mask
 
 
 # An observation hook: ``observe(layer, x: LayerInputs, cache) -> pytree``; ``cache`` is the
-# read-only cache before this call's tokens are appended. Outputs are stacked over layers by
+# read-only cache before this call's tokens are appended. A hook with the attribute
+# ``wants_column_sums = True`` gets ``x.column_sums`` from the attention pass (plain caches;
+# otherwise it is None and the hook computes them itself). Outputs are stacked over layers by
 # the model's scan (and over chunks by ``prefill``).
 ObserveFn = Callable[[jax.Array, LayerInputs, Any], Any]

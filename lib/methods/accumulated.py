@@ -23,18 +23,26 @@ from lib.methods.base import Method, evict_one, forced
 @functools.lru_cache(maxsize=None)
 def column_sums(gumbel_tau: float | None = None, seed: int = 0):
   """Observe hook: ``[B, K, S]`` attention mass each cache slot receives from this chunk's
-  queries (mean over each GQA group), in one blockwise pass over the valid cache (nothing
-  ``T x S`` beyond one block). Without ``gumbel_tau`` the probabilities are the attention's own
-  (``exp(s - lse)`` with the attention's normalisers); with it they are Keyformer's
+  queries (mean over each GQA group). Without ``gumbel_tau`` the probabilities are the
+  attention's own: the attention pass hands them over (``wants_column_sums``: it keeps each
+  block's ``exp(s - m)`` and rescales it once the normaliser is known), or, on a stored cache
+  or past ``models.decoder.COLUMN_SUMS_MAX_BYTES``, one more blockwise pass forms
+  ``exp(s - lse)`` (nothing ``T x S`` beyond one block). With ``gumbel_tau`` they are Keyformer's
   Gumbel-softmax ``softmax((s + G) / tau)``, whose normaliser takes one more blockwise pass.
   The Gumbel noise ``G`` is a counter-based hash of (seed, layer, query head, query position,
   key position) (``gumbel_noise``), so both passes see the same noise without storing it."""
 
   def observe(layer, x, cache):
     if gumbel_tau is None:
+      if x.column_sums is not None:  # the attention kept its probabilities: nothing to redo
+        col, col_new = x.column_sums
+        lens = jax.lax.dynamic_index_in_dim(cache.lengths, layer, 0, keepdims=False)
+        return col + _place_new(col_new, lens, cache.capacity)
       return _column_sums(layer, x, cache)
     return _column_sums(layer, x, cache, gumbel=(gumbel_tau, seed))
 
+  # The plain column sums are the attention's own probabilities: ask the attention for them.
+  observe.wants_column_sums = gumbel_tau is None
   return observe
 
 
