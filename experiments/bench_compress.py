@@ -33,9 +33,9 @@ flags.DEFINE_integer("length", 4096, "Prompt tokens.")
 flags.DEFINE_float("ratio", 0.5, "Fraction kept.")
 flags.DEFINE_list("method", sorted(methods.REGISTRY), "Methods.")
 flags.DEFINE_integer("reps", 3, "Timed repetitions (best reported).")
-flags.DEFINE_bool("attention_column_sums", True,
-                  "H2O/TOVA take their column sums from the attention pass (False: the hook's "
-                  "own second pass, the previous behaviour, for comparison).")
+flags.DEFINE_bool("attention_probs", True,
+                  "H2O/TOVA/Keyformer take the attention's own probabilities from its pass "
+                  "(False: the hooks' own second pass, the previous behaviour, to compare).")
 flags.DEFINE_string("out", "results/bench_compress_cpu.json", "JSON output.")
 
 
@@ -56,8 +56,8 @@ def _best(f, reps):
 def main(argv):
   del argv
   distributed.initialize_from_flags()
-  if not FLAGS.attention_column_sums:
-    decoder.COLUMN_SUMS_MAX_BYTES = 0
+  if not FLAGS.attention_probs:
+    decoder.PROBS_MAX_BYTES = 0
   lm = models.load(FLAGS.model, progress=False)
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
@@ -95,7 +95,7 @@ def main(argv):
          "baseline_prefill_s": base, "rows": rows, "git": git_rev(),
          "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores",
          "jax": jax.__version__, "reps": FLAGS.reps,
-         "attention_column_sums": FLAGS.attention_column_sums,
+         "attention_probs": FLAGS.attention_probs,
          "command": " ".join(["python -m experiments.bench_compress"] + sys.argv[1:])}
   write_result(FLAGS.out, res)
 

@@ -45,8 +45,7 @@ def chunk_attention(
     return_lse: bool = False,
     static_trip: bool = False,
     impl: str = "xla",
-    column_sums: bool = False,
-    query_valid: jax.Array | None = None,
+    return_probs: bool = False,
 ):
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
@@ -75,18 +74,17 @@ def chunk_attention(
       kernel, compiled or in interpret mode for CPU tests) for the stored part of a decode step
       (T = 1) when the store has a kernel (``kernel_attention``: paged AdaKV/PyramidKV pages,
       KIVI codes) and no sliding window applies; everything else takes the XLA path.
-    column_sums: also return the attention mass every key receives from this call's queries
-      (H2O's score), summed over the queries marked in ``query_valid [B, T]`` and averaged over
-      each GQA group. Each block's ``exp(s - m)`` is kept from the online softmax and rescaled
-      by ``exp(m - lse)`` once the normaliser is known, so nothing is recomputed; it costs a
-      ``[B, K, G, T, S]`` float32 buffer. Needs a plain cache (``quant`` None).
+    return_probs: also return the attention probabilities as the online softmax formed them
+      (``KeptProbs``: each block's ``exp(s - m)`` with its running max ``m``, and ``lse``), so
+      hooks get exact probabilities ``exp(s - m) * exp(m - lse)`` (H2O's column sums) without
+      recomputing ``q.k``. Costs a ``[B, K, G, T, S]`` float32 buffer. Needs a plain cache.
 
   Returns:
     ``[B, T, N, H]`` attention outputs in ``q.dtype``, then ``lse`` with ``return_lse``, then
-    with ``column_sums`` the pair ``(cache part [B, K, S], chunk part [B, K, T])``.
+    a ``KeptProbs`` with ``return_probs``.
   """
-  if column_sums and quant is not None:
-    raise ValueError("column_sums needs a plain cache (quant is None)")
+  if return_probs and quant is not None:
+    raise ValueError("return_probs needs a plain cache (quant is None)")
   b, t, n, h = q.shape
   kh = k_new.shape[1]
   g = n // kh
@@ -121,13 +119,13 @@ def chunk_attention(
     vb = cache_block(cache_v, None, None, layer, i, bs)
     valid = valid[:, :, None, None, :] & _window_ok(qpos, pb[:, :, None, None, :],
                                                     sliding_window)  # [B, K, 1|G, 1|T, bs]
-    if not column_sums:
+    if not return_probs:
       return _fold(carry, qg, kb.astype(f32), vb.astype(f32), valid)
     mla, p_buf, m_buf = carry  # keep this block's exp(s - m) and its m for the column sums
     mla, p = _fold(mla, qg, kb.astype(f32), vb.astype(f32), valid, return_p=True)
     return mla, p_buf.at[i].set(p), m_buf.at[i].set(mla[0])
 
-  if column_sums:
+  if return_probs:
     nb_cap = -(-s_cap // bs)
     carry = ((m, l, acc), jnp.zeros((nb_cap, b, kh, g, t, bs), f32),
              jnp.zeros((nb_cap, b, kh, g, t), f32))
@@ -143,20 +141,27 @@ def chunk_attention(
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
   lse = m + jnp.log(l)
   result = (out,) + ((lse,) if return_lse else ())
-  if column_sums:
-    qw = (jnp.ones((b, t), f32) if query_valid is None
-          else query_valid.astype(f32))[:, None, None, :] / g  # [B, 1, 1, T]
-    new = jnp.einsum("BKGT,BKGTU->BKU", jnp.exp(m_self - lse) * qw, p_self)
-
-    def rescale(i, col):  # only the blocks the loop read; the last may overlap (zeros there)
-      c = jnp.einsum("BKGT,BKGTS->BKS", jnp.exp(m_buf[i] - lse) * qw, p_buf[i])
-      start = jnp.minimum(i * bs, s_cap - bs)
-      cur = jax.lax.dynamic_slice_in_dim(col, start, bs, axis=2)
-      return jax.lax.dynamic_update_slice_in_dim(col, cur + c, start, axis=2)
-
-    cache_part = jax.lax.fori_loop(0, n_blocks, rescale, jnp.zeros((b, kh, s_cap), f32))
-    result += ((cache_part, new),)
+  if return_probs:
+    result += (KeptProbs(p_self, m_self, p_buf, m_buf, n_blocks, bs, lse),)
   return result[0] if len(result) == 1 else result
+
+
+class KeptProbs(NamedTuple):
+  """Attention probabilities of one call as its online softmax formed them (``return_probs``).
+
+  The probability of query ``t`` for key ``j`` is ``p * exp(m - lse)`` with ``p, m`` from the
+  part that holds ``j``: the call's own tokens (``self_p [B, K, G, T, T]``, ``self_m
+  [B, K, G, T]``, causal and masked: 0 where not attended) or cache block ``i < n_blocks``
+  (``blocks_p[i] [B, K, G, T, block]``, ``blocks_m[i]``; slots as ``cache_block(.., i, block)``
+  reads them, so the last block may overlap an earlier one, with zeros there).
+  """
+  self_p: jax.Array
+  self_m: jax.Array
+  blocks_p: jax.Array   # [NB, B, K, G, T, block], NB = ceil(S / block); unread blocks are 0
+  blocks_m: jax.Array   # [NB, B, K, G, T]
+  n_blocks: jax.Array   # int32: blocks the loop read
+  block: int
+  lse: jax.Array        # [B, K, G, T]
 
 
 def cache_block(x, positions, lengths, layer, i, bs: int):
@@ -269,14 +274,13 @@ class LayerInputs(NamedTuple):
   valid: jax.Array      # [B, T] bool, False for right padding
   inv_freq: jax.Array   # [H/2] RoPE inverse frequencies of this call
   lse: Any = None       # [B, K, G, T] each query's log softmax normaliser over cache + chunk
-  column_sums: Any = None  # ([B, K, S], [B, K, T]) attention mass per cache slot / chunk key,
-  #                          from the attention itself, when the hook asks for it (see below)
+  probs: Any = None     # KeptProbs of this call's attention, when the hook asks (see below)
   sliding_window: int | None = None  # the model's window (static), for hooks that mask
 
 
 # An observation hook: ``observe(layer, x: LayerInputs, cache) -> pytree``; ``cache`` is the
 # read-only cache before this call's tokens are appended. A hook with the attribute
-# ``wants_column_sums = True`` gets ``x.column_sums`` from the attention pass (plain caches;
-# otherwise it is None and the hook computes them itself). Outputs are stacked over layers by
+# ``wants_probs = True`` gets ``x.probs`` (``KeptProbs``) from the attention pass on a plain
+# cache within ``models.decoder.PROBS_MAX_BYTES``; otherwise it is None and the hook recomputes. Outputs are stacked over layers by
 # the model's scan (and over chunks by ``prefill``).
 ObserveFn = Callable[[jax.Array, LayerInputs, Any], Any]

@@ -26,15 +26,15 @@ from models.config import ModelConfig
 _init = nn.initializers.normal(0.02)
 
 
-# Largest buffer (bytes) the attention may keep for hooks that take column sums from it
+# Largest buffer (bytes) the attention may keep for hooks that take its probabilities
 # (``[B, K, G, T, S]`` float32 per layer, transient); above it the hook recomputes them.
-COLUMN_SUMS_MAX_BYTES = 1 << 30
+PROBS_MAX_BYTES = 1 << 30
 
 
-def _fits_column_sums(q, cache) -> bool:
-  """Whether this call's ``[B, N, T, S]`` probability buffer fits ``COLUMN_SUMS_MAX_BYTES``."""
+def _fits_probs(q, cache) -> bool:
+  """Whether this call's ``[B, N, T, S]`` probability buffer fits ``PROBS_MAX_BYTES``."""
   b, t, n, _ = q.shape
-  return b * n * t * cache.capacity * 4 <= COLUMN_SUMS_MAX_BYTES
+  return b * n * t * cache.capacity * 4 <= PROBS_MAX_BYTES
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -94,20 +94,20 @@ class DecoderLayer(nn.Module):
       proj = lambda x, p_, m_: (jnp.einsum("BKTH,KHG->BKTG", x - m_[:, None], p_)
                                 + m_[:, None]).astype(x.dtype)
       k_new, v_new = proj(k_new, pk, mk), proj(v_new, pv, mv)
-    cols = (getattr(self.observe, "wants_column_sums", False) and cache.quant is None
-            and _fits_column_sums(q, cache))
+    probs = (getattr(self.observe, "wants_probs", False) and cache.quant is None
+             and _fits_probs(q, cache))
     out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                           cache.lengths, q_positions, layer=layer,
                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
                           quant=cache.quant, return_lse=self.observe is not None,
                           static_trip=probe is not None or project is not None,
-                          impl=self.attn_impl, column_sums=cols, query_valid=q_valid)
+                          impl=self.attn_impl, return_probs=probs)
     obs = None
     if self.observe is not None:  # after attention: hooks see each query's normaliser
-      attn, lse, *col = out
+      attn, lse, *kept = out
       obs = self.observe(layer, LayerInputs(q, k_new, v_new, q_pre, k_pre.transpose(0, 2, 1, 3),
                                             q_positions, q_valid, inv_freq, lse,
-                                            col[0] if col else None, c.sliding_window), cache)
+                                            kept[0] if kept else None, c.sliding_window), cache)
     else:
       attn = out
     o = attn.reshape(b, t, n * h) @ p("wo", (n * h, d))

@@ -225,13 +225,14 @@ def test_keyformer_column_sums_equal_dense_gumbel_softmax(tiny):
 
 
 @pytest.mark.parametrize("cap,window", [(40, None), (37, None), (40, 9)])
-def test_attention_column_sums_equal_the_hooks_own_pass(cap, window):
-  """The column sums the attention keeps from its online softmax (H2O's default path) equal
-  the hook's separate blockwise pass: ragged head lengths, a capacity that is not a multiple
-  of the block (the last block overlaps), padded queries, a sliding window."""
+def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(cap, window):
+  """H2O's column sums formed from the probabilities the attention kept (the default path)
+  equal the hook's separate blockwise pass: ragged head lengths, a
+  capacity that is not a multiple of the block (the last block overlaps), padded queries, a
+  sliding window."""
   from lib.attention import LayerInputs, chunk_attention  # pylint: disable=g-import-not-at-top
   from lib.cache import KVCache  # pylint: disable=g-import-not-at-top
-  from lib.methods.accumulated import _column_sums, _place_new  # pylint: disable=g-import-not-at-top
+  from lib.methods import accumulated as acc  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(5)
   l_, b, kh, g, t, h = 2, 2, 2, 3, 6, 8
   lens = jnp.asarray(rng.randint(0, 31, size=(l_, b, kh)), jnp.int32)
@@ -245,16 +246,17 @@ def test_attention_column_sums_equal_the_hooks_own_pass(cap, window):
   qpos = jnp.broadcast_to(31 + jnp.arange(t, dtype=jnp.int32), (b, t))
   valid = jnp.asarray([[True] * t, [True] * 4 + [False] * 2])
   for layer in range(l_):
-    _, lse, (col, new) = chunk_attention(
+    lay = jnp.int32(layer)
+    _, lse, kept = chunk_attention(
         q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths, qpos,
-        layer=jnp.int32(layer), sliding_window=window, block_size=8, return_lse=True,
-        column_sums=True, query_valid=valid)
-    x = LayerInputs(q, k_new, v_new, q, k_new, qpos, valid, jnp.ones((h // 2,)), lse, None,
+        layer=lay, sliding_window=window, block_size=8, return_lse=True, return_probs=True)
+    x = LayerInputs(q, k_new, v_new, q, k_new, qpos, valid, jnp.ones((h // 2,)), lse, kept,
                     window)
-    want = np.asarray(_column_sums(jnp.int32(layer), x, cache, block=8))
-    got = np.asarray(col + _place_new(new, cache.lengths[layer], cap))
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    want = np.asarray(acc._column_sums(lay, x, cache, block=8))
+    got = np.asarray(acc.column_sums()(lay, x, cache))  # what the model calls
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert got.sum() > 1.0  # something was summed
+  assert acc.column_sums().wants_probs and not acc.column_sums(1.0, 0).wants_probs
   with pytest.raises(ValueError, match="plain cache"):
     chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths,
-                    qpos, layer=jnp.int32(0), quant=object(), column_sums=True)
+                    qpos, layer=jnp.int32(0), quant=object(), return_probs=True)

@@ -87,7 +87,7 @@ def _joint_observe(hooks):
   if hooks not in _JOINT:
     def observe(*args):
       return tuple(None if h is None else h(*args) for h in hooks)
-    observe.wants_column_sums = any(getattr(h, "wants_column_sums", False) for h in hooks)
+    observe.wants_probs = any(getattr(h, "wants_probs", False) for h in hooks)
     _JOINT[hooks] = observe
   return _JOINT[hooks]
 
