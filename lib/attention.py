@@ -18,6 +18,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lib.gumbel import gumbel_noise, gumbel_weight
+
 _NEG = -1e30  # finite "minus infinity": keeps fully masked blocks NaN-free
 
 
@@ -46,6 +48,7 @@ def chunk_attention(
     static_trip: bool = False,
     impl: str = "xla",
     return_probs: bool = False,
+    gumbel_probs: tuple[float, int] | None = None,
 ):
   """Causal GQA attention of T new tokens over the cache and over themselves.
 
@@ -78,13 +81,18 @@ def chunk_attention(
       (``KeptProbs``: each block's ``exp(s - m)`` with its running max ``m``, and ``lse``), so
       hooks get exact probabilities ``exp(s - m) * exp(m - lse)`` (H2O's column sums) without
       recomputing ``q.k``. Costs a ``[B, K, G, T, S]`` float32 buffer. Needs a plain cache.
+    gumbel_probs: ``(tau, seed)``: also keep Keyformer's Gumbel-softmax probabilities
+      ``softmax((s + G) / tau)`` formed in the same pass (``G = gumbel_noise(seed, layer,
+      query head, query position, key position)``, the noise of the Keyformer hook's own pass),
+      as a second ``KeptProbs`` with its own running max and ``lse``. The attention output is
+      unchanged. Costs another ``[B, K, G, T, S]`` buffer; needs a plain cache and ``layer``.
 
   Returns:
     ``[B, T, N, H]`` attention outputs in ``q.dtype``, then ``lse`` with ``return_lse``, then
-    a ``KeptProbs`` with ``return_probs``.
+    a ``KeptProbs`` with ``return_probs``, then the Gumbel one with ``gumbel_probs``.
   """
-  if return_probs and quant is not None:
-    raise ValueError("return_probs needs a plain cache (quant is None)")
+  if (return_probs or gumbel_probs is not None) and quant is not None:
+    raise ValueError("return_probs / gumbel_probs need a plain cache (quant is None)")
   b, t, n, h = q.shape
   kh = k_new.shape[1]
   g = n // kh
@@ -103,6 +111,20 @@ def chunk_attention(
   l = p.sum(-1)
   acc = jnp.einsum("BKGTS,BKSH->BKGTH", p, v_new.astype(f32))
   p_self, m_self = p, m
+  if gumbel_probs is not None:  # Keyformer's perturbed logits of the same scores
+    tau, seed = gumbel_probs
+    layer_id = jnp.int32(0) if layer is None else layer
+    heads = (jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
+    noisy = lambda sb, kpos: (sb + gumbel_noise(seed, layer_id, heads, qpos, kpos)) / tau
+    weight = lambda kpos: gumbel_weight(seed, layer_id, heads, qpos, kpos)
+    self_kpos = q_positions[:, None, None, None, :]
+    if tau == 1.0:  # exp(s + G - m) = exp(s - m) exp(G): reuse the softmax's terms and max
+      gm_self, gp_self = m, p * weight(self_kpos)
+    else:
+      gz = jnp.where(mask, noisy(s, self_kpos), _NEG)
+      gm_self = gz.max(-1)  # [B, K, G, T]: the diagonal is always allowed
+      gp_self = jnp.where(mask, jnp.exp(gz - gm_self[..., None]), 0.0)
+    gumbel_carry = (gm_self, gp_self.sum(-1))
 
   # 2) Cached blocks with an online softmax, up to the longest valid length.
   if layer is None:
@@ -119,17 +141,33 @@ def chunk_attention(
     vb = cache_block(cache_v, None, None, layer, i, bs)
     valid = valid[:, :, None, None, :] & _window_ok(qpos, pb[:, :, None, None, :],
                                                     sliding_window)  # [B, K, 1|G, 1|T, bs]
-    if not return_probs:
+    if not keep:
       return _fold(carry, qg, kb.astype(f32), vb.astype(f32), valid)
-    mla, p_buf, m_buf = carry  # keep this block's exp(s - m) and its m for the column sums
-    mla, p = _fold(mla, qg, kb.astype(f32), vb.astype(f32), valid, return_p=True)
-    return mla, p_buf.at[i].set(p), m_buf.at[i].set(mla[0])
+    mla, kept, gkept = carry  # keep each block's exp(s - m) and its m for the column sums
+    sb = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32))
+    mla, p = _fold(mla, qg, None, vb.astype(f32), valid, return_p=True, scores=sb)
+    if kept is not None:
+      kept = (kept[0].at[i].set(p), kept[1].at[i].set(mla[0]))
+    if gkept is not None:  # the same block's Gumbel-softmax terms
+      (gm, gl), gp_buf, gm_buf = gkept
+      kpos = pb[:, :, None, None, :]
+      if gumbel_probs[0] == 1.0:  # the softmax's own running max and terms, reweighted
+        gm_new, gp = mla[0], p * weight(kpos)
+      else:  # their own running max
+        z = jnp.where(valid, noisy(sb, kpos), _NEG)
+        gm_new = jnp.maximum(gm, z.max(-1))
+        gp = jnp.where(valid, jnp.exp(z - gm_new[..., None]), 0.0)
+      gkept = ((gm_new, gl * jnp.exp(gm - gm_new) + gp.sum(-1)), gp_buf.at[i].set(gp),
+               gm_buf.at[i].set(gm_new))
+    return mla, kept, gkept
 
-  if return_probs:
+  keep = return_probs or gumbel_probs is not None
+  if keep:
     nb_cap = -(-s_cap // bs)
-    carry = ((m, l, acc), jnp.zeros((nb_cap, b, kh, g, t, bs), f32),
-             jnp.zeros((nb_cap, b, kh, g, t), f32))
-    (m, l, acc), p_buf, m_buf = jax.lax.fori_loop(0, n_blocks, body, carry)
+    bufs = lambda: (jnp.zeros((nb_cap, b, kh, g, t, bs), f32), jnp.zeros((nb_cap, b, kh, g, t), f32))
+    carry = ((m, l, acc), bufs() if return_probs else None,
+             (gumbel_carry,) + bufs() if gumbel_probs is not None else None)
+    (m, l, acc), kept, gkept = jax.lax.fori_loop(0, n_blocks, body, carry)
   else:
     m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
   if quant is not None and impl != "xla" and _kernel_reads(quant, t, sliding_window, static_trip):
@@ -142,7 +180,11 @@ def chunk_attention(
   lse = m + jnp.log(l)
   result = (out,) + ((lse,) if return_lse else ())
   if return_probs:
-    result += (KeptProbs(p_self, m_self, p_buf, m_buf, n_blocks, bs, lse),)
+    result += (KeptProbs(p_self, m_self, kept[0], kept[1], n_blocks, bs, lse),)
+  if gumbel_probs is not None:
+    (gm, gl), gp_buf, gm_buf = gkept
+    result += (KeptProbs(gp_self, gm_self, gp_buf, gm_buf, n_blocks, bs, gm + jnp.log(gl),
+                         tuple(gumbel_probs)),)
   return result[0] if len(result) == 1 else result
 
 
@@ -162,6 +204,7 @@ class KeptProbs(NamedTuple):
   n_blocks: jax.Array   # int32: blocks the loop read
   block: int
   lse: jax.Array        # [B, K, G, T]
+  gumbel: tuple | None = None  # (tau, seed) for Keyformer's Gumbel-softmax; None: plain softmax
 
 
 def cache_block(x, positions, lengths, layer, i, bs: int):
@@ -187,12 +230,14 @@ def cache_block(x, positions, lengths, layer, i, bs: int):
   return blk, pb, valid
 
 
-def _fold(carry, qg, kb, vb, valid, return_p: bool = False):
+def _fold(carry, qg, kb, vb, valid, return_p: bool = False, scores=None):
   """One online-softmax step: folds keys/values ``kb, vb [B, K, bs, H]`` (masked by ``valid``,
   broadcastable to ``[B, K, G, T, bs]``) into ``(m, l, acc)`` for queries ``qg [B, K, G, T, H]``.
-  With ``return_p`` also returns the block's ``exp(s - m_new) [B, K, G, T, bs]`` (0 if masked)."""
+  With ``return_p`` also returns the block's ``exp(s - m_new) [B, K, G, T, bs]`` (0 if masked).
+  ``scores``: the block's ``qg . kb`` when the caller already formed it (``kb`` is then unused)."""
   m, l, acc = carry
-  sb = jnp.where(valid, jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb), _NEG)
+  sb = jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb) if scores is None else scores
+  sb = jnp.where(valid, sb, _NEG)
   m_new = jnp.maximum(m, sb.max(-1))
   alpha = jnp.exp(m - m_new)
   p = jnp.where(valid, jnp.exp(sb - m_new[..., None]), 0.0)
@@ -276,11 +321,14 @@ class LayerInputs(NamedTuple):
   lse: Any = None       # [B, K, G, T] each query's log softmax normaliser over cache + chunk
   probs: Any = None     # KeptProbs of this call's attention, when the hook asks (see below)
   sliding_window: int | None = None  # the model's window (static), for hooks that mask
+  gumbel_probs: Any = None  # KeptProbs of softmax((s + G) / tau), when the hook asks (below)
 
 
 # An observation hook: ``observe(layer, x: LayerInputs, cache) -> pytree``; ``cache`` is the
 # read-only cache before this call's tokens are appended. A hook with the attribute
 # ``wants_probs = True`` gets ``x.probs`` (``KeptProbs``) from the attention pass on a plain
-# cache within ``models.decoder.PROBS_MAX_BYTES``; otherwise it is None and the hook recomputes. Outputs are stacked over layers by
-# the model's scan (and over chunks by ``prefill``).
+# cache within ``models.decoder.PROBS_MAX_BYTES``; otherwise it is None and the hook recomputes.
+# A hook with ``wants_gumbel_probs = (tau, seed)`` gets ``x.gumbel_probs`` the same way
+# (Keyformer); a hook must check ``x.gumbel_probs.gumbel`` is its own (tau, seed). Outputs are
+# stacked over layers by the model's scan (and over chunks by ``prefill``).
 ObserveFn = Callable[[jax.Array, LayerInputs, Any], Any]

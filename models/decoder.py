@@ -27,14 +27,15 @@ _init = nn.initializers.normal(0.02)
 
 
 # Largest buffer (bytes) the attention may keep for hooks that take its probabilities
-# (``[B, K, G, T, S]`` float32 per layer, transient); above it the hook recomputes them.
+# (``[B, K, G, T, S]`` float32 per layer and kind, transient); above it the hooks recompute.
 PROBS_MAX_BYTES = 1 << 30
 
 
-def _fits_probs(q, cache) -> bool:
-  """Whether this call's ``[B, N, T, S]`` probability buffer fits ``PROBS_MAX_BYTES``."""
+def _fits_probs(q, cache, buffers: int = 1) -> bool:
+  """Whether this call's ``buffers`` ``[B, N, T, S]`` probability buffers (plain and/or
+  Gumbel) fit ``PROBS_MAX_BYTES`` together."""
   b, t, n, _ = q.shape
-  return b * n * t * cache.capacity * 4 <= PROBS_MAX_BYTES
+  return buffers * b * n * t * cache.capacity * 4 <= PROBS_MAX_BYTES
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -94,20 +95,24 @@ class DecoderLayer(nn.Module):
       proj = lambda x, p_, m_: (jnp.einsum("BKTH,KHG->BKTG", x - m_[:, None], p_)
                                 + m_[:, None]).astype(x.dtype)
       k_new, v_new = proj(k_new, pk, mk), proj(v_new, pv, mv)
-    probs = (getattr(self.observe, "wants_probs", False) and cache.quant is None
-             and _fits_probs(q, cache))
+    probs = bool(getattr(self.observe, "wants_probs", False))
+    gumbel = getattr(self.observe, "wants_gumbel_probs", None)
+    if cache.quant is not None or not _fits_probs(q, cache, probs + (gumbel is not None)):
+      probs, gumbel = False, None  # the hooks recompute what they need in their own pass
     out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
                           cache.lengths, q_positions, layer=layer,
                           sliding_window=c.sliding_window, block_size=self.attn_block_size,
                           quant=cache.quant, return_lse=self.observe is not None,
                           static_trip=probe is not None or project is not None,
-                          impl=self.attn_impl, return_probs=probs)
+                          impl=self.attn_impl, return_probs=probs, gumbel_probs=gumbel)
     obs = None
     if self.observe is not None:  # after attention: hooks see each query's normaliser
       attn, lse, *kept = out
+      plain = kept.pop(0) if probs else None
+      gkept = kept.pop(0) if gumbel is not None else None
       obs = self.observe(layer, LayerInputs(q, k_new, v_new, q_pre, k_pre.transpose(0, 2, 1, 3),
-                                            q_positions, q_valid, inv_freq, lse,
-                                            kept[0] if kept else None, c.sliding_window), cache)
+                                            q_positions, q_valid, inv_freq, lse, plain,
+                                            c.sliding_window, gkept), cache)
     else:
       attn = out
     o = attn.reshape(b, t, n * h) @ p("wo", (n * h, d))

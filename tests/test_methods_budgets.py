@@ -195,13 +195,15 @@ def jax_copy(cache):
   return jax.tree.map(jnp.copy, cache)
 
 
-def test_keyformer_column_sums_equal_dense_gumbel_softmax(tiny):
-  """Blockwise, chunked Gumbel-softmax sums == a dense softmax((s + G) / tau) with the same
-  hashed noise, over the whole prompt."""
+@pytest.mark.parametrize("tau", [0.7, 1.0])
+def test_keyformer_column_sums_equal_dense_gumbel_softmax(tiny, tau):
+  """Blockwise, chunked Gumbel-softmax sums (formed in the attention pass: tau 1 reweights the
+  softmax's own terms, other taus keep a second running max) == a dense
+  softmax((s + G) / tau) with the same hashed noise, over the whole prompt."""
   from lib.methods.accumulated import gumbel_noise  # pylint: disable=g-import-not-at-top
   ids = np.random.RandomState(12).randint(0, 160, size=29).tolist()
   c = tiny.config
-  tau, seed = 0.7, 3
+  seed = 3
   m = methods.Keyformer(ratio=0.5, tau=tau, seed=seed)
   cache, obs = _prefill(tiny, ids, 8, m.observe)  # 4 chunks, attention blocks of 8
   got = np.asarray(obs.sum(0))[:, 0, :, :29]  # [L, K, n]
@@ -224,10 +226,13 @@ def test_keyformer_column_sums_equal_dense_gumbel_softmax(tiny):
   assert abs(u.mean() - 0.5772) < 0.06 and abs(u.std() - 1.2825) < 0.08  # Gumbel moments
 
 
-@pytest.mark.parametrize("cap,window", [(40, None), (37, None), (40, 9)])
-def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(cap, window):
-  """H2O's column sums formed from the probabilities the attention kept (the default path)
-  equal the hook's separate blockwise pass: ragged head lengths, a
+@pytest.mark.parametrize("cap,window,tau", [(40, None, 0.7), (37, None, 1.0), (40, 9, 1.0),
+                                            (37, 9, 0.7)])
+def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(cap, window,
+                                                                               tau):
+  """H2O's column sums formed from the probabilities the attention kept (the default path),
+  and Keyformer's from the Gumbel-softmax kept beside them (tau 1 and not), equal the hooks'
+  separate blockwise passes: ragged head lengths, a
   capacity that is not a multiple of the block (the last block overlaps), padded queries, a
   sliding window."""
   from lib.attention import LayerInputs, chunk_attention  # pylint: disable=g-import-not-at-top
@@ -245,18 +250,38 @@ def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(
   v_new = jnp.asarray(rng.randn(b, kh, t, h), jnp.float32)
   qpos = jnp.broadcast_to(31 + jnp.arange(t, dtype=jnp.int32), (b, t))
   valid = jnp.asarray([[True] * t, [True] * 4 + [False] * 2])
+  spec = (tau, 3)  # Keyformer's tau and seed
   for layer in range(l_):
     lay = jnp.int32(layer)
-    _, lse, kept = chunk_attention(
+    out, lse, kept, gkept = chunk_attention(
         q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths, qpos,
-        layer=lay, sliding_window=window, block_size=8, return_lse=True, return_probs=True)
+        layer=lay, sliding_window=window, block_size=8, return_lse=True, return_probs=True,
+        gumbel_probs=spec)
+    plain_out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
+                                cache.lengths, qpos, layer=lay, sliding_window=window,
+                                block_size=8)
+    np.testing.assert_allclose(out, plain_out, rtol=1e-6, atol=1e-6)  # output unchanged
     x = LayerInputs(q, k_new, v_new, q, k_new, qpos, valid, jnp.ones((h // 2,)), lse, kept,
-                    window)
+                    window, gkept)
     want = np.asarray(acc._column_sums(lay, x, cache, block=8))
     got = np.asarray(acc.column_sums()(lay, x, cache))  # what the model calls
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
     assert got.sum() > 1.0  # something was summed
+    # Keyformer: the Gumbel-softmax kept beside the attention == the hook's own two passes.
+    want_g = np.asarray(acc._column_sums(lay, x, cache, block=8, gumbel=spec))
+    got_g = np.asarray(acc.column_sums(*spec)(lay, x, cache))
+    np.testing.assert_allclose(got_g, want_g, rtol=2e-5, atol=1e-6)
+    assert np.abs(got_g - got).max() > 1e-3  # the noise changed the sums
+    # Another setting's hook does not take these probabilities: it makes its own pass.
+    np.testing.assert_allclose(acc.column_sums(tau, 4)(lay, x, cache),
+                               acc._column_sums(lay, x, cache, block=8, gumbel=(tau, 4)),
+                               rtol=1e-6, atol=1e-7)
   assert acc.column_sums().wants_probs and not acc.column_sums(1.0, 0).wants_probs
+  assert acc.column_sums(1.0, 0).wants_gumbel_probs == (1.0, 0)
+  assert acc.column_sums().wants_gumbel_probs is None
   with pytest.raises(ValueError, match="plain cache"):
     chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths,
                     qpos, layer=jnp.int32(0), quant=object(), return_probs=True)
+  with pytest.raises(ValueError, match="plain cache"):
+    chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths,
+                    qpos, layer=jnp.int32(0), quant=object(), gumbel_probs=spec)

@@ -88,6 +88,9 @@ def _joint_observe(hooks):
     def observe(*args):
       return tuple(None if h is None else h(*args) for h in hooks)
     observe.wants_probs = any(getattr(h, "wants_probs", False) for h in hooks)
+    specs = {getattr(h, "wants_gumbel_probs", None) for h in hooks} - {None}
+    # One Gumbel buffer: with several Keyformer settings, each hook makes its own pass.
+    observe.wants_gumbel_probs = specs.pop() if len(specs) == 1 else None
     _JOINT[hooks] = observe
   return _JOINT[hooks]
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.attention import cache_block
+from lib.gumbel import gumbel_noise
 from lib.cache import KVCache
 from lib.methods.base import Method, evict_one, forced
 
@@ -28,47 +29,36 @@ def column_sums(gumbel_tau: float | None = None, seed: int = 0):
   The Gumbel noise ``G`` is a counter-based hash of (seed, layer, query head, query position,
   key position) (``gumbel_noise``), so every pass sees the same noise without storing it.
 
-  Plain sums come from the probabilities the attention's online softmax formed
-  (``wants_probs``; ``_kept_column_sums``), so nothing is recomputed. Otherwise (Keyformer, a
-  stored cache, or past ``models.decoder.PROBS_MAX_BYTES``) the hook forms ``exp(s - lse)`` in
-  its own blockwise pass (``_column_sums``; one more for the Gumbel normaliser), holding
-  nothing ``T x S`` beyond one block."""
+  Both come from probabilities the attention's pass formed (``wants_probs`` /
+  ``wants_gumbel_probs``; ``_kept_column_sums``), so ``q.k`` is not recomputed. Otherwise (a
+  stored cache, past ``models.decoder.PROBS_MAX_BYTES``, or two Keyformer settings in one
+  prefill) the hook forms ``exp(s - lse)`` in its own blockwise pass (``_column_sums``; one
+  more for the Gumbel normaliser), holding nothing ``T x S`` beyond one block."""
+
+  spec = None if gumbel_tau is None else (float(gumbel_tau), int(seed))
 
   def observe(layer, x, cache):
-    if gumbel_tau is None:
+    if spec is None:
       if x.probs is not None:  # the attention kept its softmax: nothing to recompute
-        return _kept_column_sums(layer, x, cache)
+        return _kept_column_sums(layer, x, cache, x.probs)
       return _column_sums(layer, x, cache)
-    return _column_sums(layer, x, cache, gumbel=(gumbel_tau, seed))
+    if x.gumbel_probs is not None and x.gumbel_probs.gumbel == spec:
+      return _kept_column_sums(layer, x, cache, x.gumbel_probs)  # formed in the attention pass
+    return _column_sums(layer, x, cache, gumbel=spec)
 
-  # Plain sums are the attention's own probabilities: ask the attention for them. (Keyformer's
-  # Gumbel-softmax taken from them at tau = 1, as softmax(s) reweighted by exp(G), measured
-  # 3.6x slower than its own fused pass at 4k on CPU, so it keeps that pass.)
-  observe.wants_probs = gumbel_tau is None
+  # Both kinds come from the attention's own pass over the scores: plain sums from its softmax,
+  # Keyformer's from a second online softmax of (s + G) / tau beside it (no second q.k pass and
+  # one noise draw per pair; the hook's own pass above needs two of each).
+  observe.wants_probs = spec is None
+  observe.wants_gumbel_probs = spec
   return observe
 
 
-def gumbel_noise(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
-  """Standard Gumbel noise from a hash of its integer coordinates (broadcast together); the
-  same coordinates always give the same value. float32, finite."""
-  u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)
-  h = (u32(q_pos) * jnp.uint32(0x9E3779B1)) ^ (u32(k_pos) * jnp.uint32(0x85EBCA77))
-  h = h ^ (u32(layer) * jnp.uint32(0xC2B2AE3D)) ^ (u32(head) * jnp.uint32(0x27D4EB2F))
-  h = h ^ jnp.uint32(seed * 0x165667B1 & 0xFFFFFFFF)
-  h = h ^ (h >> 16)  # murmur3's finaliser: every input bit reaches every output bit
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  h = h ^ (h >> 16)
-  u = ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))  # (0, 1)
-  return -jnp.log(-jnp.log(u))
-
-
-def _kept_column_sums(layer, x, cache):
-  """Column sums (``[B, K, S]``, as ``_column_sums``) from the probabilities the attention kept
-  (``x.probs``): each part's ``exp(s - m)`` weighted per query by ``exp(m - lse)``, summed over
-  the real queries, averaged over each GQA group. Never recomputes ``q.k``."""
-  pr = x.probs
+def _kept_column_sums(layer, x, cache, pr):
+  """Column sums (``[B, K, S]``, as ``_column_sums``) from probabilities the attention kept
+  (``pr``: ``x.probs``, or ``x.gumbel_probs`` for Keyformer): each part's ``exp(z - m)``
+  weighted per query by ``exp(m - lse)``, summed over the real queries, averaged over each GQA
+  group. Never recomputes ``q.k``."""
   f32 = jnp.float32
   b, kh, g, _ = pr.self_m.shape
   s_cap, bs = cache.capacity, pr.block

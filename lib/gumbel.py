@@ -1,0 +1,40 @@
+"""Keyformer's Gumbel noise as a pure function of its coordinates (no stored noise).
+
+The attention pass (``lib.attention``, when a hook asks for Gumbel-softmax probabilities) and the
+Keyformer hook's own blockwise pass (``lib.methods.accumulated``) both call it, so they add the
+same noise to the same logit.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
+  """Uniform ``(0, 1)`` float32 from a hash of the integer coordinates (broadcast together):
+  the same coordinates always give the same value (24 bits)."""
+  u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)
+  h = (u32(q_pos) * jnp.uint32(0x9E3779B1)) ^ (u32(k_pos) * jnp.uint32(0x85EBCA77))
+  h = h ^ (u32(layer) * jnp.uint32(0xC2B2AE3D)) ^ (u32(head) * jnp.uint32(0x27D4EB2F))
+  h = h ^ jnp.uint32(seed * 0x165667B1 & 0xFFFFFFFF)
+  h = h ^ (h >> 16)  # murmur3's finaliser: every input bit reaches every output bit
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  h = h ^ (h >> 16)
+  return ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def gumbel_noise(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
+  """Standard Gumbel noise ``G = -log(-log u)`` of ``gumbel_uniform``'s ``u``. float32, finite
+  (within about [-2.9, 17.3])."""
+  return -jnp.log(-jnp.log(gumbel_uniform(seed, layer, head, q_pos, k_pos)))
+
+
+def gumbel_weight(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
+  """``exp(G) = 1 / (-log u)`` for the same ``u`` as ``gumbel_noise``: at tau = 1,
+  ``exp(s + G - m) = exp(s - m) * exp(G)``, so the attention's own ``exp(s - m)`` times this
+  weight gives Keyformer's terms with one log instead of two logs and an exp. At most
+  about 3.4e7, so the product cannot overflow float32."""
+  return -1.0 / jnp.log(gumbel_uniform(seed, layer, head, q_pos, k_pos))
