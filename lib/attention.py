@@ -164,7 +164,8 @@ def chunk_attention(
   keep = return_probs or gumbel_probs is not None
   if keep:
     nb_cap = -(-s_cap // bs)
-    bufs = lambda: (jnp.zeros((nb_cap, b, kh, g, t, bs), f32), jnp.zeros((nb_cap, b, kh, g, t), f32))
+    bufs = lambda: (jnp.zeros((nb_cap, b, kh, g, t, bs), f32),  # each block's terms
+                    jnp.zeros((nb_cap, b, kh, g, t), f32))  # and its running max
     carry = ((m, l, acc), bufs() if return_probs else None,
              (gumbel_carry,) + bufs() if gumbel_probs is not None else None)
     (m, l, acc), kept, gkept = jax.lax.fori_loop(0, n_blocks, body, carry)
