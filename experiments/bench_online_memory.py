@@ -3,7 +3,8 @@ r"""Peak cache bytes and peak process memory: compress-after-prefill vs compress
   python -m experiments.bench_online_memory --length=8192 --ratio=0.25 \
       --out=results/bench_online_memory_cpu.json
 
-Each configuration runs ``experiments.prefill_memory`` in a fresh process (``ru_maxrss`` is a
+A method composed with KIVI (``snapkv+kivi``) gets a third row, quantized after every chunk
+(``--quantize_each_chunk``). Each configuration runs ``experiments.prefill_memory`` in a fresh process (``ru_maxrss`` is a
 per-process high-water mark), so the figures are side by side from one invocation.
 
 With ``--limit_gib`` (CPU, Linux), it then prefills ``--limit_batch`` prompts of the same length
@@ -48,9 +49,11 @@ def main(argv):
   rows = [_run([f"--length={length}"])]
   print(json.dumps(rows[-1]))
   for m in FLAGS.method:
-    for during in (False, True):
+    modes = [(False, False), (True, False)] + ([(True, True)] if "kivi" in m else [])
+    for during, each_chunk in modes:
       rows.append(_run([f"--length={length}", f"--method={m}", f"--ratio={FLAGS.ratio}",
-                        f"--compress_during_prefill={during}"]))
+                        f"--compress_during_prefill={during}",
+                        f"--quantize_each_chunk={each_chunk}"]))
       print(json.dumps(rows[-1]))
   demo = []
   if FLAGS.limit_gib > 0:

@@ -21,9 +21,10 @@ import models
 from lib import distributed, sharding
 from lib import methods
 from lib.eval import aggregate
-from lib.eval.runner import PROTOCOLS, run_perplexity, run_sample
+from lib.eval.runner import PROTOCOLS, prefill_modes, run_perplexity, run_sample
 from lib.eval.tasks import TASKS, make_sample, perplexity_tokens
 from lib.online import split_online
+from lib.online_quantized import check_quantizable_each_chunk
 from lib.provenance import git_rev
 
 FLAGS = flags.FLAGS
@@ -45,6 +46,10 @@ flags.DEFINE_integer("continuation", 256, "Perplexity task: continuation tokens 
 flags.DEFINE_bool("compress_during_prefill", False,
                   "Also evaluate every cell compressing after each prefill chunk (the cache never "
                   "holds more than budget + one chunk), next to compress-after-prefill.")
+flags.DEFINE_bool("quantize_each_chunk", False,
+                  "With --compress_during_prefill and evict+kivi methods: also evaluate every "
+                  "cell quantizing what is kept after each chunk (the float cache never holds "
+                  "more than KIVI's window + one chunk), next to quantizing once at the end.")
 flags.DEFINE_integer("chunk_size", 512, "Prefill chunk (the online mode's extra slots).")
 flags.DEFINE_integer("batch_cells", 8,
                      "Cells (method x ratio) whose compressed caches are answered together as "
@@ -72,14 +77,19 @@ def main(argv):
   ratios = [float(r) for r in FLAGS.ratio]
   cells = [(spec, r, methods.make(spec, ratio=r)) for spec in FLAGS.method for r in ratios]
   lengths = [int(x) for x in FLAGS.lengths]
-  modes = ("after", "during") if FLAGS.compress_during_prefill else ("after",)
+  try:
+    modes = prefill_modes(FLAGS.compress_during_prefill, FLAGS.quantize_each_chunk)
+  except ValueError as e:
+    raise app.UsageError(f"--quantize_each_chunk: {e}") from e
   if FLAGS.compress_during_prefill:
     if "perplexity" in FLAGS.task:
       raise app.UsageError("--compress_during_prefill covers the question tasks; run the "
                            "perplexity task without it")
     for spec, _, m in cells:
       try:
-        split_online(m)
+        evict, quantizers = split_online(m)
+        if FLAGS.quantize_each_chunk:
+          check_quantizable_each_chunk(evict, quantizers)
       except ValueError as e:
         raise app.UsageError(f"--method={spec}: {e}") from e
   lm = models.load(FLAGS.model, progress=False)
@@ -99,7 +109,7 @@ def main(argv):
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",
                                         "max_new_tokens", "compress_during_prefill", "batch_cells",
-                                        "chunk_size")}
+                                        "chunk_size", "quantize_each_chunk")}
   rev = git_rev()
   jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
           for i in range(FLAGS.num_samples)]
@@ -121,7 +131,8 @@ def main(argv):
         rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
                           max_new_tokens=FLAGS.max_new_tokens, chunk_size=FLAGS.chunk_size,
                           during_prefill=FLAGS.compress_during_prefill,
-                          batch_cells=FLAGS.batch_cells)
+                          batch_cells=FLAGS.batch_cells,
+                          quantize_each_chunk=FLAGS.quantize_each_chunk)
       for r in rows:
         if (task, n, protocol, seed, r["method"], r["ratio"],
             r.get("prefill_mode", "after")) in done:

@@ -39,6 +39,8 @@ flags.DEFINE_integer("chunk_size", 512, "Prefill chunk.")
 flags.DEFINE_string("method", None, "Compress with this method (else: full cache only).")
 flags.DEFINE_float("ratio", 0.25, "Fraction kept, with --method.")
 flags.DEFINE_bool("compress_during_prefill", False, "Compress after every chunk.")
+flags.DEFINE_bool("quantize_each_chunk", False, "With --compress_during_prefill and an "
+                  "evict+kivi method: quantize what is kept after every chunk too.")
 flags.DEFINE_integer("batch", 1, "Prompts prefilled together (lengths length, length-64, ...).")
 
 
@@ -59,7 +61,8 @@ def main(argv):
   method = methods.make(FLAGS.method, ratio=FLAGS.ratio) if FLAGS.method else None
   row = {"prompt_tokens": len(ids), "batch": FLAGS.batch, "chunk_size": FLAGS.chunk_size,
          "method": FLAGS.method, "ratio": FLAGS.ratio if FLAGS.method else 1.0,
-         "compress_during_prefill": FLAGS.compress_during_prefill}
+         "compress_during_prefill": FLAGS.compress_during_prefill,
+         "quantize_each_chunk": FLAGS.quantize_each_chunk}
   fix = ("compress while prefilling (--compress_during_prefill --method=...), or lower "
          "--batch or --length")
   try:
@@ -86,7 +89,7 @@ def _prefill(m, method, prompts, tokens, lengths, row):
     final, _, peak_cache = prefill_context_compressing(  # the scan's cache: its peak
         m.params, m.apply_fn, prompts, method, num_layers=c.num_layers,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=m.dtype,
-        chunk_size=FLAGS.chunk_size)
+        chunk_size=FLAGS.chunk_size, quantize_each_chunk=FLAGS.quantize_each_chunk)
   else:
     cache = m.new_cache(len(prompts), tokens.shape[1])
     peak_cache = cache.nbytes

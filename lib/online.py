@@ -74,17 +74,11 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
                        head_dim=head_dim, dtype=dtype)
   if carried:
     cache = cache.replace(scores=jnp.zeros(cache.positions.shape, jnp.float32))
-  observe = method.observe
 
   def step(carry, xs):
     cache, acc = carry
-    tok, start = xs
-    n_valid = jnp.clip(lengths - start, 0, chunk_size)
-    idx = jnp.clip(lengths - 1 - start, 0, chunk_size - 1)
-    logits, cache, obs = apply_fn(params, tok, cache, n_valid, idx, observe)
-    if acc is not None:  # statistics that are sums over the queries seen so far
-      acc = method.accumulate(acc, obs)
-      obs = acc
+    logits, cache, obs, acc, n_valid = chunk_forward(params, apply_fn, method, cache, acc, xs,
+                                                     lengths, chunk_size)
     stacked = None if obs is None else jax.tree.map(lambda x: x[None], obs)
     if carried:  # H2O / Keyformer: this chunk's column sums add to the carried per-slot sums
       cache = cache.replace(scores=cache.scores + obs)
@@ -97,14 +91,35 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
     cache = select(cache, scores, now, capacity)
     return (cache, acc), logits
 
-  acc0 = None
-  if hasattr(method, "accumulate"):
-    zeros_like = jax.eval_shape(lambda c: apply_fn(params, chunks[0], c, lengths, None, observe)[2],
-                                cache)
-    acc0 = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), zeros_like)
+  acc0 = initial_accumulator(params, apply_fn, method, cache, chunks[0], lengths)
   (cache, _), logits = jax.lax.scan(step, (cache, acc0), (chunks, starts))
   last_chunk = (lengths - 1) // chunk_size
   return logits[last_chunk, jnp.arange(b)], cache
+
+
+def chunk_forward(params, apply_fn, method, cache, acc, xs, lengths, chunk_size: int):
+  """One prefill chunk ``xs = (tokens [B, C], start)`` through the model with the method's
+  hook. Returns ``(logits [B, V] of each row's last real token in the chunk, cache with the
+  chunk appended, observations, acc, n_valid [B])``; for methods whose statistics are sums
+  over the queries so far (``accumulate``), the observations are ``acc`` updated."""
+  tok, start = xs
+  n_valid = jnp.clip(lengths - start, 0, chunk_size)
+  idx = jnp.clip(lengths - 1 - start, 0, chunk_size - 1)
+  logits, cache, obs = apply_fn(params, tok, cache, n_valid, idx, method.observe)
+  if acc is not None:
+    acc = method.accumulate(acc, obs)
+    obs = acc
+  return logits, cache, obs, acc, n_valid
+
+
+def initial_accumulator(params, apply_fn, method, cache, tokens, lengths):
+  """Zeros shaped like the observations of ``tokens [B, C]`` for methods that ``accumulate``
+  them over the chunks (expected attention's query moments); None for the others."""
+  if not hasattr(method, "accumulate"):
+    return None
+  shapes = jax.eval_shape(
+      lambda c: apply_fn(params, tokens, c, lengths, None, method.observe)[2], cache)
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
 
 
 def split_online(method):
@@ -130,15 +145,17 @@ def split_online(method):
 
 def prefill_context_compressing(params, apply_fn, context, method, *, num_layers: int,
                                 kv_heads: int, head_dim: int, dtype=jnp.float32,
-                                chunk_size: int = 512):
+                                chunk_size: int = 512, quantize_each_chunk: bool = False):
   """Host wrapper of ``prefill_compressing`` for token lists (right-padded to the chunk).
 
   Args:
     context: ``B`` token lists (any lengths).
     method: one eviction method, or ``eviction+quantizer`` (``snapkv+kivi``): the eviction runs
       after every chunk and the kept cache is quantized once at the end, so the float cache
-      peaks at budget + one chunk and the result is packed (quantizing after every chunk, so
-      the float peak shrinks too, is not done yet).
+      peaks at budget + one chunk and the result is packed.
+    quantize_each_chunk: with ``eviction+kivi``, quantize what is kept after every chunk
+      (``lib.online_quantized``): the scan then carries the budget packed plus a float window
+      of ``residual + group + chunk`` slots, and dequantizes one layer at a time to score it.
 
   Returns:
     ``(cache, seconds, peak_bytes)``: the cache holds at most each head's budget; ``seconds``
@@ -149,10 +166,17 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
     ``cache.nbytes`` is then below ``peak_bytes``.
   """
   method, quantizers = split_online(method)
+  if quantize_each_chunk:
+    from lib import online_quantized  # pylint: disable=g-import-not-at-top
+    online_quantized.check_quantizable_each_chunk(method, quantizers)
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)
   cap, kept = online_capacity(method, lengths, chunk, num_layers, kv_heads,
                               padded=tokens.shape[1])
+  if quantize_each_chunk:
+    return online_quantized.prefill_quantizing(params, apply_fn, tokens, lengths, kept,
+                                               cap - chunk, method, quantizers[0], chunk, dtype,
+                                               num_layers, kv_heads, head_dim)
   need = KVCache.planned_nbytes(num_layers=num_layers, batch=len(context), kv_heads=kv_heads,
                                 capacity=cap, head_dim=head_dim, dtype=dtype)
   check_fits(need, f"the compressed cache (budget + one chunk = {cap} slots x {len(context)} "
@@ -172,3 +196,4 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
                          page=method.page, room=8)
     jax.block_until_ready(cache)
   return cache, time.perf_counter() - t0, peak
+

@@ -182,12 +182,41 @@ def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):
   assert "| h2o [during prefill] | 0.25 |" in report.leaderboard(cells_)
 
 
+def test_quantize_each_chunk_rows_next_to_the_other_modes(chat_tiny):
+  """evict+kivi with quantize_each_chunk: a third row per cell whose peak is below the
+  quantize-at-the-end row's (the float cache is KIVI's window + one chunk, the kept packed;
+  with 2 layers the one layer dequantized for scoring is a large part of it)."""
+  import models  # pylint: disable=g-import-not-at-top
+  from lib import methods  # pylint: disable=g-import-not-at-top
+  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+
+  lm = models.load(chat_tiny, progress=False)
+  count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
+  s = make_sample("niah_single", 1000, 0, count)
+  spec = "snapkv+kivi4:group=8:residual=16"
+  rows = run_sample(lm, s, [(spec, 0.5, methods.make(spec, ratio=0.5))],
+                    protocol="query_agnostic", max_new_tokens=4, chunk_size=64,
+                    during_prefill=True, quantize_each_chunk=True)
+  assert [r["prefill_mode"] for r in rows] == ["after", "after", "during", "during_quantized"]
+  by = {r["prefill_mode"]: r for r in rows[1:]}
+  assert by["during_quantized"]["peak_cache_bytes"] < by["during"]["peak_cache_bytes"]
+  assert all(np.isfinite(r["kl"]) for r in rows)
+  assert "| snapkv+kivi4:group=8:residual=16 [during prefill, quantized each chunk] | 0.5 |" in (
+      report.leaderboard(aggregate.cells(rows)))
+
+
 def test_compress_during_prefill_rejects_compositions(chat_tiny, tmp_path):
   cmd = [sys.executable, "-m", "experiments.evaluate", f"--model={chat_tiny}", "--lengths=200",
          "--num_samples=1", "--method=knorm+snapkv", "--compress_during_prefill",
          f"--out={tmp_path / 'x.jsonl'}"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "one eviction method, optionally followed by" in out.stderr
+  cmd[cmd.index("--method=knorm+snapkv")] = "--method=h2o+kivi"
+  out = subprocess.run(cmd + ["--quantize_each_chunk"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0 and "quantize once at the end" in out.stderr
+  out = subprocess.run([c for c in cmd if c != "--compress_during_prefill"]
+                       + ["--quantize_each_chunk"], cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode != 0 and "mode of compress_during_prefill" in out.stderr
 
 
 def test_offline_text_is_the_same_in_every_process():

@@ -123,3 +123,110 @@ def test_ragged_budgets_end_paged(tiny):
   for l, b, k in np.ndindex(*lens.shape):
     np.testing.assert_array_equal(pos[l, b, k, :lens[l, b, k]],
                                   np.asarray(padded.positions)[l, b, k, :lens[l, b, k]])
+
+
+def _each_chunk(m, prompts, spec, chunk=16, ratio=0.5, **kw):
+  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  c = m.config
+  method = methods.Compose((methods.make(spec, ratio=ratio), KIVI(bits=4, group=16, residual=16)))
+  return prefill_context_compressing(m.params, m.apply_fn, prompts, method,
+                                     num_layers=c.num_layers, kv_heads=c.num_kv_heads,
+                                     head_dim=c.head_dim, chunk_size=chunk, **kw)
+
+
+@pytest.mark.parametrize("spec", ["snapkv", "knorm", "expected_attention", "h2o"])
+def test_quantize_each_chunk_keeps_the_budget_packed(tiny, spec):
+  """evict+kivi, quantized after every chunk: the float window ends below residual + group
+  tokens, the kept tokens are the budget (unique, in range), the peak is below
+  quantize-at-the-end's, and the packed layer-0 keys are the tokens' own keys (layer 0's keys
+  do not depend on the context) to 4-bit precision."""
+  rng = np.random.RandomState(24)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (400, 300)]
+  cache, _, peak = _each_chunk(tiny, prompts, spec, quantize_each_chunk=True)
+  end, _, peak_end = _each_chunk(tiny, prompts, spec)
+  assert cache.capacity <= 32 and cache.quant.k_codes.dtype == jnp.uint32  # window, trimmed
+  assert peak < peak_end and cache.nbytes < peak
+  n_q, n_w = np.asarray(cache.quant.lengths), np.asarray(cache.lengths)
+  np.testing.assert_array_equal((n_q + n_w)[:, 0], 200)
+  np.testing.assert_array_equal((n_q + n_w)[:, 1], 150)
+  np.testing.assert_array_equal(n_q % 16, 0)
+  assert (n_w >= 16).all() and (n_w < 32).all()  # residual <= window < residual + group
+  np.testing.assert_array_equal(n_q + n_w, np.asarray(end.quant.lengths + end.lengths))
+  store_pos = np.asarray(cache.quant.positions)
+  win_pos = np.asarray(cache.positions)
+  for l, b, k in np.ndindex(*n_q.shape):
+    pos = np.concatenate([store_pos[l, b, k, :n_q[l, b, k]], win_pos[l, b, k, :n_w[l, b, k]]])
+    assert (np.diff(pos) > 0).all() and pos.min() >= 0 and pos.max() < len(prompts[b])
+  # Layer 0: dequantized store keys against the float keys of a full prefill, same positions
+  # (layer 0's keys do not depend on the context). Quantized once at the end, the relative
+  # error is 4-bit rounding (~0.06); re-quantized after every chunk the keys regroup and the
+  # error compounds (~0.13 here, 25 chunks); a wrong gather would give ~1.4.
+  full_cache = tiny.new_cache(2, 400)
+  tokens, lengths = gen.pad_batch(prompts, 16)
+  _, full_cache, _ = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                 full_cache, apply_fn=tiny.apply_fn, chunk_size=16)
+
+  def key_error(c):
+    kq, vq, pq = c.quant.read(0, 0, c.quant.capacity)
+    n = np.asarray(c.quant.lengths)[0]
+    errs = []
+    for b, k in np.ndindex(*n.shape):
+      pos = np.asarray(pq[b, k, :n[b, k]])
+      for got, ref in ((kq, full_cache.keys), (vq, full_cache.values)):
+        want = np.asarray(ref[0, b, k])[pos]
+        errs.append(np.linalg.norm(np.asarray(got[b, k, :n[b, k]]) - want) / np.linalg.norm(want))
+    return np.asarray(errs).reshape(-1, 2).max(0)  # (keys, values)
+
+  (k_each, v_each), (k_end, v_end) = key_error(cache), key_error(end)
+  assert k_end < 0.09 and v_end < 0.09 and v_each < 0.09 and k_each < 0.2, (k_each, k_end)
+  logits, _, _ = tiny.apply_fn(tiny.params, jnp.asarray([[5], [7]]),
+                               cache.resize(cache.capacity + 8).replace(
+                                   quant=cache.quant.grown(16)),
+                               jnp.asarray([1, 1]), jnp.asarray([0, 0]))
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_quantize_each_chunk_refuses_what_it_cannot_do(tiny):
+  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  c = tiny.config
+  kw = dict(num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            quantize_each_chunk=True)
+  for spec in ("snapkv", "snapkv+kvquant4"):
+    with pytest.raises(ValueError, match="one KIVI quantizer"):
+      prefill_context_compressing(tiny.params, tiny.apply_fn, [list(range(40))],
+                                  methods.make(spec, ratio=0.5), **kw)
+
+
+@pytest.mark.parametrize("gumbel_tau", [None, 0.7])
+def test_column_sums_read_the_store_as_its_dequantized_cache(tiny, gumbel_tau):
+  """H2O's / Keyformer's hook over a KIVI-quantized cache (store + window) gives the column
+  sums of the same tokens held dequantized in a plain cache: the store's slots first."""
+  from lib.methods.accumulated import column_sums  # pylint: disable=g-import-not-at-top
+  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from lib.online_quantized import _joined_layer  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(25)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (100, 70)]
+  tokens, lengths = gen.pad_batch(prompts, 8)
+  cache = tiny.new_cache(2, tokens.shape[1])
+  _, cache, _ = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                            apply_fn=tiny.apply_fn, chunk_size=8)
+  quant = KIVI(bits=4, group=16, residual=16).apply(cache, extra=16)
+  layers = [_joined_layer(quant, l) for l in range(cache.num_layers)]
+  plain = layers[0].replace(**{f: jnp.concatenate([getattr(x, f) for x in layers])
+                               for f in ("keys", "values", "positions", "lengths")})
+  chunk = jnp.asarray(rng.randint(0, 160, size=(2, 8)))
+  n_valid, last = jnp.asarray([8, 5]), jnp.asarray([7, 4])
+  hook = column_sums(gumbel_tau, 3)
+  _, _, raw = tiny.apply_fn(tiny.params, chunk, quant, n_valid, last, hook)
+  _, _, want = tiny.apply_fn(tiny.params, chunk, plain, n_valid, last, hook)
+  q_cap = quant.quant.capacity
+  n_q = np.asarray(quant.quant.lengths)
+  n = n_q + np.asarray(quant.lengths) + np.asarray(n_valid)[None, :, None]
+  raw, want = np.asarray(raw), np.asarray(want)
+  assert raw.shape[-1] == q_cap + quant.capacity
+  for l, b, k in np.ndindex(*n_q.shape):
+    m = n_q[l, b, k]
+    got = np.concatenate([raw[l, b, k, :m], raw[l, b, k, q_cap:][:n[l, b, k] - m]])
+    np.testing.assert_allclose(got, want[l, b, k, :n[l, b, k]], rtol=2e-4, atol=1e-6)
+  assert raw.sum() > 0

@@ -14,9 +14,13 @@ METRICS = ("score", "ppl", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_by
 
 def label(row: dict) -> str:
   """The method name a table shows: ``snapkv`` (compressed after prefill) or
-  ``snapkv [during prefill]`` (compressed after every prefill chunk, ``lib.online``)."""
-  if row.get("prefill_mode") == "during":
+  ``snapkv [during prefill]`` (compressed after every prefill chunk, ``lib.online``), or
+  ``snapkv+kivi [during prefill, quantized each chunk]`` (``lib.online_quantized``)."""
+  mode = row.get("prefill_mode")
+  if mode == "during":
     return f"{row['method']} [during prefill]"
+  if mode == "during_quantized":
+    return f"{row['method']} [during prefill, quantized each chunk]"
   return row["method"]
 
 

@@ -81,9 +81,20 @@ def _copy(cache):
   return jax.tree.map(jnp.copy, cache)
 
 
+def prefill_modes(during_prefill: bool, quantize_each_chunk: bool = False) -> tuple[str, ...]:
+  """The ``prefill_mode`` of each row a cell gets: ``after`` (compress after prefill),
+  ``during`` (after every chunk, quantized at the end) and ``during_quantized`` (evicted and
+  quantized after every chunk, ``lib.online_quantized``)."""
+  if quantize_each_chunk and not during_prefill:
+    raise ValueError("quantize_each_chunk is a mode of compress_during_prefill: set both")
+  return ("after",) + (("during",) if during_prefill else ()) + (
+      ("during_quantized",) if quantize_each_chunk else ())
+
+
 def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, protocol: str,
                max_new_tokens: int, chunk_size: int = 512,
-               during_prefill: bool = False, batch_cells: int = 8) -> list[dict]:
+               during_prefill: bool = False, batch_cells: int = 8,
+               quantize_each_chunk: bool = False) -> list[dict]:
   """Evaluates ``cells`` = [(method spec, ratio, Method)] on one sample.
 
   ``lm`` is a ``models.LanguageModel``-like object (params, apply_fn, tokenizer, config,
@@ -148,15 +159,16 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
     evicting = hasattr(method, "update")
     m_room = gen.round_up(longest, 8) + 1 if evicting else room
-    modes = ("after", "during") if during_prefill else ("after",)
+    modes = prefill_modes(during_prefill, quantize_each_chunk)
     for mode in modes:
       if mode == "after":
         small, kept, t_c = compress_for(method, cache, obs, m_room, block)
         t_p, peak = t_pre, full_bytes
-      else:  # a fresh chunked prefill that compresses after every chunk
+      else:  # a fresh chunked prefill that compresses (and quantizes) after every chunk
         online, t_p, peak = prefill_context_compressing(
             lm.params, lm.apply_fn, [ctx], method, num_layers=c.num_layers,
-            kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=lm.dtype, chunk_size=chunk_size)
+            kv_heads=c.num_kv_heads, head_dim=c.head_dim, dtype=lm.dtype, chunk_size=chunk_size,
+            quantize_each_chunk=mode == "during_quantized")
         n_max = int(jnp.max(online.lengths))
         t_c = 0.0
         kept = online.trimmed().nbytes

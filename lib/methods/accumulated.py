@@ -87,7 +87,10 @@ def _place_new(col_new, lens, s_cap):
 def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
   """Column sums of this chunk's attention (or Gumbel-softmax with ``gumbel=(tau, seed)``)
   over the valid cache blocks and the chunk itself. Masks as attention does (validity,
-  causality, sliding window)."""
+  causality, sliding window).
+
+  Returns ``[B, K, S]``; with a KIVI store in ``cache.quant`` (``QuantStore``, read dequantized
+  one block at a time), ``[B, K, Q + S]``: the store's Q slots first, then the window's S."""
   q, k_new = x.q, x.k
   b, t, n, h = q.shape
   kh = k_new.shape[1]
@@ -99,9 +102,6 @@ def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
   win = x.sliding_window
   window_ok = (lambda kp: True) if win is None else (lambda kp: (qpos - kp) < win)
   lens = jax.lax.dynamic_index_in_dim(cache.lengths, layer, 0, keepdims=False)  # [B, K]
-  s_cap = cache.capacity
-  bs = min(block, s_cap)
-  n_blocks = (jnp.max(lens) + bs - 1) // bs
   heads = (jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
 
   def logits(s, kpos):  # s [B, K, G, T, S], kpos broadcastable to it
@@ -110,11 +110,34 @@ def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
     tau, seed = gumbel
     return (s + gumbel_noise(seed, layer, heads, qpos, kpos)) / tau
 
-  def cache_part(i):
-    kb, pb, ok = cache_block(cache.keys, cache.positions, lens, layer, i, bs)
+  def scored(kb, pb, ok):  # one block of keys -> (logits, allowed) [B, K, G, T, bs]
     kpos = pb[:, :, None, None, :]
     ok = ok[:, :, None, None, :] & qok & window_ok(kpos)
     return logits(jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32)), kpos), ok
+
+  # Parts of the cache: (slots, block size, blocks to visit, block i -> (start, logits, ok)).
+  s_cap = cache.capacity
+  bs = min(block, s_cap)
+
+  def window_block(i):
+    kb, pb, ok = cache_block(cache.keys, cache.positions, lens, layer, i, bs)
+    return jnp.minimum(i * bs, s_cap - bs), *scored(kb, pb, ok)
+
+  parts = [(s_cap, bs, (jnp.max(lens) + bs - 1) // bs, window_block)]
+  store = cache.quant
+  if store is not None:
+    if not hasattr(store, "k_codes"):
+      raise ValueError(f"attention column sums read a plain cache or a KIVI store, got "
+                       f"{type(store).__name__}: compress before any other stored form")
+    q_lens = jax.lax.dynamic_index_in_dim(store.lengths, layer, 0, keepdims=False)  # [B, K]
+    qbs = store.group * math.gcd(max(block // store.group, 1), store.capacity // store.group)
+
+    def store_block(i):  # whole groups, dividing the store: no overlap
+      kb, _, pb = store.read(layer, i * qbs, qbs)
+      ok = (i * qbs + jnp.arange(qbs))[None, None, :] < q_lens[..., None]
+      return i * qbs, *scored(kb, pb, ok)
+
+    parts.insert(0, (store.capacity, qbs, (jnp.max(q_lens) + qbs - 1) // qbs, store_block))
 
   kpos_new = x.positions[:, None, None, None, :]
   ok_new = jnp.tril(jnp.ones((t, t), bool))[None, None, None] & qok & window_ok(kpos_new)
@@ -123,28 +146,30 @@ def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
   if gumbel is None and x.lse is not None:
     lse = x.lse  # [B, K, G, T]
   else:  # the normaliser of these logits: one more online pass
-    def fold(i, carry):
-      m, l = carry
-      z, ok = cache_part(i)
-      m_new = jnp.maximum(m, jnp.where(ok, z, -jnp.inf).max(-1))
-      return m_new, l * jnp.exp(m - m_new) + jnp.where(ok, jnp.exp(z - m_new[..., None]),
-                                                       0.0).sum(-1)
-    m0 = jnp.where(ok_new, z_new, -jnp.inf).max(-1)  # the diagonal is always allowed
-    l0 = jnp.where(ok_new, jnp.exp(z_new - m0[..., None]), 0.0).sum(-1)
-    m0 = jnp.where(jnp.isfinite(m0), m0, 0.0)  # padded queries: nothing allowed
-    m, l = jax.lax.fori_loop(0, n_blocks, fold, (m0, l0))
+    m = jnp.where(ok_new, z_new, -jnp.inf).max(-1)  # the diagonal is always allowed
+    l = jnp.where(ok_new, jnp.exp(z_new - m[..., None]), 0.0).sum(-1)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # padded queries: nothing allowed
+    for _, _, n_blocks, part in parts:
+      def fold(i, carry, part=part):
+        m, l = carry
+        _, z, ok = part(i)
+        m_new = jnp.maximum(m, jnp.where(ok, z, -jnp.inf).max(-1))
+        return m_new, l * jnp.exp(m - m_new) + jnp.where(ok, jnp.exp(z - m_new[..., None]),
+                                                         0.0).sum(-1)
+      m, l = jax.lax.fori_loop(0, n_blocks, fold, (m, l))
     lse = m + jnp.log(jnp.maximum(l, 1e-30))
 
-  def body(i, out):
-    z, ok = cache_part(i)
-    p = jnp.where(ok, jnp.exp(z - lse[..., None]), 0.0)
-    start = jnp.minimum(i * bs, s_cap - bs)  # where cache_block read (masked overlap adds 0)
-    cur = jax.lax.dynamic_slice(out, (0, 0, start), (b, kh, bs))
-    return jax.lax.dynamic_update_slice(out, cur + p.sum(3).mean(2), (0, 0, start))
-
-  out = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((b, kh, s_cap), f32))
+  outs = []
+  for size, pbs, n_blocks, part in parts:
+    def body(i, out, part=part, pbs=pbs):
+      start, z, ok = part(i)  # an overlapping last block adds 0 where it was read before
+      p = jnp.where(ok, jnp.exp(z - lse[..., None]), 0.0)
+      cur = jax.lax.dynamic_slice(out, (0, 0, start), (b, kh, pbs))
+      return jax.lax.dynamic_update_slice(out, cur + p.sum(3).mean(2), (0, 0, start))
+    outs.append(jax.lax.fori_loop(0, n_blocks, body, jnp.zeros((b, kh, size), f32)))
   p = jnp.where(ok_new, jnp.exp(z_new - lse[..., None]), 0.0)
-  return out + _place_new(p.sum(3).mean(2), lens, s_cap)
+  outs[-1] = outs[-1] + _place_new(p.sum(3).mean(2), lens, s_cap)
+  return jnp.concatenate(outs, axis=-1) if len(outs) > 1 else outs[0]
 
 
 def _recent_mask(cache: KVCache, kept_fraction_of_len, recent_fraction: float):
