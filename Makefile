@@ -36,11 +36,14 @@ chat: $(VENV)/.runtime
 	$(BIN)/python -m experiments.generate --model=smollm2-135m --prompt="$(PROMPT)"
 
 # KVLAB_REQUIRE_KVPRESS: the kvpress parity tests fail instead of skipping if it is missing.
+# Two pytest workers (pytest-xdist), each taking whole files: the suite is mostly single-threaded
+# XLA compiles, so on 2 cores this halves its time; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev
-	KVLAB_REQUIRE_KVPRESS=1 $(BIN)/python -m pytest -q
+	KVLAB_REQUIRE_KVPRESS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(VENV)/.dev
-	KVLAB_REQUIRE_KVPRESS=1 $(BIN)/python -m pytest -q -m "not slow"
+	KVLAB_REQUIRE_KVPRESS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: $(VENV)/.dev
 	$(BIN)/python -m experiments.bench_generate --out=results/bench_generate_cpu.json

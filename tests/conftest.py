@@ -1,9 +1,27 @@
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# One XLA compilation cache on disk for the whole run: the pytest workers, and every subprocess
+# the tests start, inherit the variable (set here, before any of them imports jax), so a program
+# compiled once (the default model's prefill, the decode loop, ...) is loaded, not recompiled,
+# by the next module or process. A run's own cache: it starts empty and is removed at the end.
+_OWN_CACHE = ("JAX_COMPILATION_CACHE_DIR" not in os.environ
+              and "PYTEST_XDIST_WORKER" not in os.environ)
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="kvlab-test-xla-cache-")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -40,3 +58,16 @@ def _fresh_jax_caches():
   yield
   import jax  # pylint: disable=g-import-not-at-top
   jax.clear_caches()
+
+
+# The longest modules (minutes each on 2 cores, mostly XLA compiles; see `--durations`) run
+# first, so that with `pytest -n 2 --dist loadfile` (``make test``) no worker is left with one
+# of them at the end while the other idles.
+_LONG_FIRST = ("test_sharding.py", "test_matryoshka.py", "test_eval.py", "test_lowrank.py",
+               "test_memory.py", "test_kivi.py", "test_default_model.py",
+               "test_methods_budgets.py", "test_online.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+  items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))

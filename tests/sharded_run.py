@@ -26,6 +26,9 @@ from models.decoder import init_params, make_apply_fn
 
 METHODS = tuple(os.environ.get("SHARDED_RUN_METHODS", "").split(",")) if os.environ.get("SHARDED_RUN_METHODS") else ("snapkv", "h2o", "pyramidkv", "adakv", "streaming_llm+kivi4", "streaming_llm+xkv")
 STEPS = 32
+# A mesh whose model axis the 4 kv heads do not divide replicates the cache (with a logged
+# reason, asserted by the test): one method shows it; the others add compile time only.
+ONLY = {"data:1,model:8": ("snapkv",)}
 
 
 def run(out: str, mesh_spec: str):
@@ -41,7 +44,7 @@ def run(out: str, mesh_spec: str):
   if mesh is not None:
     params = sharding.shard_params(params, cfg, mesh)
   results = {}
-  for spec in METHODS:
+  for spec in ONLY.get(mesh_spec, METHODS):
     key = spec.replace("+", "_")
     m = methods.make(spec, ratio=0.5)
     tokens, lengths = gen.pad_batch(prompts, 16)

@@ -211,9 +211,9 @@ def test_compress_during_prefill_rejects_compositions(chat_tiny, tmp_path):
          f"--out={tmp_path / 'x.jsonl'}"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "one eviction method, optionally followed by" in out.stderr
-  cmd[cmd.index("--method=knorm+snapkv")] = "--method=h2o+kivi"
+  cmd[cmd.index("--method=knorm+snapkv")] = "--method=snapkv+kvquant4"
   out = subprocess.run(cmd + ["--quantize_each_chunk"], cwd=ROOT, capture_output=True, text=True)
-  assert out.returncode != 0 and "quantize once at the end" in out.stderr
+  assert out.returncode != 0 and "one KIVI quantizer" in out.stderr
   out = subprocess.run([c for c in cmd if c != "--compress_during_prefill"]
                        + ["--quantize_each_chunk"], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "mode of compress_during_prefill" in out.stderr

@@ -35,7 +35,10 @@ def test_prefill_compress_decode_match_one_device(runs, mesh):
   of one device."""
   one, by_mesh, _ = runs
   got = by_mesh[mesh]
+  assert "snapkv/tokens" in got
   for key, want in one.items():
+    if mesh == "data:1,model:8" and key not in got:  # runs snapkv only (sharded_run.ONLY)
+      continue
     if key.endswith("/tokens"):
       np.testing.assert_array_equal(got[key], want, err_msg=f"{mesh} {key}")
       assert len(np.unique(want)) > 8  # the decode is not degenerate
@@ -47,7 +50,8 @@ def test_prefill_compress_decode_match_one_device(runs, mesh):
       np.testing.assert_allclose(got[key], want, rtol=tol, atol=tol, err_msg=f"{mesh} {key}")
   assert all(int(got[k]) == 8 for k in got if k.endswith("/key_shards"))
   data = int(mesh.split(",")[0].split(":")[1])
-  assert int(got["streaming_llm_xkv/coef_shard_rows"]) == 8 // data  # xKV factors split by row
+  if "streaming_llm_xkv/coef_shard_rows" in got or data > 1:
+    assert int(got["streaming_llm_xkv/coef_shard_rows"]) == 8 // data  # xKV factors by row
 
 
 def test_heads_that_do_not_divide_are_replicated_with_a_reason(runs):
