@@ -54,12 +54,18 @@ def quantized_capacities(kivi, top: int, chunk: int) -> tuple[int, int]:
 
 def empty_store(kivi, *, num_layers: int, batch: int, kv_heads: int, q_cap: int,
                 head_dim: int) -> QuantStore:
-  """A ``QuantStore`` of ``q_cap`` free slots per (layer, row, head), KIVI's bits and group."""
+  """A ``QuantStore`` of ``q_cap`` free slots per (layer, row, head), KIVI's bits and group.
+
+  Built as zeros of the shapes ``QuantStore.build`` gives (positions -1), not by quantizing
+  zeros: inside ``jit`` XLA would constant-fold that quantization at compile time (minutes at
+  the default model's 8k context)."""
   shape = (num_layers, batch, kv_heads, q_cap, head_dim)
-  z = jnp.zeros(shape, jnp.float32)
-  return QuantStore.build(z, z, jnp.full(shape[:-1], -1, jnp.int32),
-                          jnp.zeros(shape[:3], jnp.int32), k_bits=kivi.bits, v_bits=kivi.bits,
-                          group=kivi.group, residual=kivi.residual)
+  like = jax.eval_shape(lambda: QuantStore.build(
+      jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape[:-1], jnp.int32),
+      jnp.zeros(shape[:3], jnp.int32), k_bits=kivi.bits, v_bits=kivi.bits, group=kivi.group,
+      residual=kivi.residual))
+  fill = lambda x: jnp.full(x.shape, -1 if x.dtype == jnp.int32 and x.ndim == 4 else 0, x.dtype)
+  return jax.tree.map(fill, like)
 
 
 def _joined_layer(cache: KVCache, layer, carried=None) -> KVCache:
