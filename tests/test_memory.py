@@ -48,12 +48,15 @@ def test_full_cache_fails_cleanly_where_compressing_during_prefill_fits():
   # The full cache of 2 x 4096 needs 0.35 GiB (x1.1 margin), the online cache (1024 + 256
   # slots) 0.11 GiB: a cap 0.25 GiB above the loaded process's resident size separates them
   # with >= 0.1 GiB to spare on each side (resident sizes vary between processes).
+  # Without the run's shared compilation cache (tests/conftest.py): loading executables from it
+  # instead of compiling changes a process's resident size by more than the 0.1 GiB margins.
+  plain = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
   probe = subprocess.run(base + ["--compress_during_prefill"], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=plain)
   import json  # pylint: disable=g-import-not-at-top
   row = json.loads(probe.stdout.strip().splitlines()[-1])
   cap = (row["rss_before_prefill_bytes"] + 0.25 * 2**30) / 2**30
-  env = {**os.environ, "KVLAB_MEMORY_LIMIT_GIB": f"{cap:.3f}"}
+  env = {**plain, "KVLAB_MEMORY_LIMIT_GIB": f"{cap:.3f}"}
   full = subprocess.run(base + ["--nocompress_during_prefill"], cwd=ROOT, capture_output=True,
                         text=True, env=env)
   assert full.returncode == 2, full.stderr[-2000:]
