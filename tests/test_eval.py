@@ -269,3 +269,13 @@ def test_batched_cells_answer_as_they_would_alone(chat_tiny):
     stack_rows([], 8)
   with pytest.raises(ValueError, match="batch_cells"):
     run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=8, batch_cells=0)
+
+
+def test_score_plot_accepts_a_bound_a_rounding_error_past_the_mean(tmp_path):
+  """A 100 % cell whose Wilson upper bound rounds just below 1 used to stop the report."""
+  stat = lambda m, lo, hi: {"mean": m, "ci95": [lo, hi], "n": 19}
+  cells = [{"task": "niah_single", "length": 2048, "protocol": "query_agnostic", "method": m,
+            "ratio": r, "score": stat(1.0, 0.83, 1.0 - 1e-12)} for m, r in
+           (("full", 1.0), ("tova", 0.75), ("tova", 0.5))]
+  report.plot_score_vs_ratio(cells, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").stat().st_size > 1000

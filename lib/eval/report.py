@@ -66,7 +66,10 @@ def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
       y = np.array([p[1]["mean"] for p in pts], float)
       lo = np.array([p[1]["ci95"][0] for p in pts], float)
       hi = np.array([p[1]["ci95"][1] for p in pts], float)
-      ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=name)
+      # Clipped at 0: a Wilson bound equal to the mean (0 % or 100 %) can sit a rounding
+      # error past it, and matplotlib refuses negative error bars.
+      err = [np.maximum(y - lo, 0.0), np.maximum(hi - y, 0.0)]
+      ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
     if full is not None:
       ax.axhline(full[metric_k]["mean"], color="k", ls="--", lw=1, label="full cache")
     ax.set_xlabel("fraction of KV cache kept")
