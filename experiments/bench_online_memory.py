@@ -4,8 +4,9 @@ r"""Peak cache bytes and peak process memory: compress-after-prefill vs compress
       --out=results/bench_online_memory_cpu.json
 
 A method composed with KIVI (``snapkv+kivi``) gets a third row, quantized after every chunk
-(``--quantize_each_chunk``). Each configuration runs ``experiments.prefill_memory`` in a fresh process (``ru_maxrss`` is a
-per-process high-water mark), so the figures are side by side from one invocation.
+(``--quantize_each_chunk``). Each configuration runs ``experiments.prefill_memory`` in a fresh
+process (``ru_maxrss`` is a per-process high-water mark), so the figures are side by side from
+one invocation.
 
 With ``--limit_gib`` (CPU, Linux), it then prefills ``--limit_batch`` prompts of the same length
 under an address-space limit (``prlimit --as``) in both modes: the full-cache mode should stop

@@ -247,12 +247,17 @@ def _fold(carry, qg, kb, vb, valid, return_p: bool = False, scores=None):
   return (out, p) if return_p else out
 
 
+def store_block_size(store, size: int) -> int:
+  """Slots per read of a stored part (``KVCache.quant``) of about ``size``: whole groups that
+  divide its capacity, so ``store.read(layer, i * bs, bs)`` never overlaps or runs past it."""
+  g = store.group
+  return g * math.gcd(max(size // g, 1), store.capacity // g)
+
+
 def _quantized_blocks(quant, layer, qg, qpos, sliding_window, block_size, carry):
   """Folds the quantized part (``QuantStore``) into the running softmax, dequantizing one
   block of slots at a time (the packed codes are all that is stored)."""
-  cap = quant.capacity
-  g = quant.group  # blocks hold whole groups and divide the quantized capacity
-  bs = g * math.gcd(max(block_size // g, 1), cap // g)
+  bs = store_block_size(quant, block_size)
   lengths = jax.lax.dynamic_index_in_dim(quant.lengths, layer, 0, keepdims=False)  # [B, K]
   n_blocks = (jnp.max(lengths) + bs - 1) // bs
 

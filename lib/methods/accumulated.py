@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lib.attention import cache_block
+from lib.attention import cache_block, store_block_size
 from lib.gumbel import gumbel_noise
 from lib.cache import KVCache
 from lib.methods.base import Method, evict_one, forced
@@ -130,7 +130,7 @@ def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
       raise ValueError(f"attention column sums read a plain cache or a KIVI store, got "
                        f"{type(store).__name__}: compress before any other stored form")
     q_lens = jax.lax.dynamic_index_in_dim(store.lengths, layer, 0, keepdims=False)  # [B, K]
-    qbs = store.group * math.gcd(max(block // store.group, 1), store.capacity // store.group)
+    qbs = store_block_size(store, block)
 
     def store_block(i):  # whole groups, dividing the store: no overlap
       kb, _, pb = store.read(layer, i * qbs, qbs)
