@@ -15,6 +15,7 @@ from lib.methods.kivi import KIVI
 from lib.lowrank.channels import ChannelStore
 from lib.lowrank.store import LowRankStore
 from lib.quant.kvquant_store import KVQuantStore
+from xla_env import with_host_devices
 
 
 def _caches():
@@ -70,8 +71,7 @@ def test_saved_on_a_4x2_mesh_loads_on_one_device_and_back(tmp_path):
   caches = _caches()
   for name, c in caches.items():
     cache_io.save_cache(c, str(src / name), {"method": name})
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = with_host_devices(8, JAX_PLATFORMS="cpu")
   script = os.path.join(os.path.dirname(__file__), "cache_io_run.py")
   proc = subprocess.run([sys.executable, script, str(src), str(dst), "data:4,model:2"],
                         env=env, capture_output=True, text=True, timeout=600)

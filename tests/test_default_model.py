@@ -71,8 +71,10 @@ def test_4096_token_prefill_peak_memory_under_4gib():
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
 
+  from xla_env import optimized  # pylint: disable=g-import-not-at-top
+
   out = subprocess.run([sys.executable, "-m", "experiments.prefill_memory", "--length=4096"],
-                       capture_output=True, text=True, check=True,
+                       capture_output=True, text=True, check=True, env=optimized(),
                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   res = json.loads(out.stdout.strip().splitlines()[-1])
   assert res["prompt_tokens"] == 4096

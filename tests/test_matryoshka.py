@@ -15,6 +15,7 @@ from lib.lowrank import matryoshka_train as mt
 from lib.lowrank.projected import flat_offsets, layer_widths
 from lib.quant.kvquant_calibrate import model_fingerprint
 from compressed_run import run_compressed
+from xla_env import with_host_devices
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,7 @@ def test_data_parallel_training_matches_one_device(tmp_path):
   import subprocess
   import sys
   script = os.path.join(os.path.dirname(__file__), "matryoshka_dp_run.py")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = with_host_devices(8)
   losses = {}
   for mesh in ("one", "data:8"):
     out = tmp_path / f"{mesh.replace(':', '')}.json"

@@ -10,6 +10,7 @@ import pytest
 
 from lib import memory
 from lib.cache import KVCache
+from xla_env import optimized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,7 +51,8 @@ def test_full_cache_fails_cleanly_where_compressing_during_prefill_fits():
   # with >= 0.1 GiB to spare on each side (resident sizes vary between processes).
   # Without the run's shared compilation cache (tests/conftest.py): loading executables from it
   # instead of compiling changes a process's resident size by more than the 0.1 GiB margins.
-  plain = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  # And at XLA's default optimisation (tests/xla_env.py): these are long real-model runs.
+  plain = {k: v for k, v in optimized().items() if k != "JAX_COMPILATION_CACHE_DIR"}
   probe = subprocess.run(base + ["--compress_during_prefill"], cwd=ROOT, capture_output=True,
                          text=True, check=True, env=plain)
   import json  # pylint: disable=g-import-not-at-top

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lib import distributed
+from xla_env import with_host_devices
 
 
 def _free_port() -> int:
@@ -19,8 +20,7 @@ def _free_port() -> int:
 
 
 def _run(out, n_proc, devices_per_proc):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_proc}"}
+  env = with_host_devices(devices_per_proc, JAX_PLATFORMS="cpu")
   script = os.path.join(os.path.dirname(__file__), "multiprocess_run.py")
   port = str(_free_port())
   procs = [subprocess.Popen([sys.executable, script, str(out), str(n_proc), str(i), port],

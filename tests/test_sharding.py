@@ -11,6 +11,7 @@ import pytest
 
 from lib import sharding
 from lib.cache import KVCache
+from xla_env import with_host_devices
 
 MESHES = ("data:8", "data:4,model:2", "data:2,model:4", "data:1,model:8")
 
@@ -18,8 +19,7 @@ MESHES = ("data:8", "data:4,model:2", "data:2,model:4", "data:1,model:8")
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharded")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-         "JAX_PLATFORMS": "cpu"}
+  env = with_host_devices(8, JAX_PLATFORMS="cpu")
   here = os.path.dirname(__file__)
   proc = subprocess.run([sys.executable, os.path.join(here, "sharded_run.py"), str(out), "one",
                          *MESHES], env=env, capture_output=True, text=True, timeout=1200)
@@ -82,7 +82,7 @@ def test_batch_that_does_not_split_names_the_fix():
 
 def test_kernels_under_shard_map_match_one_device(tmp_path):
   out = tmp_path / "kernels.json"
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = with_host_devices(8)
   here = os.path.dirname(__file__)
   proc = subprocess.run([sys.executable, os.path.join(here, "sharded_kernel_run.py"), str(out)],
                         env=env, capture_output=True, text=True, timeout=600)
