@@ -13,12 +13,10 @@ def with_host_devices(n: int, **extra) -> dict:
           "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={n}".strip()}
 
 
-def optimized(env: dict | None = None) -> dict:
-  """Returns ``env`` (default os.environ) without conftest's ``SUITE_FLAG``: for a subprocess
+def optimized() -> dict:
+  """Returns os.environ without conftest's ``SUITE_FLAG``: for a subprocess
   that runs the default model over thousands of tokens, where the unoptimised code of the
   elementwise fusions costs more than the compiles it saves (a 4096-token prefill: 31 s at
   XLA's default level, 61 s at level 0)."""
-  env = dict(os.environ if env is None else env)
-  flags = env.get("XLA_FLAGS", "").replace(SUITE_FLAG, "").strip()
-  env["XLA_FLAGS"] = flags
-  return env
+  flags = os.environ.get("XLA_FLAGS", "").replace(SUITE_FLAG, "").strip()
+  return {**os.environ, "XLA_FLAGS": flags}
