@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from lib.attention import chunk_attention, dense_attention_reference
+from lib.attention import chunk_attention, decode_block_size, dense_attention_reference
 
 
 @settings(max_examples=25, deadline=None)
@@ -63,3 +63,27 @@ def test_no_nan_with_empty_cache_and_jit():
           jnp.zeros((1, 2, 8), jnp.int32), jnp.zeros((1, 2), jnp.int32),
           jnp.zeros((1, 1), jnp.int32))
   np.testing.assert_allclose(np.asarray(out), 1.0)
+
+
+def test_decode_block_shrinks_with_the_batch_and_stays_exact():
+  """A batched decode step reads smaller blocks (``decode_block_size``) and still equals the
+  textbook softmax, ragged lengths and a capacity that is no multiple of the block included."""
+  assert decode_block_size(512, 1, 3, 64) == 512  # 0.4 MiB of keys per block
+  assert decode_block_size(512, 8, 3, 64) == 128
+  assert decode_block_size(512, 64, 8, 128) == 64  # never below 64 slots
+  rng = np.random.RandomState(0)
+  b, kh, g, h, s = 8, 3, 3, 64, 700
+  lengths = rng.randint(0, s + 1, size=(b, kh)).astype(np.int32)
+  lengths[0, 0] = 0
+  q = rng.randn(b, 1, kh * g, h).astype(np.float32)
+  kn, vn = rng.randn(b, kh, 1, h).astype(np.float32), rng.randn(b, kh, 1, h).astype(np.float32)
+  ck, cv = rng.randn(b, kh, s, h).astype(np.float32), rng.randn(b, kh, s, h).astype(np.float32)
+  cpos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, kh, s))
+  qpos = np.full((b, 1), s, np.int32)
+  out = chunk_attention(jnp.asarray(q), kn, vn, ck, cv, cpos, lengths, qpos, block_size=512)
+  valid = np.arange(s)[None, None] < lengths[..., None]
+  ref = dense_attention_reference(
+      q, np.concatenate([ck, kn], 2), np.concatenate([cv, vn], 2), qpos,
+      np.concatenate([cpos, qpos[:, None].repeat(kh, 1)], 2),
+      np.concatenate([valid, np.ones((b, kh, 1), bool)], 2), None)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
