@@ -16,7 +16,9 @@ the G query heads sharing kv head k. Both functions return ``[B, K, G, H]`` floa
 The kernel runs one program per (b, k) and walks the quantized part in blocks of ``block``
 slots with an online softmax, unpacking and dequantizing each block in registers (the codes are
 the only copy of the cache it reads), then folds in the residual window. ``interpret=True``
-runs it on CPU (tests); on GPU it lowers through Triton. Not yet measured on an accelerator.
+runs it on CPU (tests); on GPU it lowers through Triton (``pallas_kernels.platform``: Triton's
+compiler parameters, the query group and the residual window padded to powers of two; a test
+lowers it for CUDA on the CPU). Not yet run on an accelerator.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lib.quant import packing
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.outputs import decode_outputs
 
 _NEG = -1e30
+_EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)
 
 
 def _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block):
@@ -105,7 +109,8 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
     m_new = jnp.maximum(m, logits.max(-1))
     p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + p.sum(-1), acc * alpha[:, None] + p @ vals
+    return m_new, l * alpha + p.sum(-1), acc * alpha[:, None] + jnp.dot(p, vals,
+                                                                        precision=_EXACT)
 
   def body(j, carry):
     t0 = pl.multiple_of(j * block, block)
@@ -119,7 +124,7 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
     vals = (codes(vc_ref[pl.ds(t0, block), :]) * jnp.repeat(vs, group, 1)
             + jnp.repeat(vz, group, 1))
     valid = t0 + jnp.arange(block) < n_quant
-    return fold(carry, (q @ keys.T) * inv, vals, valid)
+    return fold(carry, jnp.dot(q, keys.T, precision=_EXACT) * inv, vals, valid)
 
   g = q.shape[0]
   carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
@@ -127,20 +132,34 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
   carry = jax.lax.fori_loop(0, jnp.minimum(n_blocks, slots // block), body, carry)
   kr = kr_ref[...].astype(f32)  # [R, H]
   valid = jnp.arange(kr.shape[0]) < n_res
-  m, l, acc = fold(carry, (q @ kr.T) * inv, vr_ref[...].astype(f32), valid)
+  m, l, acc = fold(carry, jnp.dot(q, kr.T, precision=_EXACT) * inv, vr_ref[...].astype(f32),
+                   valid)
   o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
   if lse_ref:  # each query's log normaliser, for merging with keys outside this call
     lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), _NEG)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret", "return_lse",
+                                             "platform"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant,
                                k_res, v_res, n_res, *, bits: int, group: int, block: int = 128,
-                               interpret: bool = False, return_lse: bool = False):
+                               interpret: bool = False, return_lse: bool = False,
+                               platform: str | None = None):
   """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32 (and,
-  with ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid)."""
+  with ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid).
+  ``platform``: what to lower for (None: JAX's default backend; ``"gpu"`` lowers for Triton)."""
   _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
-  b, k, g, h = q.shape
+  platform_lib.check_lowerable(platform, interpret, "quantized_decode_attention")
+  b, k, g0, h = q.shape
+  if platform_lib.gpu_padding(platform):  # Triton: power-of-two arrays, dots >= 16
+    pow2 = platform_lib.pow2
+    if block < 16 or block != pow2(block) or h < 16 or h != pow2(h) or group != pow2(group):
+      raise ValueError(f"on GPU the block ({block}), head dim ({h}) and group ({group}) must "
+                       "be powers of two, block and head dim >= 16")
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pow2(g0, 16) - g0), (0, 0)))
+    pad_r = ((0, 0), (0, 0), (0, pow2(k_res.shape[2], 16) - k_res.shape[2]), (0, 0))
+    k_res, v_res = jnp.pad(k_res, pad_r), jnp.pad(v_res, pad_r)
+  g = q.shape[2]
   s = k_codes.shape[2]
   r = k_res.shape[2]
   hw = k_codes.shape[3]
@@ -155,6 +174,9 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
       out_specs=out_specs,
       out_shape=out_shape,
       interpret=interpret,
+      compiler_params=platform_lib.compiler_params(platform, interpret),
   )(n_quant.astype(jnp.int32)[..., None], n_res.astype(jnp.int32)[..., None], q, k_codes,
     k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res)
-  return tuple(out) if return_lse else out
+  if return_lse:
+    return out[0][:, :, :g0], out[1][:, :, :g0]
+  return out[:, :, :g0]

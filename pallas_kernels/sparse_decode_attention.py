@@ -19,8 +19,9 @@ share the signature and return ``[B, K, G, H]`` float32; a head with no valid to
 With ``return_lse=True`` both also return each query's log normaliser ``lse [B, K, G]`` (of the
 logits ``q.k / sqrt(H)`` over the listed tokens; -1e30 for an empty head), so a caller can fold the
 result into an online softmax over other keys (``lib.attention`` does, for the decode step).
-``interpret=True`` runs the kernel on CPU (tests); on GPU it lowers through Triton. Not yet
-measured on an accelerator.
+``interpret=True`` runs the kernel on CPU (tests); on GPU it lowers through Triton
+(``pallas_kernels.platform``: Triton's compiler parameters, the query group and the page list
+padded to powers of two; a test lowers it for CUDA on the CPU). Not yet run on an accelerator.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.outputs import decode_outputs
 
 _NEG = -1e30
+_EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)
 
 
 def _check(q, k_pages, v_pages, page_table, page_valid):
@@ -82,11 +85,12 @@ def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *lse_ref, n_listed):
     keys = kp_ref[pl.ds(page, 1), :, :].reshape(p, h).astype(f32)
     vals = vp_ref[pl.ds(page, 1), :, :].reshape(p, h).astype(f32)
     valid = jnp.arange(p) < n_valid
-    s = jnp.where(valid[None, :], (q @ keys.T) * inv, _NEG)
+    s = jnp.where(valid[None, :], jnp.dot(q, keys.T, precision=_EXACT) * inv, _NEG)
     m_new = jnp.maximum(m, s.max(-1))
     e = jnp.where(valid[None, :], jnp.exp(s - m_new[:, None]), 0.0)
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + e.sum(-1), acc * alpha[:, None] + e @ vals
+    return m_new, l * alpha + e.sum(-1), acc * alpha[:, None] + jnp.dot(e, vals,
+                                                                        precision=_EXACT)
 
   carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
   # listed entries come first (to_pages / select_blocks order them so): stop at the last one
@@ -97,14 +101,25 @@ def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *lse_ref, n_listed):
     lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), _NEG)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "return_lse"))
+@functools.partial(jax.jit, static_argnames=("interpret", "return_lse", "platform"))
 def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
-                           interpret: bool = False, return_lse: bool = False):
-  """Pallas kernel: see the module docstring. Listed pages must come before unused entries."""
+                           interpret: bool = False, return_lse: bool = False,
+                           platform: str | None = None):
+  """Pallas kernel: see the module docstring. Listed pages must come before unused entries.
+  ``platform``: what to lower for (None: JAX's default backend; ``"gpu"`` lowers for Triton)."""
   _check(q, k_pages, v_pages, page_table, page_valid)
-  b, k, g, h = q.shape
+  platform_lib.check_lowerable(platform, interpret, "paged_decode_attention")
+  b, k, g0, h = q.shape
   n, p, _ = k_pages.shape
-  mm = page_table.shape[2]
+  if platform_lib.gpu_padding(platform):  # Triton: power-of-two arrays, dots >= 16
+    if p < 16 or p != platform_lib.pow2(p) or h < 16 or h != platform_lib.pow2(h):
+      raise ValueError(f"on GPU the page size ({p}) and head dim ({h}) must be powers of two "
+                       ">= 16: build the pages with page=16 (lib.paged)")
+    g = platform_lib.pow2(g0, 16)
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, g - g0), (0, 0)))
+    pad_m = ((0, 0), (0, 0), (0, platform_lib.pow2(page_table.shape[2]) - page_table.shape[2]))
+    page_table, page_valid = jnp.pad(page_table, pad_m), jnp.pad(page_valid, pad_m)
+  g, mm = q.shape[2], page_table.shape[2]
   row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
   pool = pl.BlockSpec((n, p, h), lambda i, j: (0, 0, 0))
   out_specs, out_shape = decode_outputs(row, b, k, g, h, return_lse)
@@ -115,8 +130,11 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
       out_specs=out_specs,
       out_shape=out_shape,
       interpret=interpret,
+      compiler_params=platform_lib.compiler_params(platform, interpret),
   )(page_table.astype(jnp.int32), page_valid.astype(jnp.int32), q, k_pages, v_pages)
-  return tuple(out) if return_lse else out
+  if return_lse:
+    return out[0][:, :, :g0], out[1][:, :, :g0]
+  return out[:, :, :g0]
 
 
 # ---- layouts -----------------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""The decode kernels lower for GPU (Triton) on a CPU-only machine, their GPU-side padding gives
+the same results (run interpreted), and platforms without a lowering get one clear error.
+
+Lowering builds the Triton IR the GPU would compile; it does not run it (no GPU in CI)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import platform as platform_lib
+from pallas_kernels import quantized_decode_attention as qda
+from pallas_kernels import sparse_decode_attention as sda
+from tests.test_quantized_decode_kernel import _case
+
+
+def _paged_case(b=2, k=3, g=3, h=64, page=16, s=70, seed=0):
+  rng = np.random.RandomState(seed)
+  keys = jnp.asarray(rng.randn(b, k, s, h).astype(np.float32))
+  values = jnp.asarray(rng.randn(b, k, s, h).astype(np.float32))
+  lengths = rng.randint(0, s + 1, size=(b, k))
+  lengths[0, 0] = 0
+  q = jnp.asarray(rng.randn(b, k, g, h).astype(np.float32))
+  return (q, *sda.to_pages(keys, values, lengths, page))
+
+
+def _quant_case(bits, g=3, r=40):
+  rng = np.random.RandomState(bits)
+  return _case(rng, 2, 3, g, 64, 256, r, bits, 32, [[200, 1, 64], [256, 37, 129]],
+               [[r, 0, 3], [5, 17, r]])
+
+
+def _lowered_for_cuda(fn):
+  return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+
+
+def test_paged_kernel_lowers_for_gpu_through_triton():
+  case = _paged_case()  # G = 3, 6 pages listed: neither a power of two
+  text = _lowered_for_cuda(lambda: sda.paged_decode_attention(*case, platform="gpu",
+                                                              return_lse=True))
+  assert "xla.gpu.triton" in text  # the Triton kernel call
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_kernel_lowers_for_gpu_through_triton(bits):
+  case = _quant_case(bits)  # G = 3, a 40-slot residual window
+  text = _lowered_for_cuda(lambda: qda.quantized_decode_attention(
+      **case, bits=bits, group=32, block=128, platform="gpu", return_lse=True))
+  assert "xla.gpu.triton" in text  # the Triton kernel call
+
+
+def test_gpu_padding_gives_the_reference_results():
+  """The GPU path (G padded to 16, pages and residual to powers of two), run interpreted."""
+  case = _paged_case(g=3)
+  ref = sda.paged_decode_attention_reference(*case, return_lse=True)
+  out = sda.paged_decode_attention(*case, interpret=True, platform="gpu", return_lse=True)
+  for a, r in zip(out, ref):
+    assert a.shape == r.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-5)
+  case = _quant_case(4)
+  ref = qda.quantized_decode_attention_reference(**case, bits=4, group=32, block=128,
+                                                  return_lse=True)
+  out = qda.quantized_decode_attention(**case, bits=4, group=32, block=128, interpret=True,
+                                       platform="gpu", return_lse=True)
+  for a, r in zip(out, ref):
+    assert a.shape == r.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=2e-4, atol=2e-5)
+
+
+def test_platforms_without_a_lowering_say_what_to_do():
+  case = _paged_case()
+  for plat in ("tpu", "cpu"):
+    with pytest.raises(NotImplementedError, match="interpret=True.*impl=.xla."):
+      sda.paged_decode_attention(*case, platform=plat)
+  with pytest.raises(NotImplementedError, match="compiled only for GPU"):
+    qda.quantized_decode_attention(**_quant_case(2), bits=2, group=32, platform="tpu")
+  with pytest.raises(ValueError, match="page size .* powers of two >= 16"):
+    sda.paged_decode_attention(*_paged_case(page=8), platform="gpu", interpret=True)
+
+
+def test_pow2():
+  assert [platform_lib.pow2(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
+  assert platform_lib.pow2(3, 16) == 16
