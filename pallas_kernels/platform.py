@@ -8,9 +8,10 @@ to have a power-of-two size, and ``tl.dot`` needs each of its dimensions >= 16, 
 pad the query heads of a group (G), the listed pages and the residual window on GPU
 (``gpu_padding``) and slice the padding off the result.
 
-TPU (Mosaic) is not covered: its blocks need their last two dimensions divisible by (8, 128) or
-whole, which a per-(row, head) ``[1, M]`` table row is not; the tables would have to move to
-scalar prefetch (SMEM). ``check_lowerable`` says so instead of failing deep in the lowering.
+TPU (Mosaic) blocks need their last two dimensions divisible by (8, 128) or whole, which a
+per-(row, head) ``[1, M]`` table row is not: the paged kernel has a TPU variant with its tables
+in SMEM (``sparse_decode_attention_tpu``); the quantized kernel has none yet, and
+``check_lowerable`` says so instead of failing deep in the lowering.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ def target(platform: str | None) -> str:
   return jax.default_backend() if platform is None else platform
 
 
-def check_lowerable(platform: str | None, interpret: bool, kernel: str) -> None:
+def check_lowerable(platform: str | None, interpret: bool, kernel: str, tpu: bool = False) -> None:
   """Raises ``NotImplementedError`` naming the fix when ``kernel`` has no compiled lowering for
-  the target platform (CPU without ``interpret``, TPU)."""
+  the target platform (CPU without ``interpret``; TPU unless ``tpu``)."""
   p = target(platform)
-  if interpret or p in GPU:
+  if interpret or p in GPU or (tpu and p == "tpu"):
     return
+  where = "GPU (Triton) and TPU (Mosaic)" if tpu else "GPU (Triton)"
   raise NotImplementedError(
-      f"{kernel} is compiled only for GPU (Triton); on {p} run it with interpret=True (slow, "
+      f"{kernel} is compiled only for {where}; on {p} run it with interpret=True (slow, "
       "for tests) or use attention's XLA path (impl='xla', the default)")
 
 

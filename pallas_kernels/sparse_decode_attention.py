@@ -21,7 +21,9 @@ logits ``q.k / sqrt(H)`` over the listed tokens; -1e30 for an empty head), so a 
 result into an online softmax over other keys (``lib.attention`` does, for the decode step).
 ``interpret=True`` runs the kernel on CPU (tests); on GPU it lowers through Triton
 (``pallas_kernels.platform``: Triton's compiler parameters, the query group and the page list
-padded to powers of two; a test lowers it for CUDA on the CPU). Not yet run on an accelerator.
+padded to powers of two) and on TPU through Mosaic (``sparse_decode_attention_tpu``: tables in
+SMEM, pages copied by DMA). Tests lower both on the CPU and run the TPU one in TPU interpret
+mode. Not yet run on an accelerator.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import platform as platform_lib
 from pallas_kernels.outputs import decode_outputs
+from pallas_kernels.sparse_decode_attention_tpu import paged_decode_attention_tpu
 
 _NEG = -1e30
 _EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)
@@ -106,9 +109,14 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
                            interpret: bool = False, return_lse: bool = False,
                            platform: str | None = None):
   """Pallas kernel: see the module docstring. Listed pages must come before unused entries.
-  ``platform``: what to lower for (None: JAX's default backend; ``"gpu"`` lowers for Triton)."""
+  ``platform``: what to lower for (None: JAX's default backend; ``"gpu"``: Triton; ``"tpu"``:
+  Mosaic, and with ``interpret`` TPU interpret mode on CPU)."""
   _check(q, k_pages, v_pages, page_table, page_valid)
-  platform_lib.check_lowerable(platform, interpret, "paged_decode_attention")
+  platform_lib.check_lowerable(platform, interpret, "paged_decode_attention", tpu=True)
+  if platform_lib.target(platform) == "tpu":  # tables in SMEM, pages copied from HBM by DMA
+    out, lse = paged_decode_attention_tpu(q, k_pages, v_pages, page_table, page_valid,
+                                          interpret=interpret)
+    return (out, lse) if return_lse else out
   b, k, g0, h = q.shape
   n, p, _ = k_pages.shape
   if platform_lib.gpu_padding(platform):  # Triton: power-of-two arrays, dots >= 16
