@@ -9,14 +9,15 @@ pad the query heads of a group (G), the listed pages and the residual window on 
 (``gpu_padding``) and slice the padding off the result.
 
 TPU (Mosaic) blocks need their last two dimensions divisible by (8, 128) or whole, which a
-per-(row, head) ``[1, M]`` table row is not: the paged kernel has a TPU variant with its tables
-in SMEM (``sparse_decode_attention_tpu``); the quantized kernel has none yet, and
-``check_lowerable`` says so instead of failing deep in the lowering.
+per-(row, head) ``[1, M]`` table row is not: both kernels have a TPU variant with their tables
+and counts in SMEM (``*_tpu.py``). ``check_lowerable`` gives one clear error for a platform with
+no lowering (CPU without ``interpret``) instead of failing deep in the lowering.
 """
 
 from __future__ import annotations
 
 import jax
+from jax.experimental.pallas import tpu as pl_tpu
 from jax.experimental.pallas import triton as pl_triton
 
 GPU = ("gpu", "cuda", "rocm")
@@ -57,3 +58,11 @@ def gpu_padding(platform: str | None) -> bool:
   interpreted (``platform="gpu", interpret=True`` runs the padded kernel on CPU, so tests check
   the padding)."""
   return target(platform) in GPU
+
+
+def tpu_call_options(interpret: bool) -> dict:
+  """``pl.pallas_call`` keywords for a TPU kernel over a ``(B, K)`` grid: TPU interpret mode on
+  CPU (DMAs and semaphores simulated) or Mosaic with both grid axes parallel."""
+  if interpret:
+    return {"interpret": pl_tpu.InterpretParams()}
+  return {"compiler_params": pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))}

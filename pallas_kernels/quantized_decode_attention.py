@@ -17,8 +17,9 @@ The kernel runs one program per (b, k) and walks the quantized part in blocks of
 slots with an online softmax, unpacking and dequantizing each block in registers (the codes are
 the only copy of the cache it reads), then folds in the residual window. ``interpret=True``
 runs it on CPU (tests); on GPU it lowers through Triton (``pallas_kernels.platform``: Triton's
-compiler parameters, the query group and the residual window padded to powers of two; a test
-lowers it for CUDA on the CPU). Not yet run on an accelerator.
+compiler parameters, the query group and the residual window padded to powers of two) and on TPU
+through Mosaic (``quantized_decode_attention_tpu``). Tests lower both on the CPU and run the TPU
+one in TPU interpret mode. Not yet run on an accelerator.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from jax.experimental import pallas as pl
 
 from lib.quant import packing
 from pallas_kernels import platform as platform_lib
+from pallas_kernels.kivi_block import dequantized_block
 from pallas_kernels.outputs import decode_outputs
+from pallas_kernels.quantized_decode_attention_tpu import quantized_decode_attention_tpu
 
 _NEG = -1e30
 _EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)
@@ -113,16 +116,9 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
                                                                         precision=_EXACT)
 
   def body(j, carry):
-    t0 = pl.multiple_of(j * block, block)
-    g0 = pl.multiple_of(j * (block // group), block // group)
-    ks = ks_ref[pl.ds(g0, block // group), :].astype(f32)  # [block/group, H]
-    kz = kz_ref[pl.ds(g0, block // group), :].astype(f32)
-    keys = (codes(kc_ref[pl.ds(t0, block), :]) * jnp.repeat(ks, group, 0)
-            + jnp.repeat(kz, group, 0))
-    vs = vs_ref[pl.ds(t0, block), :].astype(f32)  # [block, H/group]
-    vz = vz_ref[pl.ds(t0, block), :].astype(f32)
-    vals = (codes(vc_ref[pl.ds(t0, block), :]) * jnp.repeat(vs, group, 1)
-            + jnp.repeat(vz, group, 1))
+    t0, keys, vals = dequantized_block(
+        j, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, block=block, group=group,
+        codes=codes, per_channel=lambda x: jnp.repeat(x, group, 1))
     valid = t0 + jnp.arange(block) < n_quant
     return fold(carry, jnp.dot(q, keys.T, precision=_EXACT) * inv, vals, valid)
 
@@ -147,9 +143,15 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                                platform: str | None = None):
   """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32 (and,
   with ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid).
-  ``platform``: what to lower for (None: JAX's default backend; ``"gpu"`` lowers for Triton)."""
+  ``platform``: what to lower for (None: JAX's default backend; ``"gpu"``: Triton; ``"tpu"``:
+  Mosaic, and with ``interpret`` TPU interpret mode on CPU)."""
   _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
-  platform_lib.check_lowerable(platform, interpret, "quantized_decode_attention")
+  platform_lib.check_lowerable(platform, interpret, "quantized_decode_attention", tpu=True)
+  if platform_lib.target(platform) == "tpu":  # counts in SMEM, codes unpacked shift-major
+    out, lse = quantized_decode_attention_tpu(
+        q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant, k_res, v_res, n_res,
+        bits=bits, group=group, block=block, interpret=interpret)
+    return (out, lse) if return_lse else out
   b, k, g0, h = q.shape
   if platform_lib.gpu_padding(platform):  # Triton: power-of-two arrays, dots >= 16
     pow2 = platform_lib.pow2

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels import platform as platform_lib
+
 _NEG = -1e30
 
 
@@ -98,9 +100,7 @@ def paged_decode_attention_tpu(q, k_pages, v_pages, page_table, page_valid, *, i
       grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((b, k, g, h), jnp.float32),
                  jax.ShapeDtypeStruct((b, k, g, 1), jnp.float32)],
-      interpret=pltpu.InterpretParams() if interpret else False,
-      compiler_params=None if interpret else pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel")),
+      **platform_lib.tpu_call_options(interpret),
   )(page_table.astype(jnp.int32).reshape(-1), page_valid.astype(jnp.int32).reshape(-1), q,
     k_pages, v_pages)
   return out[:, :, :g0], lse[:, :, :g0, 0]

@@ -71,8 +71,8 @@ def test_platforms_without_a_lowering_say_what_to_do():
   case = _paged_case()
   with pytest.raises(NotImplementedError, match="interpret=True.*impl=.xla."):
     sda.paged_decode_attention(*case, platform="cpu")
-  with pytest.raises(NotImplementedError, match="compiled only for GPU"):
-    qda.quantized_decode_attention(**_quant_case(2), bits=2, group=32, platform="tpu")
+  with pytest.raises(NotImplementedError, match="compiled only for GPU .Triton. and TPU"):
+    qda.quantized_decode_attention(**_quant_case(2), bits=2, group=32, platform="cpu")
   with pytest.raises(ValueError, match="page size .* powers of two >= 16"):
     sda.paged_decode_attention(*_paged_case(page=8), platform="gpu", interpret=True)
 
@@ -100,4 +100,25 @@ def test_paged_kernel_tpu_variant_matches_reference_in_tpu_interpret_mode(g, pag
 def test_paged_kernel_lowers_for_tpu_through_mosaic():
   case = _paged_case()
   text = _lowered_for_tpu(lambda: sda.paged_decode_attention(*case, platform="tpu"))
+  assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("bits,g", [(2, 3), (4, 8), (8, 1)])
+def test_quantized_kernel_tpu_variant_matches_reference_in_tpu_interpret_mode(bits, g):
+  """Counts in SMEM, codes unpacked shift-major with the query and scales permuted to match."""
+  case = _quant_case(bits, g=g)
+  ref = qda.quantized_decode_attention_reference(**case, bits=bits, group=32, block=128,
+                                                  return_lse=True)
+  out = qda.quantized_decode_attention(**case, bits=bits, group=32, block=128, interpret=True,
+                                       platform="tpu", return_lse=True)
+  for a, r in zip(out, ref):
+    assert a.shape == r.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_quantized_kernel_lowers_for_tpu_through_mosaic(bits):
+  case = _quant_case(bits)
+  text = _lowered_for_tpu(lambda: qda.quantized_decode_attention(
+      **case, bits=bits, group=32, block=128, platform="tpu"))
   assert "tpu_custom_call" in text
