@@ -13,7 +13,10 @@ hits all of them, best of ``--reps``:
 * ``q4_pallas`` / ``q2_pallas``: the Pallas kernel, only on GPU/TPU (interpret mode on CPU
   measures the interpreter, not the kernel).
 
-Each row gives seconds per step, bytes of the cache read (from the leaves) and bytes / second.
+Each row gives seconds per step, bytes of the cache read (from the leaves) and bytes / second;
+on an accelerator also that rate as a fraction of the device's peak memory bandwidth
+(``peak_fraction``: the vendor's figure for the device kind, ``--peak_gb_s`` to set it).
+The issue's GPU targets: ``q*_pallas`` at >= 0.8 of peak and >= 3x ``full_bf16`` at 32k.
 """
 
 import json
@@ -42,6 +45,23 @@ flags.DEFINE_integer("group", 32, "Quantization group.")
 flags.DEFINE_integer("residual", 128, "Full-precision residual tokens.")
 flags.DEFINE_integer("reps", 20, "Timed repetitions (best is reported).")
 flags.DEFINE_string("out", "results/bench_decode_cpu.json", "JSON output.")
+flags.DEFINE_float("peak_gb_s", 0.0, "Peak memory bandwidth of the device in GB/s (0: from "
+                   "PEAK_GB_S by device kind; none on CPU).")
+
+# Vendor peak HBM bandwidth (GB/s) by a substring of ``device_kind``, most specific first.
+PEAK_GB_S = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0),
+             ("A100-SXM4-80GB", 2039.0), ("A100-PCIE-80GB", 1935.0), ("A100", 1555.0),
+             ("L4", 300.0), ("TPU v4", 1200.0), ("TPU v5 lite", 819.0), ("TPU v5e", 819.0),
+             ("TPU v5p", 2765.0), ("TPU v5", 2765.0), ("TPU v6 lite", 1640.0),
+             ("TPU v6e", 1640.0))
+
+
+def peak_gb_s(device_kind: str, override: float = 0.0) -> float | None:
+  """Peak memory bandwidth (GB/s) of a device kind: ``override`` if set, else the first
+  ``PEAK_GB_S`` entry whose name occurs in it, else None (CPU, unknown devices)."""
+  if override > 0:
+    return override
+  return next((v for name, v in PEAK_GB_S if name in device_kind), None)
 
 
 @jax.jit
@@ -72,6 +92,8 @@ def main(argv):
   rng = np.random.RandomState(0)
   b, k, g, h = FLAGS.batch, FLAGS.kv_heads, FLAGS.group_heads, FLAGS.head_dim
   accel = jax.devices()[0].platform != "cpu"
+  kind = str(jax.devices()[0].device_kind)
+  peak = peak_gb_s(kind, FLAGS.peak_gb_s) if accel else None
   rows = []
   for s in (int(x) for x in FLAGS.lengths):
     q = jnp.asarray(rng.randn(b, k, g, h).astype(np.float32))
@@ -102,9 +124,10 @@ def main(argv):
     for name, (_, _, nbytes) in paths.items():
       t = min(best[name])
       rows.append({"context": s, "path": name, "seconds_per_step": t, "cache_bytes_read": nbytes,
-                   "gb_per_s": nbytes / t / 1e9, "speedup_vs_full_bf16": base / t})
+                   "gb_per_s": nbytes / t / 1e9, "speedup_vs_full_bf16": base / t,
+                   "peak_fraction": None if peak is None else nbytes / t / 1e9 / peak})
       print(json.dumps(rows[-1]))
-  res = {"benchmark": "bench_decode", "device": str(jax.devices()[0].device_kind),
+  res = {"benchmark": "bench_decode", "device": kind, "peak_gb_s": peak,
          "platform": platform.platform(), "cpu_count": os.cpu_count(),
          "load_avg_at_end": os.getloadavg(), "shape": dict(batch=b, kv_heads=k, group_heads=g,
                                                            head_dim=h, group=FLAGS.group,

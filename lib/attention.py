@@ -186,8 +186,11 @@ def chunk_attention(
   keep = return_probs or gumbel_probs is not None
   if keep:
     nb_cap = -(-s_cap // bs)
-    bufs = lambda: (jnp.zeros((nb_cap, b, kh, g, t, bs), f32),  # each block's terms
-                    jnp.zeros((nb_cap, b, kh, g, t), f32))  # and its running max
+    # Each block's terms and running max. Only the n_blocks read are written, and readers
+    # (KeptProbs) stop there too, so the buffers start uninitialised: zeroing them wrote the
+    # whole [capacity] buffer once per layer and chunk.
+    bufs = lambda: (jax.lax.empty((nb_cap, b, kh, g, t, bs), f32),
+                    jax.lax.empty((nb_cap, b, kh, g, t), f32))
     carry = ((m, l, acc), bufs() if return_probs else None,
              (gumbel_carry,) + bufs() if gumbel_probs is not None else None)
     (m, l, acc), kept, gkept = jax.lax.fori_loop(0, n_blocks, body, carry)
@@ -222,7 +225,7 @@ class KeptProbs(NamedTuple):
   """
   self_p: jax.Array
   self_m: jax.Array
-  blocks_p: jax.Array   # [NB, B, K, G, T, block], NB = ceil(S / block); unread blocks are 0
+  blocks_p: jax.Array   # [NB, B, K, G, T, block], NB = ceil(S / block); blocks >= n_blocks unset
   blocks_m: jax.Array   # [NB, B, K, G, T]
   n_blocks: jax.Array   # int32: blocks the loop read
   block: int
