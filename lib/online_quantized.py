@@ -20,8 +20,11 @@ the later chunks attend to the quantized tokens (as decoding from a KIVI cache w
 values are quantized per token, so re-quantizing a kept token reproduces its codes (up to the
 float16 scales). Its keys are quantized per channel over groups of ``group`` tokens: after an
 eviction the surviving tokens form new groups, so a token's key is re-quantized with new
-neighbours once per chunk and its error can compound. ``experiments/evaluate.py
---compress_during_prefill --quantize_each_chunk`` measures the cost next to quantizing once.
+neighbours once per chunk and its rounding compounds. So between chunks the keys are packed at
+KIVI's ``prefill_key_bits`` (8 by default: the compounding is then 1/64 of a 2-bit step) and
+re-packed at ``bits`` once, when the prefill ends (``pack_keys``); ``prefill_key_bits=bits``
+gives the smallest peak instead. ``experiments/evaluate.py --compress_during_prefill
+--quantize_each_chunk`` measures the cost next to quantizing once.
 
 H2O and Keyformer carry their accumulated attention per slot beside the scan's cache, the
 store's slots first (``[L, B, K, Q + W]``); their hook sums each chunk's attention over the
@@ -31,6 +34,7 @@ sums move with the tokens at every selection.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -42,6 +46,7 @@ from lib.memory import check_fits, explain_oom
 from lib.methods.base import select
 from lib.online import chunk_forward, initial_accumulator
 from lib.quant.store import QuantStore, first_slots, split_window
+from lib.quant.uniform import quantize
 
 
 def quantized_capacities(kivi, top: int, chunk: int) -> tuple[int, int]:
@@ -54,7 +59,8 @@ def quantized_capacities(kivi, top: int, chunk: int) -> tuple[int, int]:
 
 def empty_store(kivi, *, num_layers: int, batch: int, kv_heads: int, q_cap: int,
                 head_dim: int) -> QuantStore:
-  """A ``QuantStore`` of ``q_cap`` free slots per (layer, row, head), KIVI's bits and group.
+  """A ``QuantStore`` of ``q_cap`` free slots per (layer, row, head): keys at KIVI's
+  ``prefill_key_bits``, values at its ``bits``, its group.
 
   Built as zeros of the shapes ``QuantStore.build`` gives (positions -1), not by quantizing
   zeros: inside ``jit`` XLA would constant-fold that quantization at compile time (minutes at
@@ -62,8 +68,8 @@ def empty_store(kivi, *, num_layers: int, batch: int, kv_heads: int, q_cap: int,
   shape = (num_layers, batch, kv_heads, q_cap, head_dim)
   like = jax.eval_shape(lambda: QuantStore.build(
       jnp.zeros(shape), jnp.zeros(shape), jnp.zeros(shape[:-1], jnp.int32),
-      jnp.zeros(shape[:3], jnp.int32), k_bits=kivi.bits, v_bits=kivi.bits, group=kivi.group,
-      residual=kivi.residual))
+      jnp.zeros(shape[:3], jnp.int32), k_bits=kivi.prefill_key_bits, v_bits=kivi.bits,
+      group=kivi.group, residual=kivi.residual))
   fill = lambda x: jnp.full(x.shape, -1 if x.dtype == jnp.int32 and x.ndim == 4 else 0, x.dtype)
   return jax.tree.map(fill, like)
 
@@ -121,7 +127,7 @@ def recompress_quantized(method, kivi, cache: KVCache, obs, now, carried=None):
     n_q = jnp.maximum(sel.lengths - r, 0) // g * g  # [1, B, K]
     take = lambda x: first_slots(x, q_cap)
     store = QuantStore.build(take(sel.keys), take(sel.values), take(sel.positions), n_q,
-                             k_bits=kivi.bits, v_bits=kivi.bits, group=g, residual=r,
+                             k_bits=cache.quant.k_bits, v_bits=kivi.bits, group=g, residual=r,
                              scale_dtype=cache.quant.k_scale.dtype)
     win = split_window(sel, n_q, w_cap, store)
     drop = lambda tree: jax.tree.map(lambda x: x[0], tree)
@@ -188,7 +194,24 @@ def prefill_compressing_quantized(params, tokens, lengths, kept, *, apply_fn, ch
   acc0 = initial_accumulator(params, apply_fn, method, cache, chunks[0], lengths)
   (cache, _, _), logits = jax.lax.scan(step, (cache, acc0, carried), (chunks, starts))
   last_chunk = (lengths - 1) // chunk_size
-  return logits[last_chunk, jnp.arange(b)], cache
+  return logits[last_chunk, jnp.arange(b)], cache.replace(quant=pack_keys(cache.quant, kivi.bits))
+
+
+def pack_keys(store: QuantStore, bits: int) -> QuantStore:
+  """``store`` with its keys re-packed once at ``bits`` (from ``prefill_key_bits``), one layer
+  at a time (``lax.map``: one layer's keys dequantized at once); values, positions, lengths
+  unchanged. The store as it is when its keys are already at ``bits``."""
+  if store.k_bits == bits:
+    return store
+  g = store.group
+
+  def one_layer(layer):
+    keys, _, _ = store.read(layer, 0, store.capacity)  # [B, K, Q, H] float32
+    kq = quantize(keys, bits, g, -2)
+    return kq.codes, kq.scale.astype(store.k_scale.dtype), kq.zero.astype(store.k_zero.dtype)
+
+  codes, scale, zero = jax.lax.map(one_layer, jnp.arange(store.k_codes.shape[0]))
+  return store.replace(k_codes=codes, k_scale=scale, k_zero=zero, k_bits=bits)
 
 
 def check_quantizable_each_chunk(method, quantizers) -> None:
@@ -208,15 +231,21 @@ def prefill_quantizing(params, apply_fn, tokens, lengths, kept, top, method, kiv
   """``lib.online.prefill_context_compressing`` with ``quantize_each_chunk`` (host wrapper of
   ``prefill_compressing_quantized``; ``tokens [B, S]`` padded to the chunk, ``kept [L, B, K]``,
   ``top`` >= their max). Returns ``(cache, seconds, peak_bytes)`` as it does; ``peak_bytes``
-  counts the carried store and window and the one layer dequantized to score it."""
+  counts the carried store and window, the one layer dequantized to score it and, with
+  ``prefill_key_bits > bits``, the keys re-packed at the end."""
   b = len(lengths)
   q_cap, w_cap = quantized_capacities(kivi, top, chunk)
   plain = lambda layers, cap: KVCache.planned_nbytes(
       num_layers=layers, batch=b, kv_heads=kv_heads, capacity=cap, head_dim=head_dim, dtype=dtype)
   store = jax.eval_shape(lambda: empty_store(kivi, num_layers=num_layers, batch=b,
                                              kv_heads=kv_heads, q_cap=q_cap, head_dim=head_dim))
-  store_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(store))
-  peak = plain(num_layers, w_cap) + store_bytes + plain(1, q_cap + w_cap)
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  peak = plain(num_layers, w_cap) + nbytes(store) + plain(1, q_cap + w_cap)
+  if kivi.prefill_key_bits != kivi.bits:  # pack_keys: the keys at `bits` beside the store
+    final = jax.eval_shape(lambda: empty_store(
+        dataclasses.replace(kivi, prefill_key_bits=kivi.bits), num_layers=num_layers, batch=b,
+        kv_heads=kv_heads, q_cap=q_cap, head_dim=head_dim))
+    peak += nbytes((final.k_codes, final.k_scale, final.k_zero))
   check_fits(peak, f"the quantized cache (a {q_cap}-slot store and a {w_cap}-slot window x "
              f"{b} rows)", "lower the ratio, the chunk size or the batch")
   t0 = time.perf_counter()

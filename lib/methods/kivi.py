@@ -36,17 +36,28 @@ from lib.quant.store import (QuantStore, check_head_dim, check_plain, check_wind
 @dataclasses.dataclass(frozen=True)
 class KIVI:
   """``bits`` for keys and values, ``group`` tokens/channels per scale, ``residual`` newest
-  tokens in full precision (a multiple of ``group``, as the reference asserts)."""
+  tokens in full precision (a multiple of ``group``, as the reference asserts).
+
+  ``prefill_key_bits``: only for ``quantize_each_chunk`` (``lib.online_quantized``), the bits the
+  kept keys are packed at between chunks (they are re-grouped after every eviction, so their
+  rounding would compound at ``bits``); they are packed to ``bits`` once, when the prefill ends.
+  Values are packed at ``bits`` throughout (per token: re-packing reproduces their codes).
+  ``prefill_key_bits=bits`` packs keys at ``bits`` after every chunk (the smallest peak)."""
 
   bits: int = 2
   group: int = 32
   residual: int = 128
+  prefill_key_bits: int = 8
   name = "kivi"
   observe = None
   quantizes = True
 
   def __post_init__(self):
     packing.check_bits(self.bits)
+    packing.check_bits(self.prefill_key_bits)
+    if self.prefill_key_bits < self.bits:
+      raise ValueError(f"{self.name}: prefill_key_bits={self.prefill_key_bits} is below "
+                       f"bits={self.bits}; use at least {self.bits}")
     check_window(self.name, self.group, self.residual)
 
   def apply(self, cache: KVCache, observations=None, *, extra: int = 0,
