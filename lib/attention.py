@@ -187,10 +187,10 @@ def chunk_attention(
   if keep:
     nb_cap = -(-s_cap // bs)
     # Each block's terms and running max. Only the n_blocks read are written, and readers
-    # (KeptProbs) stop there too, so the buffers start uninitialised: zeroing them wrote the
-    # whole [capacity] buffer once per layer and chunk.
-    bufs = lambda: (jax.lax.empty((nb_cap, b, kh, g, t, bs), f32),
-                    jax.lax.empty((nb_cap, b, kh, g, t), f32))
+    # (KeptProbs) stop there too; uninitialised buffers (jax.lax.empty) measured slower on
+    # CPU all the same (h2o at 4k: 43 % overhead vs 22 % with zeros, run back to back).
+    bufs = lambda: (jnp.zeros((nb_cap, b, kh, g, t, bs), f32),
+                    jnp.zeros((nb_cap, b, kh, g, t), f32))
     carry = ((m, l, acc), bufs() if return_probs else None,
              (gumbel_carry,) + bufs() if gumbel_probs is not None else None)
     (m, l, acc), kept, gkept = jax.lax.fori_loop(0, n_blocks, body, carry)
