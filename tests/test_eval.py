@@ -253,21 +253,22 @@ def test_batched_cells_answer_as_they_would_alone(chat_tiny):
   lm = models.load(chat_tiny, progress=False)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
   s = make_sample("niah_single", 400, 3, count)
-  specs = [("snapkv", 0.25), ("knorm", 0.5), ("streaming_llm", 0.75), ("adakv", 0.25),
-           ("pyramidkv", 0.5), ("h2o", 0.5), ("snapkv+think", 0.5)]
+  specs = [("snapkv", 0.25), ("knorm", 0.75), ("adakv", 0.25), ("h2o", 0.5),
+           ("snapkv+think", 0.5)]
   cells = [(n, r, methods.make(n, ratio=r)) for n, r in specs]
   alone = run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=8, batch_cells=1)
   together = run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=8,
-                        batch_cells=4)
+                        batch_cells=2)
   assert [r["method"] for r in together] == ["full"] + [n for n, _ in specs]
   batches = collections.Counter(r["answer_batch"] for r in together[1:])
-  assert batches == {4: 4, 1: 3}  # 5 plain cells: one batch of 4 and one alone; h2o, kivi alone
+  assert batches == {2: 2, 1: 3}  # 3 plain cells: one batch of 2 and one alone; h2o, think alone
   assert all(r["answer_batch"] == 1 for r in alone)
   for a, t in zip(alone, together):
     assert a["method"] == t["method"] and a["prediction"] == t["prediction"]
     assert a["cache_bytes"] == t["cache_bytes"] and a["score"] == t["score"]
     assert abs(a["kl"] - t["kl"]) < 1e-4 and abs(a["ll"] - t["ll"]) < 1e-3
-  assert {r["method"]: r["answer_batch"] for r in together}["h2o"] == 1
+  by_method = {r["method"]: r["answer_batch"] for r in together}
+  assert by_method["h2o"] == 1 and by_method["adakv"] == 2  # AdaKV batched via its padded view
   with pytest.raises(ValueError, match="at least one"):
     stack_rows([], 8)
   with pytest.raises(ValueError, match="batch_cells"):

@@ -51,7 +51,7 @@ def test_logit_error_falls_with_rank_and_bytes_show(tiny):
   prompts = [rng.randint(0, 160, 64).tolist()]
   _, full_l, full = _run(tiny, methods.make("streaming_llm", ratio=1.0), prompts, steps=2)
   errs, sizes = [], []
-  for r in (4, 16, 48, 96):  # groups of 3 layers: 96 features
+  for r in (4, 48, 96):  # groups of 3 layers: 96 features; each rank compiles afresh
     _, l, small = _run(tiny, XKV(layers_per_group=3, rank_k=r, rank_v=r), prompts, steps=2)
     errs.append(float(np.abs(l - full_l).max()))
     sizes.append(small.trimmed().nbytes)
@@ -90,7 +90,7 @@ def test_think_error_falls_with_less_pruning_and_composes_after_eviction(tiny):
   _, full_l, full = _run(tiny, methods.make("streaming_llm", ratio=1.0), prompts, steps=2)
   errs, rec, sizes = [], [], []
   keys = np.asarray(full.keys)[:, :, :, :72]  # the 72 pruned slots (80 - recent 8)
-  for p in (0.75, 0.5, 0.25, 0.0):
+  for p in (0.75, 0.25, 0.0):  # each pruning level compiles afresh
     _, l, small = _run(tiny, methods.ThinK(pruning=p, window=8, recent=8), prompts, steps=2)
     errs.append(float(np.abs(l - full_l).max()))
     sizes.append(small.trimmed().nbytes)
@@ -99,7 +99,7 @@ def test_think_error_falls_with_less_pruning_and_composes_after_eviction(tiny):
     rec.append(float(np.linalg.norm(back - keys) / np.linalg.norm(keys)))
   # kept channel sets are nested, so the key reconstruction error falls strictly with pruning
   assert rec[-1] < 1e-6 and all(a > b for a, b in zip(rec, rec[1:])), rec
-  assert errs[-1] < 1e-4 and errs[2] < errs[0], errs  # logits: exact without pruning
+  assert errs[-1] < 1e-4 and errs[1] < errs[0], errs  # logits: exact without pruning
   assert sizes == sorted(sizes)
   m = methods.make("snapkv+think", ratio=0.5, window=8, recent=8)
   _, _, small = _run(tiny, m, prompts, steps=2)

@@ -61,14 +61,14 @@ def test_full_rank_equals_the_uncompressed_model_and_error_falls_with_rank(tiny,
   assert int(small.lengths.max()) == 0 and small.quant.k_coef.shape[-1] == 3 * 16
   rec, sizes = [], []
   keys = np.asarray(cache.keys)[:, :, :, :37]
-  for r in (2, 4, 8, 12, 16):
+  for r in (2, 8, 16):  # each rank is a fresh set of compiles
     _, _, small, _ = _run(tiny, methods.MatryoshkaPCA(rank=r, projections=pca_dir), prompts,
                           steps=1)
     back = np.stack([np.asarray(small.quant.read(i, 0, 37)[0]) for i in range(3)])
     rec.append(float(np.linalg.norm(back - keys) / np.linalg.norm(keys)))
     sizes.append(small.trimmed().nbytes)
   assert rec[-1] < 1e-5 and all(a > b for a, b in zip(rec, rec[1:])), rec
-  assert sizes == sorted(sizes) and sizes[2] < 0.6 * sizes[-1]  # half the rank, ~half the bytes
+  assert sizes == sorted(sizes) and sizes[1] < 0.6 * sizes[-1]  # half the rank, ~half the bytes
 
 
 def test_composes_after_eviction_and_bad_input(tiny, pca_dir, tmp_path):

@@ -1,5 +1,6 @@
 """Clear errors before (and when) a cache does not fit the memory limit."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,37 +41,71 @@ def test_explain_oom_converts_only_out_of_memory():
       raise Fake("INVALID_ARGUMENT: something else")
 
 
+def _plain_env() -> dict:
+  """The subprocesses' environment: without the run's shared compilation cache (tests/
+  conftest.py), since loading executables from it instead of compiling changes a process's
+  resident size by more than the 0.1 GiB margins below; and at XLA's default optimisation
+  (tests/xla_env.py): these are long prefills."""
+  return {k: v for k, v in optimized().items() if k != "JAX_COMPILATION_CACHE_DIR"}
+
+
+def _last_json(proc) -> dict:
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_full_cache_fails_cleanly_where_compressing_during_prefill_fits():
-  """Default model. A 4096-token full-cache prefill peaks under 4 GiB of resident memory. Then
-  2 x 4096 tokens under a resident-memory cap set between the two caches' needs: the full-cache
-  prefill stops with one clear error; the online mode completes."""
-  base = [sys.executable, "-m", "experiments.prefill_memory", "--length=4096"]
-  # The full cache of 2 x 4096 needs 0.35 GiB (x1.1 margin), the online cache (1024 + 256
-  # slots) 0.11 GiB: a cap 0.25 GiB above the loaded process's resident size separates them
-  # with >= 0.1 GiB to spare on each side (resident sizes vary between processes).
-  # Without the run's shared compilation cache (tests/conftest.py): loading executables from it
-  # instead of compiling changes a process's resident size by more than the 0.1 GiB margins.
-  # And at XLA's default optimisation (tests/xla_env.py): these are long real-model runs.
-  plain = {k: v for k, v in optimized().items() if k != "JAX_COMPILATION_CACHE_DIR"}
-  # The probe: one full-cache prompt without a cap. Its resident size before the prefill (model
-  # loaded, nothing compiled; the same in every mode and batch) places the cap below.
-  probe = subprocess.run(base, cwd=ROOT, capture_output=True, text=True, check=True, env=plain)
-  import json  # pylint: disable=g-import-not-at-top
-  row = json.loads(probe.stdout.strip().splitlines()[-1])
+def test_default_model_4096_token_prefill_peaks_under_4_gib():
+  """Default model, one 4096-token prompt, full cache: the process peaks under 4 GiB."""
+  probe = subprocess.run([sys.executable, "-m", "experiments.prefill_memory", "--length=4096"],
+                         cwd=ROOT, capture_output=True, text=True, check=True, env=_plain_env())
+  row = _last_json(probe)
   assert row["prompt_tokens"] == 4096 and row["method"] is None
   assert row["peak_rss_bytes"] < 4 * 2**30, row
-  cap = (row["rss_before_prefill_bytes"] + 0.25 * 2**30) / 2**30
-  env = {**plain, "KVLAB_MEMORY_LIMIT_GIB": f"{cap:.3f}"}
-  two = base + ["--batch=2", "--method=knorm", "--ratio=0.25", "--chunk_size=256"]
-  full = subprocess.run(two + ["--nocompress_during_prefill"], cwd=ROOT, capture_output=True,
+
+
+@pytest.fixture(scope="module")
+def wide_tiny(tmp_path_factory, default_model):
+  """A tiny random Llama whose cache is large next to its compute (16 layers x 8 kv heads x 64:
+  64 KiB a token in fp32, SmolLM2's is 45 KiB) with SmolLM2's tokenizer, so the memory-limit
+  test below prefills thousands of tokens in seconds (the mechanism does not depend on the
+  model; the default model's figures are in results/bench_online_memory_cpu.json)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  d = tmp_path_factory.mktemp("wide_tiny")
+  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=16, num_attention_heads=8,
+                                 num_key_value_heads=8, head_dim=64,
+                                 max_position_embeddings=4096, tie_word_embeddings=True)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+  default_model.tokenizer._tok.save(str(d / "tokenizer.json"))  # pylint: disable=protected-access
+  return str(d)
+
+
+def test_full_cache_fails_cleanly_where_compressing_during_prefill_fits(wide_tiny):
+  """4 prompts of ~2048 tokens under a resident-memory cap set between the two caches' needs:
+  the full-cache prefill stops with one clear error; the online mode completes."""
+  base = [sys.executable, "-m", "experiments.prefill_memory", f"--model={wide_tiny}"]
+  # The full cache of 4 x 2048 tokens needs 0.51 GiB (x1.1: check_fits' margin, 0.56), the
+  # online one (512 kept + a 256-token chunk per row) 0.19 GiB (0.21): a cap 0.38 GiB above the
+  # loaded process's resident size separates them with > 0.15 GiB to spare on each side
+  # (resident sizes vary between processes). The probe, a short prompt without a cap, gives
+  # that resident size (model loaded, nothing compiled: the same in every mode and batch).
+  probe = subprocess.run(base + ["--length=64"], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env=_plain_env())
+  cap = (_last_json(probe)["rss_before_prefill_bytes"] + 0.38 * 2**30) / 2**30
+  env = {**_plain_env(), "KVLAB_MEMORY_LIMIT_GIB": f"{cap:.3f}"}
+  four = base + ["--length=2048", "--batch=4", "--method=knorm", "--ratio=0.25",
+                 "--chunk_size=256"]
+  full = subprocess.run(four + ["--nocompress_during_prefill"], cwd=ROOT, capture_output=True,
                         text=True, env=env)
   assert full.returncode == 2, full.stderr[-2000:]
   assert "compress while prefilling (--compress_during_prefill" in full.stderr
   assert "KVLAB_MEMORY_LIMIT_GIB" in full.stderr and "Traceback" not in full.stderr
-  online = subprocess.run(two + ["--compress_during_prefill"], cwd=ROOT, capture_output=True,
+  online = subprocess.run(four + ["--compress_during_prefill"], cwd=ROOT, capture_output=True,
                           text=True, env=env)
   assert online.returncode == 0, online.stderr[-2000:]
-  full_bytes = 2 * 4096 * 30 * 3 * 64 * 2 * 4 + 2 * 4096 * 30 * 3 * 4  # k, v (f32), positions
-  got = json.loads(online.stdout.strip().splitlines()[-1])["peak_cache_bytes"]
-  assert got <= (1024 + 256) / 4096 * full_bytes + 4096  # budget + one chunk
+  row = _last_json(online)
+  assert row["prompt_tokens"] == 2048 and row["batch"] == 4
+  full_bytes = 4 * 2048 * 16 * 8 * (64 * 2 * 4 + 4)  # k, v (f32), positions
+  assert row["peak_cache_bytes"] <= (512 + 256) / 2048 * full_bytes + 4096  # budget + one chunk
