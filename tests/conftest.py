@@ -24,11 +24,12 @@ if _OWN_CACHE:
 # tests' subprocesses inherit it (tests/xla_env.py adds the device count to it, or drops it
 # for the two long real-model subprocesses, where run time outweighs compile time). The suite
 # also compiles with XLA CPU's classic emitters (xla_env.COMPILE_FLAG: 25-35 % less time per
-# file, measured), which every subprocess keeps.
-from xla_env import COMPILE_FLAG, SUITE_FLAG  # pylint: disable=g-import-not-at-top,wrong-import-position
+# file, measured) where this jaxlib still has them, which every subprocess keeps.
+from xla_env import COMPILE_FLAG, SUITE_FLAG, xla_accepts  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 for _flag in (SUITE_FLAG, COMPILE_FLAG):
-  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", "") and (
+      _flag == SUITE_FLAG or "PYTEST_XDIST_WORKER" not in os.environ and xla_accepts(_flag)):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 

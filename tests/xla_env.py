@@ -1,6 +1,8 @@
 """Environments for the tests' subprocesses: N host devices, or XLA's default optimisation."""
 
 import os
+import subprocess
+import sys
 
 SUITE_FLAG = "--xla_backend_optimization_level=0"  # set by conftest for the whole suite
 # Also set by conftest, and kept by ``optimized()``: XLA CPU's classic loop emitters instead of
@@ -9,6 +11,15 @@ SUITE_FLAG = "--xla_backend_optimization_level=0"  # set by conftest for the who
 # 59 -> 44 s), and the default model runs no slower with them (2k prefill 450-463 vs
 # 442-476 tok/s, decode 49-50 vs 51-55 ms/token, alternated).
 COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def xla_accepts(flag: str) -> bool:
+  """Whether this jaxlib's XLA knows ``flag``: XLA aborts the process on an unknown one in
+  XLA_FLAGS, and the suite installs the newest jax. Probed in a fresh process (about 2 s)."""
+  env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+  code = "import jax; jax.devices()"
+  return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                        timeout=300).returncode == 0
 
 
 def with_host_devices(n: int, **extra) -> dict:
