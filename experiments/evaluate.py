@@ -99,10 +99,12 @@ def main(argv):
       methods.check_for_model(m, lm.config, lm.params, FLAGS.model)
     except (ValueError, FileNotFoundError) as e:
       raise app.UsageError(f"--method={spec}: {e}") from e
-  for n in lengths:
-    if n + 64 > lm.config.max_position_embeddings:
+  for n in lengths:  # 64 tokens for the question and chat template, then the answer
+    room = lm.config.max_position_embeddings - 64 - FLAGS.max_new_tokens
+    if n > room:
       raise app.UsageError(f"--lengths={n} does not fit the model's context of "
-                           f"{lm.config.max_position_embeddings} tokens (with the question)")
+                           f"{lm.config.max_position_embeddings} tokens with the question and "
+                           f"--max_new_tokens={FLAGS.max_new_tokens}: use --lengths<={room}")
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
   done = _done(FLAGS.out)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
