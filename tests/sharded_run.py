@@ -24,11 +24,10 @@ from lib.rope import RopeConfig
 from models.config import ModelConfig
 from models.decoder import init_params, make_apply_fn
 
-METHODS = tuple(os.environ.get("SHARDED_RUN_METHODS", "").split(",")) if os.environ.get("SHARDED_RUN_METHODS") else ("snapkv", "h2o", "adakv", "streaming_llm+kivi4", "streaming_llm+xkv")
+METHODS = tuple(os.environ.get("SHARDED_RUN_METHODS", "").split(",")) if os.environ.get("SHARDED_RUN_METHODS") else ("snapkv", "h2o", "pyramidkv", "adakv", "streaming_llm+kivi4", "streaming_llm+xkv")
 STEPS = 32
 # Every method runs on one device (the reference) and on the mesh that splits both axes
-# (data:4,model:2). PyramidKV is left out: its per-layer budgets use the same paged store
-# (lib/methods/budgets.py) as AdaKV's per-head ones, which run. The other meshes run the
+# (data:4,model:2), PyramidKV's per-layer budgets included. The other meshes run the
 # families whose layout they change, since each method and mesh is a fresh set of compiles
 # (this test was the suite's longest module): data:8 splits rows only (xKV's token factors
 # split by row there); data:2,model:4 gives each model shard one kv head (per-head budgets,

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from lib.quant import packing, uniform
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(bits=st.sampled_from(packing.SUPPORTED_BITS), words=st.integers(1, 6),
        rows=st.integers(1, 4), seed=st.integers(0, 2**16))
 def test_pack_unpack_round_trip(bits, words, rows, seed):

@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", MESHES)
 def test_prefill_compress_decode_match_one_device(runs, mesh):
-  """Each method family (window scores, accumulated attention, paged per-head budgets, evict +
-  quantize, cross-layer low rank): same first logits (1e-5) and 32 greedy tokens as one device,
+  """Each method family (window scores, accumulated attention, per-layer budgets, paged
+  per-head budgets, evict + quantize, cross-layer low rank): same first logits (1e-5) and 32 greedy tokens as one device,
   and the same cache after them (its plain part, every decoded token's keys: 1e-5)."""
   one, by_mesh, _ = runs
   got = by_mesh[mesh]
