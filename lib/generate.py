@@ -30,6 +30,7 @@ ApplyFn = Callable[..., tuple[jax.Array, KVCache, Any]]
 
 
 def round_up(x: int, m: int) -> int:
+  """The smallest multiple of ``m`` that is >= ``x``."""
   return -(-x // m) * m
 
 

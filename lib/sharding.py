@@ -112,6 +112,8 @@ def shard_params(params, cfg, mesh: Mesh):
 # ---- caches ---------------------------------------------------------------------------------
 
 def check_batch(batch: int, mesh: Mesh) -> None:
+  """Raises a ValueError naming the fix unless ``batch`` splits evenly over the
+  mesh's ``data`` axis."""
   d = mesh.shape["data"]
   if batch % d:
     raise ValueError(f"batch {batch} does not split over the data axis ({d}): use a batch that "

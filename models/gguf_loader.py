@@ -60,6 +60,7 @@ def open_gguf(path: str):
 
 
 def field(reader, key, default=None):
+  """The decoded value of GGUF metadata field ``key``, or ``default`` when the file lacks it."""
   f = reader.fields.get(key)
   if f is None:
     return default
@@ -118,6 +119,8 @@ def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def hf_name(gguf_name: str) -> str | None:
+  """The transformers tensor name of GGUF tensor ``gguf_name`` (``blk.3.attn_q.weight`` ->
+  ``model.layers.3.self_attn.q_proj.weight``), or None for a tensor kvlab does not load."""
   if gguf_name in _TOP:
     return _TOP[gguf_name]
   if gguf_name.startswith("blk."):

@@ -18,6 +18,9 @@ class CheckpointError(ValueError):
 
 
 def read_hf_config(path: str) -> dict:
+  """The parsed ``config.json`` of the HF checkpoint directory ``path``.
+
+  Raises CheckpointError when it is missing or not valid JSON."""
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
     raise CheckpointError(f"no config.json in {path!r}: point --model at an HF checkpoint "

@@ -39,6 +39,7 @@ _LAYER_MAP = {
 
 
 def layer_param_names(cfg: ModelConfig) -> list[str]:
+  """Names of the per-layer parameters of ``cfg`` (biases and q/k norms only where it has them)."""
   names = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
   if cfg.qkv_bias:
     names += ["bq", "bk", "bv"]

@@ -25,6 +25,7 @@ def label(row: dict) -> str:
 
 
 def read_rows(paths) -> list[dict]:
+  """Every result row (one JSON object per line) of the JSONL files ``paths``, in order."""
   rows = []
   for p in paths:
     with open(p) as f:

@@ -152,6 +152,7 @@ def merge_chunks(x: jax.Array) -> jax.Array:
 
 
 def scale(h: int) -> float:
+  """The attention score scale ``1 / sqrt(head_dim)`` for ``h = head_dim``."""
   return 1.0 / math.sqrt(h)
 
 

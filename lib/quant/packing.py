@@ -20,6 +20,7 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def check_bits(bits: int) -> None:
+  """Raises a ValueError listing the supported widths unless ``bits`` is one of them."""
   if bits not in SUPPORTED_BITS:
     raise ValueError(f"unsupported bit width {bits}: choose one of {SUPPORTED_BITS}")
 
