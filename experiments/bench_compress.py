@@ -9,7 +9,6 @@ stdlib-docs text. Quantizers (kivi) run at ratio 1.0 (they keep every token).
 
 import json
 import os
-import platform
 import sys
 import time
 
@@ -24,11 +23,12 @@ from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
-from lib.provenance import git_rev, write_result
+from lib.provenance import device_description, git_rev, write_result
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype.")
 flags.DEFINE_integer("length", 4096, "Prompt tokens.")
 flags.DEFINE_float("ratio", 0.5, "Fraction kept.")
 flags.DEFINE_list("method", sorted(methods.REGISTRY), "Methods.")
@@ -58,7 +58,7 @@ def main(argv):
   distributed.initialize_from_flags()
   if not FLAGS.attention_probs:
     decoder.PROBS_MAX_BYTES = 0
-  lm = models.load(FLAGS.model, progress=False)
+  lm = models.load(FLAGS.model, dtype=getattr(jnp, FLAGS.dtype), progress=False)
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
   tokens, lengths = gen.pad_batch([ids], 512)
@@ -93,7 +93,7 @@ def main(argv):
   base = float(np.median(bases))
   res = {"benchmark": "bench_compress", "prompt_tokens": len(ids), "ratio": FLAGS.ratio,
          "baseline_prefill_s": base, "rows": rows, "git": git_rev(),
-         "device": f"cpu: {platform.machine()}, {os.cpu_count()} cores",
+         "device": device_description(), "dtype": FLAGS.dtype, "model": FLAGS.model,
          "jax": jax.__version__, "reps": FLAGS.reps,
          "attention_probs": FLAGS.attention_probs,
          "command": " ".join(["python -m experiments.bench_compress"] + sys.argv[1:])}

@@ -37,6 +37,7 @@ from pallas_kernels import sparse_decode_attention as sda
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 4096, "Prompt tokens prefilled before AdaKV compresses.")
+flags.DEFINE_string("model", "smollm2-135m", "Model (named, HF directory or .gguf).")
 flags.DEFINE_float("ratio", 0.25, "AdaKV kept fraction.")
 flags.DEFINE_integer("page", 16, "Slots per page of the paged layout.")
 flags.DEFINE_integer("reps", 20, "Timed repetitions (best is reported).")
@@ -51,7 +52,7 @@ def _time(fn, *args):
 
 def main(argv):
   del argv
-  lm = models.load("smollm2-135m", progress=False)
+  lm = models.load(FLAGS.model, progress=False)
   c = lm.config
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
   paged_m = methods.make(f"adakv:page={FLAGS.page}", ratio=FLAGS.ratio)
@@ -112,7 +113,7 @@ def main(argv):
                  "speed_vs_padded": ref / t})
     print(rows[-1])
   write_result(FLAGS.out, {
-      "benchmark": "bench_sparse_decode", "device": str(jax.devices()[0].device_kind),
+      "benchmark": "bench_sparse_decode", "device": str(jax.devices()[0].device_kind), "model": FLAGS.model,
       "backend": jax.default_backend(), "host": platform.node(), "context": FLAGS.length,
       "ratio": FLAGS.ratio, "page": FLAGS.page, "kept_tokens": int(lengths.sum()),
       "padded_slots": int(padded.trimmed().capacity * lengths.size),
@@ -121,8 +122,9 @@ def main(argv):
       "budget_min_max": [int(lengths.min()), int(lengths.max())], "rows": rows,
       "kernel_note": None if on_accel else "no accelerator: the Pallas kernel is tested in "
       "interpret mode only (tests/test_paged.py, tests/test_sparse_decode_kernel.py), not timed",
-      "command": f"python -m experiments.bench_sparse_decode --length={FLAGS.length} "
-                 f"--ratio={FLAGS.ratio} --page={FLAGS.page}"})
+      "command": f"python -m experiments.bench_sparse_decode --model={FLAGS.model} "
+                 f"--length={FLAGS.length} --ratio={FLAGS.ratio} --page={FLAGS.page} "
+                 f"--out={FLAGS.out}"})
 
 
 if __name__ == "__main__":

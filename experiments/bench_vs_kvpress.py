@@ -24,7 +24,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-import platform
 import statistics
 import subprocess
 import time
@@ -38,7 +37,7 @@ import models
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
-from lib.provenance import git_rev
+from lib.provenance import device_description, git_rev
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model (transformers must load the same file).")
@@ -51,6 +50,10 @@ flags.DEFINE_integer("new_tokens", 32, "Greedy tokens decoded per case.")
 flags.DEFINE_integer("threads", 0, "Torch threads (0: os.cpu_count(), what XLA's CPU client "
                      "uses).")
 flags.DEFINE_string("hf_attn", "sdpa", "transformers attention implementation for kvpress.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype, both "
+                  "sides.")
+flags.DEFINE_string("torch_device", "auto", "Device of the kvpress side: 'auto' is cuda when JAX "
+                    "computes on a GPU (and torch sees one), else cpu.")
 flags.DEFINE_string("out", "results/bench_vs_kvpress_cpu.json", "JSON output.")
 
 SNAPKV_WINDOW, SNAPKV_KERNEL, SINKS = 32, 5, 4
@@ -107,18 +110,21 @@ def kvpress_case(hf, ids, press, n_new):
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   n = len(ids)
+  dev = hf.device
+  sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
   with torch.inference_mode():
     t0 = time.perf_counter()
     cache = transformers.DynamicCache()
     with press(hf) if press is not None else contextlib.nullcontext():
-      logits = hf(torch.tensor([ids]), past_key_values=cache, use_cache=True,
+      logits = hf(torch.tensor([ids], device=dev), past_key_values=cache, use_cache=True,
                   logits_to_keep=1).logits
+    sync()
     t1 = time.perf_counter()
     tok = logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
     out = [int(tok)]
     for i in range(n_new - 1):
       logits = hf(tok, past_key_values=cache, use_cache=True,
-                  position_ids=torch.tensor([[n + i]])).logits
+                  position_ids=torch.tensor([[n + i]], device=dev)).logits
       tok = logits[:, -1].argmax(-1, keepdim=True)
       out.append(int(tok))
     t2 = time.perf_counter()
@@ -127,15 +133,24 @@ def kvpress_case(hf, ids, press, n_new):
           "kept_tokens_layer0": kept}, out
 
 
-def _load_hf(path: str, attn: str):
-  """The same checkpoint in transformers (fp32); a ``.gguf`` is dequantized by transformers."""
+def _load_hf(path: str, attn: str, dtype: str = "float32", device: str = "cpu"):
+  """The same checkpoint in transformers (``dtype``, on ``device``); a ``.gguf`` is dequantized
+  by transformers."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
-  kw = dict(dtype=torch.float32, attn_implementation=attn)
+  kw = dict(dtype=getattr(torch, dtype), attn_implementation=attn)
   if path.endswith(".gguf"):
     kw["gguf_file"] = os.path.basename(path)
     path = os.path.dirname(path)
-  return transformers.AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(path, **kw).to(device).eval()
+
+
+def _torch_device(flag: str) -> str:
+  """``flag`` unless 'auto': then cuda when JAX computes on a GPU and torch sees one, else cpu."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if flag != "auto":
+    return flag
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def _load_note() -> dict:
@@ -166,8 +181,14 @@ def main(argv):
   threads = FLAGS.threads or os.cpu_count()
   torch.set_num_threads(threads)
   load_before = _load_note()
-  lm = models.load(FLAGS.model, progress=False)
-  hf = _load_hf(lm.source, FLAGS.hf_attn)
+  lm = models.load(FLAGS.model, dtype=getattr(jnp, FLAGS.dtype), progress=False)
+  torch_device = _torch_device(FLAGS.torch_device)
+  if torch_device.startswith("cuda"):
+    # XLA's GPU GEMMs take float32 operands through TF32 at JAX's default precision; let torch
+    # do the same so neither side computes at a higher precision than the other.
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+  hf = _load_hf(lm.source, FLAGS.hf_attn, FLAGS.dtype, torch_device)
   n_new = FLAGS.new_tokens
   rows, summary = [], []
   t_start = time.perf_counter()
@@ -214,9 +235,13 @@ def main(argv):
   busy = load_before["loadavg_1_5_15"][0] > 0.5 * threads
   result = {
       "benchmark": "bench_vs_kvpress", "model": FLAGS.model, "source": lm.source,
-      "dtype": "float32", "ratio_kept": FLAGS.ratio, "new_tokens": n_new,
+      "dtype": FLAGS.dtype, "ratio_kept": FLAGS.ratio, "new_tokens": n_new,
       "summary": summary, "cases": rows, "wall_s": time.perf_counter() - t_start,
-      "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+      "device": device_description(), "torch_device": (
+          f"{torch_device}: {torch.cuda.get_device_name()}" if torch_device.startswith("cuda")
+          else torch_device),
+      "torch_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+      "jax_default_matmul_precision": jax.config.jax_default_matmul_precision,
       "threads": {"torch": torch.get_num_threads(), "xla_cpu": os.cpu_count(),
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
       "hf_attn_implementation": FLAGS.hf_attn,
@@ -234,7 +259,8 @@ def main(argv):
           f"--{k}={v}" for k, v in [("methods", ",".join(FLAGS.methods)),
                                     ("lengths", ",".join(FLAGS.lengths)),
                                     ("ratio", FLAGS.ratio), ("cases", FLAGS.cases),
-                                    ("new_tokens", n_new), ("out", FLAGS.out)]),
+                                    ("new_tokens", n_new), ("dtype", FLAGS.dtype),
+                                    ("model", FLAGS.model), ("out", FLAGS.out)]),
   }
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out, "w") as f:

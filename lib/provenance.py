@@ -1,4 +1,4 @@
-"""What produced a result: git revision (recorded in every results JSON)."""
+"""What produced a result: git revision and device (recorded in every results JSON)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,20 @@ def git_rev() -> str | None:
                                     cwd=root, text=True, stderr=subprocess.DEVNULL).strip()
     return rev + ("-dirty" if dirty else "")
   except Exception:  # pylint: disable=broad-except
-    return None
+    # A copy of the tree without .git (a lent accelerator machine): the launcher says which
+    # revision it copied.
+    return os.environ.get("KVLAB_GIT_REV")
+
+
+def device_description() -> str:
+  """What JAX computes on, in words: ``"gpu: NVIDIA H200 (1 device)"`` or, on CPU,
+  ``"cpu: x86_64, 2 cores"``."""
+  import platform  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  devs = jax.devices()
+  if devs[0].platform == "cpu":
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+  return f"{devs[0].platform}: {devs[0].device_kind} ({len(devs)} device{'s' * (len(devs) > 1)})"
 
 
 def write_result(path: str, result: dict) -> None:

@@ -1,6 +1,8 @@
-"""Paged decode attention: kernel (interpret mode) == jnp reference == dense attention, on
-ragged lengths (empty heads, lengths not a multiple of the page) and on selected blocks."""
+"""Paged decode attention: kernel == jnp reference == dense attention, on ragged lengths (empty
+heads, lengths not a multiple of the page) and on selected blocks. Interpret mode on CPU; compiled
+where JAX's default backend is an accelerator, so the same suite checks the real kernel there."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +10,8 @@ from hypothesis import given, settings, strategies as st
 
 from lib.attention import dense_attention_reference
 from pallas_kernels import sparse_decode_attention as sda
+
+INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU / TPU
 
 
 def _dense(q, keys, values, lengths):
@@ -38,7 +42,7 @@ def test_ragged_kernel_matches_reference_and_dense(b, k, g, h, page, s, seed):
   assert kp.shape[0] == max(int((-(-lengths // page)).sum()), 1)  # only the pages in use
   ref = np.asarray(sda.paged_decode_attention_reference(jnp.asarray(q), kp, vp, table, valid))
   ker = np.asarray(sda.paged_decode_attention(jnp.asarray(q), kp, vp, table, valid,
-                                              interpret=True))
+                                              interpret=INTERPRET))
   want = _dense(q, jnp.asarray(keys), jnp.asarray(values), lengths)
   np.testing.assert_allclose(ref, want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ker, ref, rtol=1e-4, atol=1e-5)
@@ -58,11 +62,11 @@ def test_block_selection_kernel_matches_reference(b, k, g, nb, sel, seed):
   kp, vp = sda.as_pages(keys, values, page)
   table, valid = sda.select_blocks(q, keys, lengths, page, min(sel, nb))
   ref = sda.paged_decode_attention_reference(q, kp, vp, table, valid)
-  ker = sda.paged_decode_attention(q, kp, vp, table, valid, interpret=True)
+  ker = sda.paged_decode_attention(q, kp, vp, table, valid, interpret=INTERPRET)
   np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), rtol=1e-4, atol=1e-5)
   # selecting every block is exact attention over the whole valid cache
   table_all, valid_all = sda.select_blocks(q, keys, lengths, page, nb)
-  full = sda.paged_decode_attention(q, kp, vp, table_all, valid_all, interpret=True)
+  full = sda.paged_decode_attention(q, kp, vp, table_all, valid_all, interpret=INTERPRET)
   np.testing.assert_allclose(np.asarray(full), _dense(q, keys, values, lengths), rtol=1e-4,
                              atol=1e-5)
   assert int(np.asarray(valid).sum(-1).max()) <= min(sel, nb) * page
