@@ -10,7 +10,8 @@ hits all of them, best of ``--reps``:
 * ``full_bf16`` / ``full_f32``: exact attention over a full cache (XLA);
 * ``q4_xla`` / ``q2_xla``: the jnp reference of ``pallas_kernels.quantized_decode_attention``
   (packed codes, group 32, 128-token full-precision residual) — dequantizes in XLA;
-* ``q4_pallas`` / ``q2_pallas``: the Pallas kernel, only on GPU/TPU (interpret mode on CPU
+* ``q4_pallas`` / ``q2_pallas``: the Pallas kernel (``q*_pallas_p<n>``: with ``n`` split-K
+  partitions, ``--kernel_partitions``), only on GPU/TPU (interpret mode on CPU
   measures the interpreter, not the kernel).
 
 Each row gives seconds per step, bytes of the cache read (from the leaves) and bytes / second;
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 
 from absl import app, flags
@@ -45,6 +47,9 @@ flags.DEFINE_integer("group", 32, "Quantization group.")
 flags.DEFINE_integer("residual", 128, "Full-precision residual tokens.")
 flags.DEFINE_integer("reps", 20, "Timed repetitions (best is reported).")
 flags.DEFINE_string("out", "results/bench_decode_cpu.json", "JSON output.")
+flags.DEFINE_list("kernel_partitions", ["auto"], "Split-K partitions of the kernel to time, each "
+                  "a path: 'auto' (the kernel's default, path q*_pallas) or a number n (path "
+                  "q*_pallas_p<n>; 1 is the one-program-per-head kernel).")
 flags.DEFINE_float("peak_gb_s", 0.0, "Peak memory bandwidth of the device in GB/s (0: from "
                    "PEAK_GB_S by device kind; none on CPU).")
 
@@ -110,8 +115,11 @@ def main(argv):
       ref = jax.jit(lambda *a, kw=kw: quantized_decode_attention_reference(*a, **kw))
       paths[f"q{bits}_xla"] = (ref, (q,) + args, nbytes)
       if accel:
-        ker = lambda *a, kw=kw: quantized_decode_attention(*a, **kw)
-        paths[f"q{bits}_pallas"] = (ker, (q,) + args, nbytes)
+        for parts in FLAGS.kernel_partitions:
+          kp = dict(kw, partitions=None if parts == "auto" else int(parts))
+          ker = lambda *a, kp=kp: quantized_decode_attention(*a, **kp)
+          name = f"q{bits}_pallas" + ("" if parts == "auto" else f"_p{parts}")
+          paths[name] = (ker, (q,) + args, nbytes)
     for name, (fn, args, _) in paths.items():
       jax.block_until_ready(fn(*args))
     best = {name: [] for name in paths}
@@ -133,7 +141,7 @@ def main(argv):
                                                            head_dim=h, group=FLAGS.group,
                                                            residual=FLAGS.residual),
          "rows": rows, "git": git_rev(),
-         "command": "python -m experiments.bench_decode --lengths=" + ",".join(FLAGS.lengths)}
+         "command": " ".join(["python -m experiments.bench_decode"] + sys.argv[1:])}
   write_result(FLAGS.out, res)
 
 

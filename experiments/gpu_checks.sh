@@ -1,8 +1,12 @@
 #!/bin/bash
 # The checks and benchmarks that need an accelerator, as one script for a lent GPU machine
-# (the `device` tool: one call of about 8 minutes). From the repo root:
+# (the `device` tool: one call per part). From the repo root:
 #
-#   KVLAB_GIT_REV=$(git rev-parse --short HEAD) bash experiments/gpu_checks.sh OUT_DIR
+#   KVLAB_GIT_REV=$(git rev-parse --short HEAD) bash experiments/gpu_checks.sh OUT_DIR [PART]
+#
+# PART: kernels (the decode kernels' tests compiled, then their benchmarks: about 6 min), models
+# (kvlab vs kvpress, compression overhead and paged decode on the default model's twin: about
+# 4 min) or all (the default; more than one call of the device tool allows, so name a part).
 #
 # Needs on that machine: python3 with jax[cuda], flax, optax, orbax, torch (CUDA), pytest and
 # hypothesis; what it lacks travels as wheels in .whl/ (kvpress 0.5.5 and the transformers /
@@ -12,7 +16,8 @@
 # weights are drawn here), whose FLOPs and bytes are the model's. Each step has its own time
 # limit and writes into OUT_DIR as it goes, so a step that fails or runs out leaves the others.
 set -u
-OUT_DIR=${1:?usage: gpu_checks.sh OUT_DIR}
+OUT_DIR=${1:?usage: gpu_checks.sh OUT_DIR [kernels|models|all]}
+PART=${2:-all}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/kvlab-xla-cache
 TWIN=.devcarry/smollm2-twin
@@ -35,20 +40,35 @@ fi
 python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" \
   2>&1 | tail -n 1 | tee -a "$OUT_DIR/steps.txt"
-# 1. Decode-attention kernels against the XLA paths (issue 4's GPU figures): the default model's
-#    head shape at batch 1, and a batch large enough that the cache read, not the launch, is timed.
-step bench_decode 60 python3 -m experiments.bench_decode --reps=20 --out="$OUT_DIR/bench_decode_gpu.json"
-step bench_decode_b32 60 python3 -m experiments.bench_decode --batch=32 --lengths=32768 \
-  --reps=10 --out="$OUT_DIR/bench_decode_gpu_b32.json"
-# 2. The kernels' test files, compiled (not interpreted) on the GPU; references at full fp32.
-JAX_DEFAULT_MATMUL_PRECISION=highest step kernel_tests 110 python3 -m pytest -q -p no:cacheprovider \
-  tests/test_quantized_decode_kernel.py tests/test_sparse_decode_kernel.py
-# 3. kvlab vs kvpress end to end, and the observe + compress overhead, on the random twin.
-step twin 40 python3 -m experiments.random_twin --out=$TWIN --stage=weights
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress 140 python3 -m experiments.bench_vs_kvpress \
-  --model=$TWIN --methods=snapkv,knorm --lengths=1024,4096 --cases=3 --dtype=bfloat16 \
-  --out="$OUT_DIR/bench_vs_kvpress_gpu.json"
-step compress 90 python3 -m experiments.bench_compress --model=$TWIN --method=h2o,keyformer,snapkv \
-  --length=4096 --reps=3 --dtype=bfloat16 --out="$OUT_DIR/bench_compress_gpu.json"
-step sparse_decode 60 python3 -m experiments.bench_sparse_decode --model=$TWIN --length=4096 \
-  --out="$OUT_DIR/bench_sparse_decode_gpu.json"
+if [ "$PART" != models ]; then
+  # 1. The kernels' test files, compiled (not interpreted) on the GPU; references at full fp32;
+  #    no shrinking of a failing example (each shrink step recompiles): the first one is shown.
+  JAX_DEFAULT_MATMUL_PRECISION=highest KVLAB_HYPOTHESIS_PROFILE=device step kernel_tests 240 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_quantized_decode_kernel.py \
+    tests/test_sparse_decode_kernel.py
+  # 2. Decode attention over KIVI codes vs the XLA paths (issue 4's GPU figures): the default
+  #    model's head shape at batch 1, and a batch large enough that the cache read, not the
+  #    launch, is timed; the kernel with its default split-K partitions and with one partition.
+  step bench_decode 90 python3 -m experiments.bench_decode --lengths=1024,4096,32768 --reps=10 \
+    --kernel_partitions=auto,1 --out="$OUT_DIR/bench_decode_gpu.json"
+  step bench_decode_b32 60 python3 -m experiments.bench_decode --batch=32 --lengths=32768 \
+    --reps=10 --kernel_partitions=auto,1 --out="$OUT_DIR/bench_decode_gpu_b32.json"
+fi
+if [ "$PART" != kernels ]; then
+  # 3. kvlab vs kvpress end to end, the observe + compress overhead and AdaKV's paged decode,
+  #    on the random twin.
+  step twin 40 python3 -m experiments.random_twin --out=$TWIN --stage=weights
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress 140 python3 -m experiments.bench_vs_kvpress \
+    --model=$TWIN --methods=snapkv,knorm --lengths=1024,2048,4096 --cases=5 --dtype=bfloat16 \
+    --out="$OUT_DIR/bench_vs_kvpress_gpu.json"
+  step compress 90 python3 -m experiments.bench_compress --model=$TWIN \
+    --method=h2o,keyformer,snapkv,expected_attention --length=4096 --reps=3 --dtype=bfloat16 \
+    --out="$OUT_DIR/bench_compress_gpu.json"
+  # h2o / keyformer with their column sums from the hook's own blockwise pass instead of the
+  # probabilities kept by the attention (the CPU's faster path may not be the GPU's).
+  step compress_ownpass 60 python3 -m experiments.bench_compress --model=$TWIN \
+    --method=h2o,keyformer --length=4096 --reps=3 --dtype=bfloat16 --attention_probs=false \
+    --out="$OUT_DIR/bench_compress_ownpass_gpu.json"
+  step sparse_decode 60 python3 -m experiments.bench_sparse_decode --model=$TWIN --length=4096 \
+    --out="$OUT_DIR/bench_sparse_decode_gpu.json"
+fi

@@ -33,6 +33,15 @@ for _flag in (SUITE_FLAG, COMPILE_FLAG):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 
+# A run on a lent accelerator (experiments/gpu_checks.sh) cannot afford hypothesis's shrinking:
+# every shrink step compiles a new kernel. That profile reports the first failing example as is.
+if os.environ.get("KVLAB_HYPOTHESIS_PROFILE") == "device":
+  from hypothesis import Phase, settings  # pylint: disable=g-import-not-at-top
+
+  settings.register_profile("device", phases=[Phase.explicit, Phase.reuse, Phase.generate])
+  settings.load_profile("device")
+
+
 def pytest_unconfigure(config):
   del config
   if _OWN_CACHE:

@@ -34,8 +34,8 @@ def _case(rng, b, k, g, h, s, r, bits, group, n_quant, n_res):
 @settings(max_examples=12, deadline=None)
 @given(b=st.integers(1, 4), k=st.integers(1, 8), g=st.integers(1, 8), h=st.sampled_from((64, 128)),
        bits=st.sampled_from((2, 4, 8)), blocks=st.integers(1, 3), residual=st.booleans(),
-       seed=st.integers(0, 2**16), data=st.data())
-def test_kernel_matches_reference(b, k, g, h, bits, blocks, residual, seed, data):
+       partitions=st.sampled_from((None, 1, 2, 3)), seed=st.integers(0, 2**16), data=st.data())
+def test_kernel_matches_reference(b, k, g, h, bits, blocks, residual, partitions, seed, data):
   rng = np.random.RandomState(seed)
   group, block = 32, 64
   s = blocks * block
@@ -47,7 +47,9 @@ def test_kernel_matches_reference(b, k, g, h, bits, blocks, residual, seed, data
   case = _case(rng, b, k, g, h, s, r, bits, group, np.reshape(n_quant, (b, k)),
                np.reshape(n_res, (b, k)))
   ref = quantized_decode_attention_reference(**case, bits=bits, group=group, block=block)
-  out = quantized_decode_attention(**case, bits=bits, group=group, block=block, interpret=INTERPRET)
+  # partitions: split-K runs of blocks (more than there are blocks is clamped), merged after
+  out = quantized_decode_attention(**case, bits=bits, group=group, block=block,
+                                   interpret=INTERPRET, partitions=partitions)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-4, atol=2e-5)
 
 
@@ -76,14 +78,18 @@ def test_bad_kernel_arguments():
     quantized_decode_attention_reference(**case, bits=2, group=32, block=48)
   with pytest.raises(ValueError, match="unsupported bit width 5"):
     quantized_decode_attention_reference(**case, bits=5, group=32, block=64)
+  with pytest.raises(ValueError, match="partitions must be >= 1, got 0"):
+    quantized_decode_attention(**case, bits=2, group=32, block=32, interpret=INTERPRET,
+                               partitions=0)
 
 
-def test_log_normaliser_matches_reference_and_hand_computation():
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_log_normaliser_matches_reference_and_hand_computation(partitions):
   rng = np.random.RandomState(8)
   b, k, g, h, s, r = 1, 2, 3, 64, 128, 8
   case = _case(rng, b, k, g, h, s, r, 4, 32, [[100, 0]], [[5, 0]])  # head 1: nothing valid
   o, lse = quantized_decode_attention(**case, bits=4, group=32, block=64, interpret=INTERPRET,
-                                      return_lse=True)
+                                      return_lse=True, partitions=partitions)
   o_r, lse_r = quantized_decode_attention_reference(**case, bits=4, group=32, return_lse=True)
   np.testing.assert_allclose(o, o_r, rtol=2e-4, atol=2e-5)
   np.testing.assert_allclose(lse, lse_r, rtol=1e-5, atol=1e-5)
