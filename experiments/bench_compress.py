@@ -28,6 +28,7 @@ from lib.provenance import device_description, git_rev, write_result
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
+flags.DEFINE_integer("chunk", 512, "Prefill chunk (tokens per step of the chunked prefill).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype.")
 flags.DEFINE_integer("length", 4096, "Prompt tokens.")
 flags.DEFINE_float("ratio", 0.5, "Fraction kept.")
@@ -43,7 +44,7 @@ def _prefill(lm, tokens, lengths, observe):
   cache = lm.new_cache(1, tokens.shape[1])
   t = time.perf_counter()
   _, cache, obs = gen.prefill(lm.params, tokens, lengths, cache, apply_fn=lm.apply_fn,
-                              chunk_size=512, observe=observe)
+                              chunk_size=FLAGS.chunk, observe=observe)
   jax.block_until_ready((cache, obs))
   return time.perf_counter() - t, cache, obs
 
@@ -61,7 +62,7 @@ def main(argv):
   lm = models.load(FLAGS.model, dtype=getattr(jnp, FLAGS.dtype), progress=False)
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
-  tokens, lengths = gen.pad_batch([ids], 512)
+  tokens, lengths = gen.pad_batch([ids], FLAGS.chunk)
   tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
   _prefill(lm, tokens, lengths, None)  # compile the hook-free prefill
   rows, bases = [], []
@@ -94,6 +95,7 @@ def main(argv):
   res = {"benchmark": "bench_compress", "prompt_tokens": len(ids), "ratio": FLAGS.ratio,
          "baseline_prefill_s": base, "rows": rows, "git": git_rev(),
          "device": device_description(), "dtype": FLAGS.dtype, "model": FLAGS.model,
+         "chunk": FLAGS.chunk,
          "jax": jax.__version__, "reps": FLAGS.reps,
          "attention_probs": FLAGS.attention_probs,
          "command": " ".join(["python -m experiments.bench_compress"] + sys.argv[1:])}

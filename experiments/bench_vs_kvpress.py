@@ -50,6 +50,8 @@ flags.DEFINE_integer("new_tokens", 32, "Greedy tokens decoded per case.")
 flags.DEFINE_integer("threads", 0, "Torch threads (0: os.cpu_count(), what XLA's CPU client "
                      "uses).")
 flags.DEFINE_string("hf_attn", "sdpa", "transformers attention implementation for kvpress.")
+flags.DEFINE_integer("chunk", 512, "kvlab's prefill chunk (tokens per step of its chunked "
+                     "prefill).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype, both "
                   "sides.")
 flags.DEFINE_string("torch_device", "auto", "Device of the kvpress side: 'auto' is cuda when JAX "
@@ -57,7 +59,6 @@ flags.DEFINE_string("torch_device", "auto", "Device of the kvpress side: 'auto' 
 flags.DEFINE_string("out", "results/bench_vs_kvpress_cpu.json", "JSON output.")
 
 SNAPKV_WINDOW, SNAPKV_KERNEL, SINKS = 32, 5, 4
-CHUNK = 512
 
 
 def _pair(name: str, ratio: float):
@@ -85,10 +86,10 @@ def _pair(name: str, ratio: float):
 def kvlab_case(lm, ids, method, n_new):
   """Seconds (total, prefill, compress, decode) and the generated ids."""
   t0 = time.perf_counter()
-  tokens, lengths = gen.pad_batch([ids], CHUNK)
+  tokens, lengths = gen.pad_batch([ids], FLAGS.chunk)
   cache = lm.new_cache(1, tokens.shape[1] + n_new)
   logits, cache, obs = gen.prefill(lm.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                                   apply_fn=lm.apply_fn, chunk_size=CHUNK,
+                                   apply_fn=lm.apply_fn, chunk_size=FLAGS.chunk,
                                    observe=None if method is None else method.observe)
   jax.block_until_ready((logits, obs))
   t1 = time.perf_counter()
@@ -235,7 +236,7 @@ def main(argv):
   busy = load_before["loadavg_1_5_15"][0] > 0.5 * threads
   result = {
       "benchmark": "bench_vs_kvpress", "model": FLAGS.model, "source": lm.source,
-      "dtype": FLAGS.dtype, "ratio_kept": FLAGS.ratio, "new_tokens": n_new,
+      "dtype": FLAGS.dtype, "chunk": FLAGS.chunk, "ratio_kept": FLAGS.ratio, "new_tokens": n_new,
       "summary": summary, "cases": rows, "wall_s": time.perf_counter() - t_start,
       "device": device_description(), "torch_device": (
           f"{torch_device}: {torch.cuda.get_device_name()}" if torch_device.startswith("cuda")
@@ -260,6 +261,7 @@ def main(argv):
                                     ("lengths", ",".join(FLAGS.lengths)),
                                     ("ratio", FLAGS.ratio), ("cases", FLAGS.cases),
                                     ("new_tokens", n_new), ("dtype", FLAGS.dtype),
+                                    ("chunk", FLAGS.chunk),
                                     ("model", FLAGS.model), ("out", FLAGS.out)]),
   }
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)

@@ -61,6 +61,11 @@ if [ "$PART" != kernels ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress 140 python3 -m experiments.bench_vs_kvpress \
     --model=$TWIN --methods=snapkv,knorm --lengths=1024,2048,4096 --cases=5 --dtype=bfloat16 \
     --out="$OUT_DIR/bench_vs_kvpress_gpu.json"
+  # kvlab's prefill in one 4096-token chunk instead of eight of 512 (on CPU the chunk bounds
+  # memory; on a GPU the chunk loop's sequential steps may cost more than they save).
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress_chunk4k 60 python3 -m \
+    experiments.bench_vs_kvpress --model=$TWIN --methods=snapkv,knorm --lengths=4096 --cases=3 \
+    --dtype=bfloat16 --chunk=4096 --out="$OUT_DIR/bench_vs_kvpress_chunk4k_gpu.json"
   step compress 90 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer,snapkv,expected_attention --length=4096 --reps=3 --dtype=bfloat16 \
     --out="$OUT_DIR/bench_compress_gpu.json"
