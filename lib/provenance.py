@@ -7,7 +7,11 @@ import subprocess
 
 
 def git_rev() -> str | None:
-  """Short HEAD revision of the kvlab checkout (with ``-dirty`` if modified), or None."""
+  """Short HEAD revision of the kvlab checkout (with ``-dirty`` if modified), or None.
+  ``KVLAB_GIT_REV``, when set, wins: a copy of the tree on a lent accelerator may carry a stale
+  ``.git`` or none, and the launcher knows which revision it copied."""
+  if os.environ.get("KVLAB_GIT_REV"):
+    return os.environ["KVLAB_GIT_REV"]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     rev = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
@@ -16,9 +20,7 @@ def git_rev() -> str | None:
                                     cwd=root, text=True, stderr=subprocess.DEVNULL).strip()
     return rev + ("-dirty" if dirty else "")
   except Exception:  # pylint: disable=broad-except
-    # A copy of the tree without .git (a lent accelerator machine): the launcher says which
-    # revision it copied.
-    return os.environ.get("KVLAB_GIT_REV")
+    return None
 
 
 def device_description() -> str:
