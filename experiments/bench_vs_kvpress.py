@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import models
+from lib import attention
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
@@ -52,6 +53,10 @@ flags.DEFINE_integer("threads", 0, "Torch threads (0: os.cpu_count(), what XLA's
 flags.DEFINE_string("hf_attn", "sdpa", "transformers attention implementation for kvpress.")
 flags.DEFINE_integer("chunk", 512, "kvlab's prefill chunk (tokens per step of its chunked "
                      "prefill).")
+flags.DEFINE_integer("attn_block_size", 512, "kvlab's attention block (cache slots per "
+                     "online-softmax step, prefill and decode).")
+flags.DEFINE_float("decode_block_mib", 1.0, "Cap on one decode step's block of keys, MiB "
+                   "(lib.attention.DECODE_BLOCK_BYTES; 1 MiB is the CPU's L2-sized default).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype, both "
                   "sides.")
 flags.DEFINE_string("torch_device", "auto", "Device of the kvpress side: 'auto' is cuda when JAX "
@@ -182,7 +187,9 @@ def main(argv):
   threads = FLAGS.threads or os.cpu_count()
   torch.set_num_threads(threads)
   load_before = _load_note()
-  lm = models.load(FLAGS.model, dtype=getattr(jnp, FLAGS.dtype), progress=False)
+  attention.DECODE_BLOCK_BYTES = int(FLAGS.decode_block_mib * (1 << 20))
+  lm = models.load(FLAGS.model, dtype=getattr(jnp, FLAGS.dtype), progress=False,
+                   attn_block_size=FLAGS.attn_block_size)
   torch_device = _torch_device(FLAGS.torch_device)
   if torch_device.startswith("cuda"):
     # XLA's GPU GEMMs take float32 operands through TF32 at JAX's default precision; let torch
@@ -236,7 +243,9 @@ def main(argv):
   busy = load_before["loadavg_1_5_15"][0] > 0.5 * threads
   result = {
       "benchmark": "bench_vs_kvpress", "model": FLAGS.model, "source": lm.source,
-      "dtype": FLAGS.dtype, "chunk": FLAGS.chunk, "ratio_kept": FLAGS.ratio, "new_tokens": n_new,
+      "dtype": FLAGS.dtype, "chunk": FLAGS.chunk,
+      "attn_block_size": FLAGS.attn_block_size, "decode_block_mib": FLAGS.decode_block_mib,
+      "ratio_kept": FLAGS.ratio, "new_tokens": n_new,
       "summary": summary, "cases": rows, "wall_s": time.perf_counter() - t_start,
       "device": device_description(), "torch_device": (
           f"{torch_device}: {torch.cuda.get_device_name()}" if torch_device.startswith("cuda")
@@ -262,6 +271,8 @@ def main(argv):
                                     ("ratio", FLAGS.ratio), ("cases", FLAGS.cases),
                                     ("new_tokens", n_new), ("dtype", FLAGS.dtype),
                                     ("chunk", FLAGS.chunk),
+                                    ("attn_block_size", FLAGS.attn_block_size),
+                                    ("decode_block_mib", FLAGS.decode_block_mib),
                                     ("model", FLAGS.model), ("out", FLAGS.out)]),
   }
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)

@@ -66,6 +66,12 @@ if [ "$PART" != kernels ]; then
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress_chunk4k 60 python3 -m \
     experiments.bench_vs_kvpress --model=$TWIN --methods=snapkv,knorm --lengths=4096 --cases=3 \
     --dtype=bfloat16 --chunk=4096 --out="$OUT_DIR/bench_vs_kvpress_chunk4k_gpu.json"
+  # ... and also attention blocks of 4096 slots, a decode step's keys in one block (no inner
+  #     loop: on a GPU each while-loop trip waits on the host for its predicate).
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress_block4k 60 python3 -m \
+    experiments.bench_vs_kvpress --model=$TWIN --methods=snapkv,knorm --lengths=4096 --cases=3 \
+    --dtype=bfloat16 --chunk=4096 --attn_block_size=4096 --decode_block_mib=64 \
+    --out="$OUT_DIR/bench_vs_kvpress_block4k_gpu.json"
   step compress 90 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer,snapkv,expected_attention --length=4096 --reps=3 --dtype=bfloat16 \
     --out="$OUT_DIR/bench_compress_gpu.json"
