@@ -11,7 +11,8 @@ hits all of them, best of ``--reps``:
 * ``q4_xla`` / ``q2_xla``: the jnp reference of ``pallas_kernels.quantized_decode_attention``
   (packed codes, group 32, 128-token full-precision residual) — dequantizes in XLA;
 * ``q4_pallas`` / ``q2_pallas``: the Pallas kernel (``q*_pallas_p<n>``: with ``n`` split-K
-  partitions, ``--kernel_partitions``), only on GPU/TPU (interpret mode on CPU
+  partitions, ``--kernel_partitions``; ``..._bf16``: bf16 dot operands,
+  ``--kernel_dot_dtypes``), only on GPU/TPU (interpret mode on CPU
   measures the interpreter, not the kernel).
 
 Each row gives seconds per step, bytes of the cache read (from the leaves) and bytes / second;
@@ -50,6 +51,9 @@ flags.DEFINE_string("out", "results/bench_decode_cpu.json", "JSON output.")
 flags.DEFINE_list("kernel_partitions", ["auto"], "Split-K partitions of the kernel to time, each "
                   "a path: 'auto' (the kernel's default, path q*_pallas) or a number n (path "
                   "q*_pallas_p<n>; 1 is the one-program-per-head kernel).")
+flags.DEFINE_list("kernel_dot_dtypes", ["float32"], "Operand dtypes of the kernel's dots to "
+                  "time: float32 (exact; paths q*_pallas...) and/or bfloat16 (tensor cores; "
+                  "paths q*_pallas..._bf16).")
 flags.DEFINE_float("peak_gb_s", 0.0, "Peak memory bandwidth of the device in GB/s (0: from "
                    "PEAK_GB_S by device kind; none on CPU).")
 
@@ -116,10 +120,13 @@ def main(argv):
       paths[f"q{bits}_xla"] = (ref, (q,) + args, nbytes)
       if accel:
         for parts in FLAGS.kernel_partitions:
-          kp = dict(kw, partitions=None if parts == "auto" else int(parts))
-          ker = lambda *a, kp=kp: quantized_decode_attention(*a, **kp)
-          name = f"q{bits}_pallas" + ("" if parts == "auto" else f"_p{parts}")
-          paths[name] = (ker, (q,) + args, nbytes)
+          for dots in FLAGS.kernel_dot_dtypes:
+            kp = dict(kw, partitions=None if parts == "auto" else int(parts),
+                      dot_dtype=getattr(jnp, dots))
+            ker = lambda *a, kp=kp: quantized_decode_attention(*a, **kp)
+            name = (f"q{bits}_pallas" + ("" if parts == "auto" else f"_p{parts}")
+                    + ("" if dots == "float32" else "_bf16"))
+            paths[name] = (ker, (q,) + args, nbytes)
     for name, (fn, args, _) in paths.items():
       jax.block_until_ready(fn(*args))
     best = {name: [] for name in paths}

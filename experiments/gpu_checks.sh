@@ -48,11 +48,14 @@ if [ "$PART" != models ]; then
     tests/test_sparse_decode_kernel.py
   # 2. Decode attention over KIVI codes vs the XLA paths (issue 4's GPU figures): the default
   #    model's head shape at batch 1, and a batch large enough that the cache read, not the
-  #    launch, is timed; the kernel with its default split-K partitions and with one partition.
+  #    launch, is timed; the kernel with its default split-K partitions and with one partition,
+  #    each with exact float32 and with bf16 (tensor-core) dots.
   step bench_decode 90 python3 -m experiments.bench_decode --lengths=1024,4096,32768 --reps=10 \
-    --kernel_partitions=auto,1 --out="$OUT_DIR/bench_decode_gpu.json"
+    --kernel_partitions=auto,1 --kernel_dot_dtypes=float32,bfloat16 \
+    --out="$OUT_DIR/bench_decode_gpu.json"
   step bench_decode_b32 60 python3 -m experiments.bench_decode --batch=32 --lengths=32768 \
-    --reps=10 --kernel_partitions=auto,1 --out="$OUT_DIR/bench_decode_gpu_b32.json"
+    --reps=10 --kernel_partitions=auto,1 --kernel_dot_dtypes=float32,bfloat16 \
+    --out="$OUT_DIR/bench_decode_gpu_b32.json"
 fi
 if [ "$PART" != kernels ]; then
   # 3. kvlab vs kvpress end to end, the observe + compress overhead and AdaKV's paged decode,

@@ -98,8 +98,14 @@ def quantized_decode_attention_reference(q, k_codes, k_scale, k_zero, v_codes, v
 
 
 def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, kr_ref,
-            vr_ref, acc_ref, m_ref, l_ref, *, bits, group, block, slots, per_part):
+            vr_ref, acc_ref, m_ref, l_ref, *, bits, group, block, slots, per_part, dot_dtype):
   f32 = jnp.float32
+
+  def dot(a, b):  # [M, C] x [C, N] -> [M, N] float32; operands in dot_dtype
+    if dot_dtype == f32:
+      return jnp.dot(a, b, precision=_EXACT)
+    return jnp.dot(a.astype(dot_dtype), b.astype(dot_dtype), preferred_element_type=f32)
+
   q = q_ref[...].astype(f32)  # [G, H]
   h = q.shape[-1]
   w = 32 // bits
@@ -120,15 +126,14 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
     m_new = jnp.maximum(m, logits.max(-1))
     p = jnp.where(valid[None, :], jnp.exp(logits - m_new[:, None]), 0.0)
     alpha = jnp.exp(m - m_new)
-    return m_new, l * alpha + p.sum(-1), acc * alpha[:, None] + jnp.dot(p, vals,
-                                                                        precision=_EXACT)
+    return m_new, l * alpha + p.sum(-1), acc * alpha[:, None] + dot(p, vals)
 
   def body(j, carry):
     t0, keys, vals = dequantized_block(
         j, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, block=block, group=group,
         codes=codes, per_channel=lambda x: jnp.repeat(x, group, 1))
     valid = t0 + jnp.arange(block) < n_quant
-    return fold(carry, jnp.dot(q, keys.T, precision=_EXACT) * inv, vals, valid)
+    return fold(carry, dot(q, keys.T) * inv, vals, valid)
 
   g = q.shape[0]
   carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
@@ -137,8 +142,7 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
   carry = jax.lax.fori_loop(start, jnp.minimum(start + per_part, n_blocks), body, carry)
   kr = kr_ref[...].astype(f32)  # [R, H]
   valid = (jnp.arange(kr.shape[0]) < n_res) & (part == pl.num_programs(2) - 1)
-  m, l, acc = fold(carry, jnp.dot(q, kr.T, precision=_EXACT) * inv, vr_ref[...].astype(f32),
-                   valid)
+  m, l, acc = fold(carry, dot(q, kr.T) * inv, vr_ref[...].astype(f32), valid)
   acc_ref[...] = acc
   m_ref[...] = m
   l_ref[...] = l
@@ -167,17 +171,20 @@ def default_partitions(b: int, k: int, n_blocks: int, platform: str | None,
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret", "return_lse",
-                                             "platform", "partitions"))
+                                             "platform", "partitions", "dot_dtype"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant,
                                k_res, v_res, n_res, *, bits: int, group: int, block: int = 128,
                                interpret: bool = False, return_lse: bool = False,
-                               platform: str | None = None, partitions: int | None = None):
+                               platform: str | None = None, partitions: int | None = None,
+                               dot_dtype=jnp.float32):
   """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32 (and,
   with ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid).
   ``platform``: what to lower for (None: JAX's default backend; ``"gpu"``: Triton; ``"tpu"``:
   Mosaic, and with ``interpret`` TPU interpret mode on CPU). ``partitions``: runs of blocks
   walked by separate programs and merged after (None: ``default_partitions``; the TPU variant
-  always walks one)."""
+  always walks one). ``dot_dtype``: operands of the two dots per block (float32: exact products,
+  also on GPU; bfloat16: tensor-core dots accumulating in float32, about 3 significant digits
+  per product, far below 2-/4-bit quantization error; the TPU variant computes in float32)."""
   _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
   platform_lib.check_lowerable(platform, interpret, "quantized_decode_attention", tpu=True)
   if platform_lib.target(platform) == "tpu":  # counts in SMEM, codes unpacked shift-major
@@ -209,8 +216,11 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                                    lambda i, j, p: (i, j) + (0,) * len(tail))
   part_row = lambda *tail: pl.BlockSpec((None, None, None) + tail,
                                         lambda i, j, p: (i, j, p) + (0,) * len(tail))
+  dot_dtype = jnp.dtype(dot_dtype)
+  if dot_dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"dot_dtype must be float32 or bfloat16, got {dot_dtype}")
   kernel = functools.partial(_kernel, bits=bits, group=group, block=block, slots=s,
-                             per_part=per_part)
+                             per_part=per_part, dot_dtype=dot_dtype)
   f32 = jnp.float32
   acc, m, l = pl.pallas_call(
       kernel,

@@ -41,12 +41,15 @@ def test_paged_kernel_lowers_for_gpu_through_triton():
   assert "xla.gpu.triton" in text  # the Triton kernel call
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantized_kernel_lowers_for_gpu_through_triton(bits):
+@pytest.mark.parametrize("bits,dots", [(2, jnp.float32), (4, jnp.float32), (8, jnp.float32),
+                                       (4, jnp.bfloat16)])
+def test_quantized_kernel_lowers_for_gpu_through_triton(bits, dots):
   case = _quant_case(bits)  # G = 3, a 40-slot residual window
   text = _lowered_for_cuda(lambda: qda.quantized_decode_attention(
-      **case, bits=bits, group=32, block=128, platform="gpu", return_lse=True))
+      **case, bits=bits, group=32, block=64, platform="gpu", return_lse=True, dot_dtype=dots))
   assert "xla.gpu.triton" in text  # the Triton kernel call
+  # split-K by default on GPU: 4 blocks of 64 slots, (2 rows x 3 kv heads) x 4 partitions
+  assert "tensor<2x3x4x16x64xf32>" in text
 
 
 def test_gpu_padding_gives_the_reference_results():
