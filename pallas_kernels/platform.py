@@ -66,3 +66,25 @@ def tpu_call_options(interpret: bool) -> dict:
   if interpret:
     return {"interpret": pl_tpu.InterpretParams()}
   return {"compiler_params": pl_tpu.CompilerParams(dimension_semantics=("parallel", "parallel"))}
+
+
+def default_partitions(b: int, k: int, n_steps: int, platform: str | None,
+                       interpret: bool) -> int:
+  """Split-K partitions of a decode kernel's sequential walk (``n_steps`` blocks or pages per
+  (b, k)) when the caller names none: on GPU enough for about two programs per streaming
+  multiprocessor (the device's ``core_count``, 132 if unknown), at most one per step; elsewhere
+  1 (the interpreter and the TPU variants gain nothing)."""
+  if interpret or target(platform) not in GPU:
+    return 1
+  sms = getattr(jax.devices()[0], "core_count", None) or 132
+  return max(1, min(n_steps, -(-2 * sms // (b * k))))
+
+
+def split(n_steps: int, partitions: int) -> tuple[int, int]:
+  """``(steps per partition, partitions used)`` for ``partitions`` requested (>= 1; clamped so
+  that no partition is empty)."""
+  if partitions < 1:
+    raise ValueError(f"partitions must be >= 1, got {partitions}")
+  per = -(-max(n_steps, 1) // min(partitions, max(n_steps, 1)))
+  return per, -(-max(n_steps, 1) // per)
+

@@ -13,14 +13,14 @@ Layout (per batch row b and kv head k; ``w = 32 // bits`` codes per uint32 word)
 Keys are post-RoPE (KIVI), so a decode step needs no positions. Query ``q [B, K, G, H]`` holds
 the G query heads sharing kv head k. Both functions return ``[B, K, G, H]`` float32.
 
-The kernel's grid is (b, k, partition): the quantized part is split into ``partitions``
-contiguous runs of blocks (flash-decoding's split-K), and each program walks its run in blocks of
-``block`` slots with an online softmax, unpacking and dequantizing each block in registers (the
-codes are the only copy of the cache it reads); the last partition also folds in the residual
-window. Each program writes its unnormalised output with its running max and normaliser, and a
-few jnp ops merge the partitions (``_merge``). On GPU the default splits until there are about two
-programs per streaming multiprocessor: with one program per (b, k), as before, a batch-1 step of
-the default model's 3 kv heads ran 3 programs on an H200's 132 SMs and took 1.78 ms at 32k
+The kernel's grid is (b, k, partition): the quantized part is split into ``partitions`` contiguous
+runs of blocks (flash-decoding's split-K), and each program walks its run in blocks of ``block``
+slots with an online softmax, unpacking and dequantizing each block in registers (the codes are the
+only copy of the cache it reads); the last partition also folds in the residual window. Each program
+writes its unnormalised output with its running max and normaliser, and a few jnp ops merge the
+partitions (``outputs.merge_partitions``). On GPU the default splits until there are about two
+programs per streaming multiprocessor: with one program per (b, k), as before, a batch-1 step of the
+default model's 3 kv heads ran 3 programs on an H200's 132 SMs and took 1.78 ms at 32k
 (``results/bench_decode_h200.json``), 11x slower than XLA's full-cache bf16 attention.
 
 ``interpret=True`` runs it on CPU (tests); on GPU it lowers through Triton
@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from lib.quant import packing
 from pallas_kernels import platform as platform_lib
 from pallas_kernels.kivi_block import dequantized_block
+from pallas_kernels.outputs import merge_partitions, partial_outputs
 from pallas_kernels.quantized_decode_attention_tpu import quantized_decode_attention_tpu
 
 _NEG = -1e30
@@ -148,28 +149,6 @@ def _kernel(nq_ref, nr_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_re
   l_ref[...] = l
 
 
-def _merge(acc, m, l):
-  """Merges per-partition online-softmax states ``acc [B, K, P, G, H]``, ``m, l [B, K, P, G]``
-  into the output ``[B, K, G, H]`` and the log normaliser ``[B, K, G]`` (-1e30 where nothing was
-  valid)."""
-  mx = m.max(2)
-  wgt = jnp.where(l > 0, jnp.exp(m - mx[:, :, None]), 0.0)
-  tot = (l * wgt).sum(2)
-  out = (acc * wgt[..., None]).sum(2) / jnp.maximum(tot, 1e-30)[..., None]
-  return out, jnp.where(tot > 0, mx + jnp.log(jnp.maximum(tot, 1e-30)), _NEG)
-
-
-def default_partitions(b: int, k: int, n_blocks: int, platform: str | None,
-                       interpret: bool) -> int:
-  """How many runs of blocks the quantized part is split into when the caller does not say: on
-  GPU enough for about two programs per streaming multiprocessor (``core_count`` of the device,
-  132 if unknown), at most one per block; elsewhere 1 (the interpreter gains nothing)."""
-  if interpret or platform_lib.target(platform) not in platform_lib.GPU:
-    return 1
-  sms = getattr(jax.devices()[0], "core_count", None) or 132
-  return max(1, min(n_blocks, -(-2 * sms // (b * k))))
-
-
 @functools.partial(jax.jit, static_argnames=("bits", "group", "block", "interpret", "return_lse",
                                              "platform", "partitions", "dot_dtype"))
 def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, n_quant,
@@ -177,15 +156,18 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
                                interpret: bool = False, return_lse: bool = False,
                                platform: str | None = None, partitions: int | None = None,
                                dot_dtype=jnp.float32):
-  """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32 (and,
-  with ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid).
+  """Pallas kernel: see the module docstring for shapes. Returns ``[B, K, G, H]`` float32 (and, with
+  ``return_lse``, each query's log normaliser ``[B, K, G]``, -1e30 if nothing is valid).
   ``platform``: what to lower for (None: JAX's default backend; ``"gpu"``: Triton; ``"tpu"``:
-  Mosaic, and with ``interpret`` TPU interpret mode on CPU). ``partitions``: runs of blocks
-  walked by separate programs and merged after (None: ``default_partitions``; the TPU variant
+  Mosaic, and with ``interpret`` TPU interpret mode on CPU). ``partitions``: runs of blocks walked
+  by separate programs and merged after (None: ``platform.default_partitions``; the TPU variant
   always walks one). ``dot_dtype``: operands of the two dots per block (float32: exact products,
-  also on GPU; bfloat16: tensor-core dots accumulating in float32, about 3 significant digits
-  per product, far below 2-/4-bit quantization error; the TPU variant computes in float32)."""
+  also on GPU; bfloat16: tensor-core dots accumulating in float32, about 3 significant digits per
+  product, far below 2-/4-bit quantization error; the TPU variant computes in float32)."""
   _check(q, k_codes, k_scale, v_scale, k_res, bits, group, block)
+  dot_dtype = jnp.dtype(dot_dtype)
+  if dot_dtype not in (jnp.float32, jnp.bfloat16):
+    raise ValueError(f"dot_dtype must be float32 or bfloat16, got {dot_dtype}")
   platform_lib.check_lowerable(platform, interpret, "quantized_decode_attention", tpu=True)
   if platform_lib.target(platform) == "tpu":  # counts in SMEM, codes unpacked shift-major
     out, lse = quantized_decode_attention_tpu(
@@ -207,35 +189,25 @@ def quantized_decode_attention(q, k_codes, k_scale, k_zero, v_codes, v_scale, v_
   hw = k_codes.shape[3]
   n_blocks = s // block
   if partitions is None:
-    partitions = default_partitions(b, k, n_blocks, platform, interpret)
-  if partitions < 1:
-    raise ValueError(f"partitions must be >= 1, got {partitions}")
-  per_part = -(-n_blocks // min(partitions, n_blocks))
-  parts = -(-n_blocks // per_part)  # no trailing partition without blocks
+    partitions = platform_lib.default_partitions(b, k, n_blocks, platform, interpret)
+  per_part, parts = platform_lib.split(n_blocks, partitions)
   row = lambda *tail: pl.BlockSpec((None, None) + tail,
                                    lambda i, j, p: (i, j) + (0,) * len(tail))
-  part_row = lambda *tail: pl.BlockSpec((None, None, None) + tail,
-                                        lambda i, j, p: (i, j, p) + (0,) * len(tail))
-  dot_dtype = jnp.dtype(dot_dtype)
-  if dot_dtype not in (jnp.float32, jnp.bfloat16):
-    raise ValueError(f"dot_dtype must be float32 or bfloat16, got {dot_dtype}")
+  out_specs, out_shape = partial_outputs(b, k, parts, g, h)
   kernel = functools.partial(_kernel, bits=bits, group=group, block=block, slots=s,
                              per_part=per_part, dot_dtype=dot_dtype)
-  f32 = jnp.float32
   acc, m, l = pl.pallas_call(
       kernel,
       grid=(b, k, parts),
       in_specs=[row(1), row(1), row(g, h), row(s, hw), row(s // group, h), row(s // group, h),
                 row(s, hw), row(s, h // group), row(s, h // group), row(r, h), row(r, h)],
-      out_specs=[part_row(g, h), part_row(g), part_row(g)],
-      out_shape=[jax.ShapeDtypeStruct((b, k, parts, g, h), f32),
-                 jax.ShapeDtypeStruct((b, k, parts, g), f32),
-                 jax.ShapeDtypeStruct((b, k, parts, g), f32)],
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
       compiler_params=platform_lib.compiler_params(platform, interpret),
   )(n_quant.astype(jnp.int32)[..., None], n_res.astype(jnp.int32)[..., None], q, k_codes,
     k_scale, k_zero, v_codes, v_scale, v_zero, k_res, v_res)
-  out, lse = _merge(acc, m, l)
+  out, lse = merge_partitions(acc, m, l, _NEG)
   if return_lse:
     return out[:, :, :g0], lse[:, :, :g0]
   return out[:, :, :g0]

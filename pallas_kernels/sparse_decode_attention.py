@@ -13,8 +13,9 @@ tokens valid in each (the first ones of the page; 0 = the entry is unused). Two 
   (``as_pages``, no copy) and the table lists the top-scoring blocks of each head
   (``select_blocks``), so a step reads only those.
 
-``paged_decode_attention`` (Pallas: one program per (b, k), online softmax over its listed pages,
-skipping unused entries) and ``paged_decode_attention_reference`` (jnp gather + masked softmax)
+``paged_decode_attention`` (Pallas: programs per (b, k) and run of listed pages, split-K like
+``quantized_decode_attention``, each an online softmax over its pages, skipping unused entries,
+merged after) and ``paged_decode_attention_reference`` (jnp gather + masked softmax)
 share the signature and return ``[B, K, G, H]`` float32; a head with no valid token returns 0.
 With ``return_lse=True`` both also return each query's log normaliser ``lse [B, K, G]`` (of the
 logits ``q.k / sqrt(H)`` over the listed tokens; -1e30 for an empty head), so a caller can fold the
@@ -39,7 +40,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import platform as platform_lib
-from pallas_kernels.outputs import decode_outputs
+from pallas_kernels.outputs import merge_partitions, partial_outputs
 from pallas_kernels.sparse_decode_attention_tpu import paged_decode_attention_tpu
 
 _NEG = -1e30
@@ -76,7 +77,8 @@ def paged_decode_attention_reference(q, k_pages, v_pages, page_table, page_valid
   return out, jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(l[..., 0], 1e-30)), _NEG)
 
 
-def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *lse_ref, n_listed):
+def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, acc_ref, m_ref, l_ref, *, n_listed,
+            per_part):
   f32 = jnp.float32
   q = q_ref[...].astype(f32)  # [G, H]
   g, h = q.shape
@@ -98,21 +100,26 @@ def _kernel(pt_ref, pv_ref, q_ref, kp_ref, vp_ref, o_ref, *lse_ref, n_listed):
                                                                         precision=_EXACT)
 
   carry = (jnp.full((g,), _NEG, f32), jnp.zeros((g,), f32), jnp.zeros((g, h), f32))
-  # listed entries come first (to_pages / select_blocks order them so): stop at the last one
-  n_used = jnp.sum((pv_ref[...] > 0).astype(jnp.int32))
-  m, l, acc = jax.lax.fori_loop(0, jnp.minimum(n_used, n_listed), body, carry)
-  o_ref[...] = (acc / jnp.maximum(l, 1e-30)[:, None]).astype(o_ref.dtype)
-  if lse_ref:
-    lse_ref[0][...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), _NEG)
+  # listed entries come first (to_pages / select_blocks order them so): stop at the last one;
+  # this program walks entries [start, start + per_part) of them (split-K)
+  n_used = jnp.minimum(jnp.sum((pv_ref[...] > 0).astype(jnp.int32)), n_listed)
+  start = pl.program_id(2) * per_part
+  m, l, acc = jax.lax.fori_loop(start, jnp.minimum(start + per_part, n_used), body, carry)
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "return_lse", "platform"))
+@functools.partial(jax.jit, static_argnames=("interpret", "return_lse", "platform",
+                                             "partitions"))
 def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
                            interpret: bool = False, return_lse: bool = False,
-                           platform: str | None = None):
+                           platform: str | None = None, partitions: int | None = None):
   """Pallas kernel: see the module docstring. Listed pages must come before unused entries.
   ``platform``: what to lower for (None: JAX's default backend; ``"gpu"``: Triton; ``"tpu"``:
-  Mosaic, and with ``interpret`` TPU interpret mode on CPU)."""
+  Mosaic, and with ``interpret`` TPU interpret mode on CPU). ``partitions``: runs of table
+  entries walked by separate programs and merged after (None: ``platform.default_partitions``,
+  several only on GPU; the TPU variant always walks one)."""
   _check(q, k_pages, v_pages, page_table, page_valid)
   platform_lib.check_lowerable(platform, interpret, "paged_decode_attention", tpu=True)
   if platform_lib.target(platform) == "tpu":  # tables in SMEM, pages copied from HBM by DMA
@@ -130,20 +137,25 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, page_valid, *,
     pad_m = ((0, 0), (0, 0), (0, platform_lib.pow2(page_table.shape[2]) - page_table.shape[2]))
     page_table, page_valid = jnp.pad(page_table, pad_m), jnp.pad(page_valid, pad_m)
   g, mm = q.shape[2], page_table.shape[2]
-  row = lambda *tail: pl.BlockSpec((None, None) + tail, lambda i, j: (i, j) + (0,) * len(tail))
-  pool = pl.BlockSpec((n, p, h), lambda i, j: (0, 0, 0))
-  out_specs, out_shape = decode_outputs(row, b, k, g, h, return_lse)
-  out = pl.pallas_call(
-      functools.partial(_kernel, n_listed=mm),
-      grid=(b, k),
+  if partitions is None:
+    partitions = platform_lib.default_partitions(b, k, mm, platform, interpret)
+  per_part, parts = platform_lib.split(mm, partitions)
+  row = lambda *tail: pl.BlockSpec((None, None) + tail,
+                                   lambda i, j, p: (i, j) + (0,) * len(tail))
+  pool = pl.BlockSpec((n, p, h), lambda i, j, p: (0, 0, 0))
+  out_specs, out_shape = partial_outputs(b, k, parts, g, h)
+  acc, m, l = pl.pallas_call(
+      functools.partial(_kernel, n_listed=mm, per_part=per_part),
+      grid=(b, k, parts),
       in_specs=[row(mm), row(mm), row(g, h), pool, pool],
       out_specs=out_specs,
       out_shape=out_shape,
       interpret=interpret,
       compiler_params=platform_lib.compiler_params(platform, interpret),
   )(page_table.astype(jnp.int32), page_valid.astype(jnp.int32), q, k_pages, v_pages)
+  out, lse = merge_partitions(acc, m, l, _NEG)
   if return_lse:
-    return out[0][:, :, :g0], out[1][:, :, :g0]
+    return out[:, :, :g0], lse[:, :, :g0]
   return out[:, :, :g0]
 
 

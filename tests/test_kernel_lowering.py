@@ -39,6 +39,8 @@ def test_paged_kernel_lowers_for_gpu_through_triton():
   text = _lowered_for_cuda(lambda: sda.paged_decode_attention(*case, platform="gpu",
                                                               return_lse=True))
   assert "xla.gpu.triton" in text  # the Triton kernel call
+  # split-K by default on GPU: (2 rows x 3 kv heads) x 4 partitions, one per table entry
+  assert "tensor<2x3x4x16x64xf32>" in text
 
 
 @pytest.mark.parametrize("bits,dots", [(2, jnp.float32), (4, jnp.float32), (8, jnp.float32),

@@ -33,8 +33,8 @@ def _dense(q, keys, values, lengths):
 @settings(max_examples=10, deadline=None)
 @given(b=st.integers(1, 3), k=st.integers(1, 4), g=st.integers(1, 4),
        h=st.sampled_from((32, 64)), page=st.sampled_from(PAGES), s=st.integers(1, 70),
-       seed=st.integers(0, 2**16))
-def test_ragged_kernel_matches_reference_and_dense(b, k, g, h, page, s, seed):
+       partitions=st.sampled_from((None, 1, 2, 3)), seed=st.integers(0, 2**16))
+def test_ragged_kernel_matches_reference_and_dense(b, k, g, h, page, s, partitions, seed):
   rng = np.random.RandomState(seed)
   keys = rng.randn(b, k, s, h).astype(np.float32)
   values = rng.randn(b, k, s, h).astype(np.float32)
@@ -45,7 +45,7 @@ def test_ragged_kernel_matches_reference_and_dense(b, k, g, h, page, s, seed):
   assert kp.shape[0] == max(int((-(-lengths // page)).sum()), 1)  # only the pages in use
   ref = np.asarray(sda.paged_decode_attention_reference(jnp.asarray(q), kp, vp, table, valid))
   ker = np.asarray(sda.paged_decode_attention(jnp.asarray(q), kp, vp, table, valid,
-                                              interpret=INTERPRET))
+                                              interpret=INTERPRET, partitions=partitions))
   want = _dense(q, jnp.asarray(keys), jnp.asarray(values), lengths)
   np.testing.assert_allclose(ref, want, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(ker, ref, rtol=1e-4, atol=1e-5)
@@ -65,7 +65,7 @@ def test_block_selection_kernel_matches_reference(b, k, g, nb, sel, seed):
   kp, vp = sda.as_pages(keys, values, page)
   table, valid = sda.select_blocks(q, keys, lengths, page, min(sel, nb))
   ref = sda.paged_decode_attention_reference(q, kp, vp, table, valid)
-  ker = sda.paged_decode_attention(q, kp, vp, table, valid, interpret=INTERPRET)
+  ker = sda.paged_decode_attention(q, kp, vp, table, valid, interpret=INTERPRET, partitions=2)
   np.testing.assert_allclose(np.asarray(ker), np.asarray(ref), rtol=1e-4, atol=1e-5)
   # selecting every block is exact attention over the whole valid cache
   table_all, valid_all = sda.select_blocks(q, keys, lengths, page, nb)
