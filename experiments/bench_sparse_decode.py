@@ -100,6 +100,15 @@ def main(argv):
                              rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(step_model(paged)), np.asarray(step_model(padded)),
                              rtol=1e-4, atol=1e-4)
+  agree = {}
+  if on_accel:  # the compiled kernels against the XLA paths (reported, not asserted)
+    ref_logits = np.asarray(step_model(paged), np.float32)
+    agree = {"model_step_pallas_vs_xla_max_abs_logit_diff": float(np.abs(
+        np.asarray(model_k(lm.params, paged), np.float32) - ref_logits).max()),
+             "logits_max_abs": float(np.abs(ref_logits).max()),
+             "same_argmax": bool((np.asarray(model_k(lm.params, paged)).argmax(-1)
+                                  == ref_logits.argmax(-1)).all())}
+    print(agree)
   best = {name: float("inf") for name in paths}
   for _ in range(FLAGS.reps):
     for name, (fn, arg) in paths.items():
@@ -119,7 +128,7 @@ def main(argv):
       "padded_slots": int(padded.trimmed().capacity * lengths.size),
       "pool_pages": int(paged.quant.k_pages.shape[0]),
       "bytes_paged_over_padded": bytes_of["paged"] / bytes_of["padded"],
-      "budget_min_max": [int(lengths.min()), int(lengths.max())], "rows": rows,
+      "budget_min_max": [int(lengths.min()), int(lengths.max())], "rows": rows, **agree,
       "kernel_note": None if on_accel else "no accelerator: the Pallas kernel is tested in "
       "interpret mode only (tests/test_paged.py, tests/test_sparse_decode_kernel.py), not timed",
       "command": f"python -m experiments.bench_sparse_decode --model={FLAGS.model} "
