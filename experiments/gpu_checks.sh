@@ -4,7 +4,7 @@
 #
 #   KVLAB_GIT_REV=$(git rev-parse --short HEAD) bash experiments/gpu_checks.sh OUT_DIR [PART]
 #
-# PART: kernels (the decode kernels' tests compiled, then their benchmarks: about 6 min), models
+# PART: kernels (the decode kernels' tests compiled, then their benchmarks: at most 8 min), models
 # (kvlab vs kvpress, compression overhead and paged decode on the default model's twin: about
 # 4 min) or all (the default; more than one call of the device tool allows, so name a part).
 #
@@ -21,18 +21,28 @@ PART=${2:-all}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/kvlab-xla-cache
 TWIN=.devcarry/smollm2-twin
-step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, log in OUT_DIR/NAME.log
+# The device tool returns at most 8 files from OUT_DIR: the JSON results and steps.txt go there;
+# a step's log only when the step failed (all logs stay in LOG_DIR on the machine).
+LOG_DIR=/tmp/kvlab-logs
+mkdir -p "$LOG_DIR"
+step() {  # step NAME SECONDS CMD...: runs CMD under a time limit, log in LOG_DIR/NAME.log
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  timeout "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+  timeout "$limit" "$@" > "$LOG_DIR/$name.log" 2>&1
   local rc=$?
   echo "step $name: rc $rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT_DIR/steps.txt"
-  tail -n 4 "$OUT_DIR/$name.log"
+  if [ $rc -eq 0 ]; then
+    tail -n 4 "$LOG_DIR/$name.log"
+  else
+    tail -n 30 "$LOG_DIR/$name.log"
+    cp "$LOG_DIR/$name.log" "$OUT_DIR/"
+  fi
 }
 nvidia-smi -L | tee "$OUT_DIR/steps.txt"
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl > "$OUT_DIR/pip.log" 2>&1 || echo "pip failed" >> "$OUT_DIR/steps.txt"
+    --target /tmp/site .whl/*.whl > "$LOG_DIR/pip.log" 2>&1 \
+    || echo "pip failed" >> "$OUT_DIR/steps.txt"
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
@@ -50,10 +60,10 @@ if [ "$PART" != models ]; then
   #    model's head shape at batch 1, and a batch large enough that the cache read, not the
   #    launch, is timed; the kernel with its default split-K partitions and with one partition,
   #    each with exact float32 and with bf16 (tensor-core) dots.
-  step bench_decode 90 python3 -m experiments.bench_decode --lengths=1024,4096,32768 --reps=10 \
+  step bench_decode 120 python3 -m experiments.bench_decode --lengths=1024,4096,32768 --reps=10 \
     --kernel_partitions=auto,1 --kernel_dot_dtypes=float32,bfloat16 \
     --out="$OUT_DIR/bench_decode_gpu.json"
-  step bench_decode_b32 60 python3 -m experiments.bench_decode --batch=32 --lengths=32768 \
+  step bench_decode_b32 90 python3 -m experiments.bench_decode --batch=32 --lengths=32768 \
     --reps=10 --kernel_partitions=auto,1 --kernel_dot_dtypes=float32,bfloat16 \
     --out="$OUT_DIR/bench_decode_gpu_b32.json"
 fi

@@ -30,4 +30,3 @@ def merge_partitions(acc, m, l, neg: float = -1e30):
   tot = (l * wgt).sum(2)
   out = (acc * wgt[..., None]).sum(2) / jnp.maximum(tot, 1e-30)[..., None]
   return out, jnp.where(tot > 0, mx + jnp.log(jnp.maximum(tot, 1e-30)), neg)
-

@@ -87,4 +87,3 @@ def split(n_steps: int, partitions: int) -> tuple[int, int]:
     raise ValueError(f"partitions must be >= 1, got {partitions}")
   per = -(-max(n_steps, 1) // min(partitions, max(n_steps, 1)))
   return per, -(-max(n_steps, 1) // per)
-

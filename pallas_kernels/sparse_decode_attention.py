@@ -25,8 +25,8 @@ result into an online softmax over other keys (``lib.attention`` does, for the d
 padded to powers of two) and on TPU through Mosaic (``sparse_decode_attention_tpu``: tables in
 SMEM, pages copied by DMA). Tests lower both on the CPU and run the TPU one in TPU interpret
 mode; ``tests/test_sparse_decode_kernel.py`` runs compiled where JAX's backend is a GPU (on an
-H200: equal to the reference, and 5.00 vs 5.16 ms for padded XLA over 30 layers of a 4k AdaKV
-cache, ``results/bench_sparse_decode_twin_h200.json``).
+H200, before split-K: equal to the reference, and 5.00 vs 5.16 ms for padded XLA over 30 layers
+of a 4k AdaKV cache, ``results/bench_sparse_decode_twin_h200.json``).
 """
 
 from __future__ import annotations
