@@ -12,8 +12,8 @@ import jax.numpy as jnp
 
 
 def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
-  """Uniform ``(0, 1)`` float32 from a hash of the integer coordinates (broadcast together):
-  the same coordinates always give the same value (24 bits)."""
+  """Uniform float32 in ``[2^-24, 1 - 2^-24]`` (never 0 or 1) from a hash of the integer
+  coordinates (broadcast together): the same coordinates always give the same value (23 bits)."""
   u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)
   h = (u32(q_pos) * jnp.uint32(0x9E3779B1)) ^ (u32(k_pos) * jnp.uint32(0x85EBCA77))
   h = h ^ (u32(layer) * jnp.uint32(0xC2B2AE3D)) ^ (u32(head) * jnp.uint32(0x27D4EB2F))
@@ -23,13 +23,22 @@ def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
   h = h ^ (h >> 13)
   h = h * jnp.uint32(0xC2B2AE35)
   h = h ^ (h >> 16)
-  return ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+  # 23 bits: ``x + 0.5`` is exact in float32 for every x < 2^23, so u < 1 always. With 24 bits
+  # (before 2026-11-27) the largest hash gave 2^24 - 0.5, which float32 rounds to 2^24: u = 1,
+  # -log u = 0, an infinite Gumbel weight for 1 query-key pair in 2^24 (about 135 per 4k prompt
+  # over SmolLM2's 30 layers x 9 heads), and NaN column sums where it landed.
+  return ((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def _neg_log_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
+  """``-log u`` of ``gumbel_uniform``, at least 2^-25 whatever a backend's log does near 1."""
+  return jnp.maximum(-jnp.log(gumbel_uniform(seed, layer, head, q_pos, k_pos)), 2.0 ** -25)
 
 
 def gumbel_noise(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
   """Standard Gumbel noise ``G = -log(-log u)`` of ``gumbel_uniform``'s ``u``. float32, finite
-  (within about [-2.9, 17.3])."""
-  return -jnp.log(-jnp.log(gumbel_uniform(seed, layer, head, q_pos, k_pos)))
+  (within about [-2.8, 17.4])."""
+  return -jnp.log(_neg_log_uniform(seed, layer, head, q_pos, k_pos))
 
 
 def gumbel_weight(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
@@ -37,4 +46,4 @@ def gumbel_weight(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
   ``exp(s + G - m) = exp(s - m) * exp(G)``, so the attention's own ``exp(s - m)`` times this
   weight gives Keyformer's terms with one log instead of two logs and an exp. At most
   about 3.4e7, so the product cannot overflow float32."""
-  return -1.0 / jnp.log(gumbel_uniform(seed, layer, head, q_pos, k_pos))
+  return 1.0 / _neg_log_uniform(seed, layer, head, q_pos, k_pos)
