@@ -1,4 +1,4 @@
-"""experiments/random_twin.py: a model's config and tokenizer with random weights, loaded alike by
+"""models/random_twin.py (launcher: experiments/random_twin.py): a model's config and tokenizer with random weights, loaded alike by
 kvlab and transformers (the GPU timings of the default model run on it)."""
 
 import json
@@ -11,7 +11,7 @@ import torch
 import transformers
 
 import models
-from experiments import random_twin
+from models import random_twin
 from lib import generate as gen
 from models.safetensors_loader import read_hf_config
 from models.config import from_hf_config
