@@ -16,7 +16,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-import platform
 import time
 
 from absl import app, flags
@@ -28,7 +27,7 @@ import models
 from lib import distributed, sharding
 from lib import generate as gen
 from lib.data.text import text_of_tokens
-from lib.provenance import git_rev, write_result
+from lib.provenance import device_description, git_rev, write_result
 from lib.reference import load_hf_reference
 
 FLAGS = flags.FLAGS
@@ -135,7 +134,7 @@ def main(argv):
   result = {
       "benchmark": "bench_generate", "model": m.source, "dtype": "float32", "rows": rows,
       "copy_bandwidth_gb_s": bw / 1e9, "weight_bytes": weight_bytes,
-      "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+      "device": device_description(),
       "jax": jax.__version__, "jax_backend": jax.default_backend(),
       "reference": "transformers eager" if hf is not None else None,
       "torch_threads": torch_threads if hf is not None else None,

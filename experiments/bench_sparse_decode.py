@@ -31,7 +31,7 @@ from lib import generate as gen
 from lib import methods
 from lib.attention import chunk_attention
 from lib.data.text import text_of_tokens
-from lib.provenance import write_result
+from lib.provenance import device_description, write_result
 from lib.protocol import prefill_context
 from pallas_kernels import sparse_decode_attention as sda
 
@@ -122,7 +122,7 @@ def main(argv):
                  "speed_vs_padded": ref / t})
     print(rows[-1])
   write_result(FLAGS.out, {
-      "benchmark": "bench_sparse_decode", "device": str(jax.devices()[0].device_kind), "model": FLAGS.model,
+      "benchmark": "bench_sparse_decode", "device": device_description(), "model": FLAGS.model,
       "backend": jax.default_backend(), "host": platform.node(), "context": FLAGS.length,
       "ratio": FLAGS.ratio, "page": FLAGS.page, "kept_tokens": int(lengths.sum()),
       "padded_slots": int(padded.trimmed().capacity * lengths.size),
