@@ -22,6 +22,7 @@ from models import decoder
 from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
+from lib.methods import accumulated
 from lib.data.text import text_of_tokens
 from lib.provenance import device_description, git_rev, write_result
 
@@ -37,6 +38,10 @@ flags.DEFINE_integer("reps", 3, "Timed repetitions (best reported).")
 flags.DEFINE_bool("attention_probs", True,
                   "H2O/TOVA/Keyformer take the attention's own probabilities from its pass "
                   "(False: the hooks' own second pass, the previous behaviour, to compare).")
+flags.DEFINE_enum("column_sums", "auto", ["auto", "kept", "own", "kernel"],
+                  "How H2O/TOVA form their column sums (lib.methods.accumulated.COLUMN_SUMS): "
+                  "kept attention probabilities, the hook's own pass, the fused Pallas kernel "
+                  "(GPU), or auto (the kernel on GPU, kept elsewhere).")
 flags.DEFINE_string("out", "results/bench_compress_cpu.json", "JSON output.")
 
 
@@ -59,6 +64,7 @@ def main(argv):
   distributed.initialize_from_flags()
   if not FLAGS.attention_probs:
     decoder.PROBS_MAX_BYTES = 0
+  accumulated.COLUMN_SUMS = FLAGS.column_sums
   lm = models.load(FLAGS.model, dtype=getattr(jnp, FLAGS.dtype), progress=False)
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
@@ -88,7 +94,8 @@ def main(argv):
     observe_s = max(pre - base, 0.0)
     row = {"method": name, "baseline_prefill_s": base, "prefill_s": pre, "observe_s": observe_s,
            "compress_s": c, "overhead_fraction": (observe_s + c) / base,
-           "load_avg": os.getloadavg()[0]}
+           "load_avg": os.getloadavg()[0],
+           "column_sums": getattr(m.observe, "impl", None)}
     rows.append(row)
     print(json.dumps(row))
   base = float(np.median(bases))
@@ -97,7 +104,7 @@ def main(argv):
          "device": device_description(), "dtype": FLAGS.dtype, "model": FLAGS.model,
          "chunk": FLAGS.chunk,
          "jax": jax.__version__, "reps": FLAGS.reps,
-         "attention_probs": FLAGS.attention_probs,
+         "attention_probs": FLAGS.attention_probs, "column_sums": FLAGS.column_sums,
          "command": " ".join(["python -m experiments.bench_compress"] + sys.argv[1:])}
   write_result(FLAGS.out, res)
 

@@ -4,9 +4,11 @@
 #
 #   KVLAB_GIT_REV=$(git rev-parse --short HEAD) bash experiments/gpu_checks.sh OUT_DIR [PART]
 #
-# PART: kernels (the decode kernels' tests compiled, then their benchmarks: at most 8 min), models
-# (kvlab vs kvpress, compression overhead and paged decode on the default model's twin: about
-# 4 min) or all (the default; more than one call of the device tool allows, so name a part).
+# PART: kernels (the Pallas kernels' tests compiled, then the decode kernels' benchmarks: at most
+# 8 min), models (kvlab vs kvpress and paged decode on the default model's twin: about 4 min),
+# overhead (every method's observe + compress overhead at 4k on the twin, h2o / keyformer with
+# each column-sum path: about 3 min) or all (the default; more than one call of the device tool
+# allows, so name a part).
 #
 # Needs on that machine: python3 with jax[cuda], flax, optax, orbax, torch (CUDA), pytest and
 # hypothesis; what it lacks travels as wheels in .whl/ (kvpress 0.5.5 and the transformers /
@@ -16,7 +18,7 @@
 # weights are drawn here), whose FLOPs and bytes are the model's. Each step has its own time
 # limit and writes into OUT_DIR as it goes, so a step that fails or runs out leaves the others.
 set -u
-OUT_DIR=${1:?usage: gpu_checks.sh OUT_DIR [kernels|models|all]}
+OUT_DIR=${1:?usage: gpu_checks.sh OUT_DIR [kernels|models|overhead|all]}
 PART=${2:-all}
 mkdir -p "$OUT_DIR"
 export PYTHONUNBUFFERED=1 JAX_COMPILATION_CACHE_DIR=/tmp/kvlab-xla-cache
@@ -55,7 +57,7 @@ if [ "$PART" != models ]; then
   #    no shrinking of a failing example (each shrink step recompiles): the first one is shown.
   JAX_DEFAULT_MATMUL_PRECISION=highest KVLAB_HYPOTHESIS_PROFILE=device step kernel_tests 240 \
     python3 -m pytest -q -p no:cacheprovider tests/test_quantized_decode_kernel.py \
-    tests/test_sparse_decode_kernel.py
+    tests/test_sparse_decode_kernel.py tests/test_column_sums_kernel.py
   # 2. Decode attention over KIVI codes vs the XLA paths (issue 4's GPU figures): the default
   #    model's head shape at batch 1, and a batch large enough that the cache read, not the
   #    launch, is timed; the kernel with its default split-K partitions and with one partition,
@@ -68,9 +70,10 @@ if [ "$PART" != models ]; then
     --out="$OUT_DIR/bench_decode_gpu_b32.json"
 fi
 if [ "$PART" != kernels ]; then
-  # 3. kvlab vs kvpress end to end, the observe + compress overhead and AdaKV's paged decode,
-  #    on the random twin.
   step twin 40 python3 -m experiments.random_twin --out=$TWIN --stage=weights
+fi
+if [ "$PART" = models ] || [ "$PART" = all ]; then
+  # 3. kvlab vs kvpress end to end and AdaKV's paged decode, on the random twin.
   XLA_PYTHON_CLIENT_MEM_FRACTION=0.5 step vs_kvpress 140 python3 -m experiments.bench_vs_kvpress \
     --model=$TWIN --methods=snapkv,knorm --lengths=1024,2048,4096 --cases=5 --dtype=bfloat16 \
     --out="$OUT_DIR/bench_vs_kvpress_gpu.json"
@@ -85,14 +88,21 @@ if [ "$PART" != kernels ]; then
     experiments.bench_vs_kvpress --model=$TWIN --methods=snapkv,knorm --lengths=4096 --cases=3 \
     --dtype=bfloat16 --chunk=4096 --attn_block_size=4096 --decode_block_mib=64 \
     --out="$OUT_DIR/bench_vs_kvpress_block4k_gpu.json"
-  step compress 90 python3 -m experiments.bench_compress --model=$TWIN \
-    --method=h2o,keyformer,snapkv,expected_attention --length=4096 --reps=3 --dtype=bfloat16 \
-    --out="$OUT_DIR/bench_compress_gpu.json"
-  # h2o / keyformer with their column sums from the hook's own blockwise pass instead of the
-  # probabilities kept by the attention (the CPU's faster path may not be the GPU's).
-  step compress_ownpass 60 python3 -m experiments.bench_compress --model=$TWIN \
-    --method=h2o,keyformer --length=4096 --reps=3 --dtype=bfloat16 --attention_probs=false \
-    --out="$OUT_DIR/bench_compress_ownpass_gpu.json"
   step sparse_decode 60 python3 -m experiments.bench_sparse_decode --model=$TWIN --length=4096 \
     --out="$OUT_DIR/bench_sparse_decode_gpu.json"
+fi
+if [ "$PART" = overhead ] || [ "$PART" = all ]; then
+  # 4. Every method's observe + compress overhead on the twin; h2o / keyformer take the fused
+  #    column-sum kernel (the GPU default, --column_sums=auto) ...
+  step compress 120 python3 -m experiments.bench_compress --model=$TWIN \
+    --method=h2o,keyformer,tova,snapkv,pyramidkv,adakv,knorm,streaming_llm,expected_attention \
+    --length=4096 --reps=3 --dtype=bfloat16 --out="$OUT_DIR/bench_compress_gpu.json"
+  # ... vs the probabilities kept by the attention (the CPU default; 67 % / 100 % on the H200)
+  # and the hook's own blockwise XLA pass.
+  step compress_kept 60 python3 -m experiments.bench_compress --model=$TWIN \
+    --method=h2o,keyformer --length=4096 --reps=3 --dtype=bfloat16 --column_sums=kept \
+    --out="$OUT_DIR/bench_compress_kept_gpu.json"
+  step compress_ownpass 60 python3 -m experiments.bench_compress --model=$TWIN \
+    --method=h2o,keyformer --length=4096 --reps=3 --dtype=bfloat16 --column_sums=own \
+    --out="$OUT_DIR/bench_compress_ownpass_gpu.json"
 fi

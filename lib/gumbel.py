@@ -11,14 +11,21 @@ import jax
 import jax.numpy as jnp
 
 
-def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
-  """Uniform float32 in ``[2^-24, 1 - 2^-24]`` (never 0 or 1) from a hash of the integer
-  coordinates (broadcast together): the same coordinates always give the same value (23 bits)."""
+def hash_salts(seed: int, layer, head, q_pos, k_pos) -> tuple[jax.Array, jax.Array]:
+  """The two uint32 halves of ``gumbel_uniform``'s hash before its finaliser: the query side
+  (``q_pos``, ``layer``, ``head``, ``seed``, broadcast together) and the key side (``k_pos``).
+  ``uniform_of_hash(row ^ col)`` is ``gumbel_uniform``: a kernel takes one salt per query row
+  and one per key slot instead of every coordinate (``pallas_kernels.column_sums``)."""
   u32 = lambda v: jnp.asarray(v).astype(jnp.uint32)
-  h = (u32(q_pos) * jnp.uint32(0x9E3779B1)) ^ (u32(k_pos) * jnp.uint32(0x85EBCA77))
-  h = h ^ (u32(layer) * jnp.uint32(0xC2B2AE3D)) ^ (u32(head) * jnp.uint32(0x27D4EB2F))
-  h = h ^ jnp.uint32(seed * 0x165667B1 & 0xFFFFFFFF)
-  h = h ^ (h >> 16)  # murmur3's finaliser: every input bit reaches every output bit
+  row = (u32(q_pos) * jnp.uint32(0x9E3779B1)) ^ (u32(layer) * jnp.uint32(0xC2B2AE3D))
+  row = row ^ (u32(head) * jnp.uint32(0x27D4EB2F)) ^ jnp.uint32(seed * 0x165667B1 & 0xFFFFFFFF)
+  return row, u32(k_pos) * jnp.uint32(0x85EBCA77)
+
+
+def uniform_of_hash(h: jax.Array) -> jax.Array:
+  """Uniform float32 in ``[2^-24, 1 - 2^-24]`` (never 0 or 1) from a uint32 hash: murmur3's
+  finaliser (every input bit reaches every output bit), then its top 23 bits."""
+  h = h ^ (h >> 16)
   h = h * jnp.uint32(0x85EBCA6B)
   h = h ^ (h >> 13)
   h = h * jnp.uint32(0xC2B2AE35)
@@ -28,6 +35,18 @@ def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
   # -log u = 0, an infinite Gumbel weight for 1 query-key pair in 2^24 (about 135 per 4k prompt
   # over SmolLM2's 30 layers x 9 heads), and NaN column sums where it landed.
   return ((h >> 9).astype(jnp.float32) + 0.5) * (1.0 / (1 << 23))
+
+
+def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
+  """Uniform float32 in ``[2^-24, 1 - 2^-24]`` (never 0 or 1) from a hash of the integer
+  coordinates (broadcast together): the same coordinates always give the same value (23 bits)."""
+  row, col = hash_salts(seed, layer, head, q_pos, k_pos)
+  return uniform_of_hash(row ^ col)
+
+
+def noise_of_hash(h: jax.Array) -> jax.Array:
+  """``G = -log(-log u)`` for ``u = uniform_of_hash(h)`` (as ``gumbel_noise``)."""
+  return -jnp.log(jnp.maximum(-jnp.log(uniform_of_hash(h)), 2.0 ** -25))
 
 
 def _neg_log_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:

@@ -127,3 +127,25 @@ def test_quantized_kernel_lowers_for_tpu_through_mosaic(bits):
   text = _lowered_for_tpu(lambda: qda.quantized_decode_attention(
       **case, bits=bits, group=32, block=128, platform="tpu"))
   assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("dtype,tau", [(jnp.float32, None), (jnp.bfloat16, None),
+                                       (jnp.bfloat16, 1.0), (jnp.float32, 0.7)])
+def test_column_sum_kernels_lower_for_gpu_through_triton(dtype, tau):
+  """H2O's / Keyformer's fused column sums and the Gumbel row normaliser (hashed noise: uint32
+  multiplies, shifts and xors in the kernel), at rows and slots that are not powers of two."""
+  from lib.gumbel import hash_salts  # pylint: disable=g-import-not-at-top
+  from pallas_kernels import column_sums as cs  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(0)
+  b, k, r, s, h = 1, 3, 96, 200, 64
+  q = jnp.asarray(rng.randn(b, k, r, h), dtype)
+  keys = jnp.asarray(rng.randn(b, k, s, h), dtype)
+  q_pos = jnp.asarray(rng.randint(0, 300, (b, k, r)), jnp.int32)
+  k_pos = jnp.asarray(rng.randint(0, 300, (b, k, s)), jnp.int32)
+  k_ok = jnp.asarray(rng.rand(b, k, s) > 0.3)
+  salts = None if tau is None else hash_salts(0, 1, 2, q_pos, k_pos)
+  kw = dict(tau=tau, salts=salts, platform="gpu", window=17)
+  lse = jnp.zeros((b, k, r))
+  for fn in (lambda: cs.column_sums(q, lse, q_pos, lse + 1.0, keys, k_pos, k_ok, **kw),
+             lambda: cs.row_lse(q, q_pos, keys, k_pos, k_ok, **kw)):
+    assert "xla.gpu.triton" in _lowered_for_cuda(fn)

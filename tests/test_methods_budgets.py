@@ -264,21 +264,27 @@ def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(
     x = LayerInputs(q, k_new, v_new, q, k_new, qpos, valid, jnp.ones((h // 2,)), lse, kept,
                     window, gkept)
     want = np.asarray(acc._column_sums(lay, x, cache, block=8))
-    got = np.asarray(acc.column_sums()(lay, x, cache))  # what the model calls
+    got = np.asarray(acc.column_sums(impl="kept")(lay, x, cache))  # the CPU default
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    got_k = np.asarray(acc.column_sums(impl="interpret")(lay, x, cache))  # the GPU default
+    np.testing.assert_allclose(got_k, want, rtol=2e-5, atol=1e-6)
     assert got.sum() > 1.0  # something was summed
     # Keyformer: the Gumbel-softmax kept beside the attention == the hook's own two passes.
     want_g = np.asarray(acc._column_sums(lay, x, cache, block=8, gumbel=spec))
-    got_g = np.asarray(acc.column_sums(*spec)(lay, x, cache))
+    got_g = np.asarray(acc.column_sums(*spec, impl="kept")(lay, x, cache))
     np.testing.assert_allclose(got_g, want_g, rtol=2e-5, atol=1e-6)
+    got_gk = np.asarray(acc.column_sums(*spec, impl="interpret")(lay, x, cache))
+    np.testing.assert_allclose(got_gk, want_g, rtol=2e-5, atol=1e-6)
     assert np.abs(got_g - got).max() > 1e-3  # the noise changed the sums
     # Another setting's hook does not take these probabilities: it makes its own pass.
-    np.testing.assert_allclose(acc.column_sums(tau, 4)(lay, x, cache),
+    np.testing.assert_allclose(acc.column_sums(tau, 4, impl="kept")(lay, x, cache),
                                acc._column_sums(lay, x, cache, block=8, gumbel=(tau, 4)),
                                rtol=1e-6, atol=1e-7)
-  assert acc.column_sums().wants_probs and not acc.column_sums(1.0, 0).wants_probs
-  assert acc.column_sums(1.0, 0).wants_gumbel_probs == (1.0, 0)
-  assert acc.column_sums().wants_gumbel_probs is None
+  kept = lambda *a: acc.column_sums(*a, impl="kept")
+  assert kept().wants_probs and not kept(1.0, 0).wants_probs
+  assert kept(1.0, 0).wants_gumbel_probs == (1.0, 0) and kept().wants_gumbel_probs is None
+  fused = acc.column_sums(1.0, 0, impl="interpret")  # the kernel keeps nothing in attention
+  assert not fused.wants_probs and fused.wants_gumbel_probs is None
   with pytest.raises(ValueError, match="plain cache"):
     chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths,
                     qpos, layer=jnp.int32(0), quant=object(), return_probs=True)

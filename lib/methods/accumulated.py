@@ -16,28 +16,68 @@ import jax
 import jax.numpy as jnp
 
 from lib.attention import cache_block, store_block_size
-from lib.gumbel import gumbel_noise
+from lib.gumbel import gumbel_noise, hash_salts
 from lib.cache import KVCache
 from lib.methods.base import Method, evict_one, forced
+from pallas_kernels.column_sums import column_sums as column_sums_kernel
+from pallas_kernels.column_sums import row_lse as row_lse_kernel
 
 
-@functools.lru_cache(maxsize=None)
-def column_sums(gumbel_tau: float | None = None, seed: int = 0):
+# How H2O's, TOVA's and Keyformer's column sums are formed. "kept": from the probabilities the
+# attention's pass kept (``KeptProbs``); "own": the hook's own blockwise pass
+# (``_column_sums``); "kernel": the fused Pallas passes (``pallas_kernels.column_sums``: nothing
+# ``T x S`` written), "interpret" the same on CPU (tests); "auto" (default): the kernel on one
+# GPU, kept probabilities elsewhere. Which is faster
+# depends on the machine: on the 2-core CPU "kept" (13-16 % of a 4k prefill) beats "own" (22 %);
+# on the H200 "kept" cost 67 %. Set by ``bench_compress --column_sums``.
+COLUMN_SUMS = "auto"
+IMPLS = ("auto", "kept", "own", "kernel", "interpret")
+
+
+def resolve_impl(impl: str | None = None) -> str:
+  """The column-sum path a hook made now takes: ``impl`` (None: ``COLUMN_SUMS``), "auto"
+  resolved for JAX's default backend."""
+  impl = COLUMN_SUMS if impl is None else impl
+  if impl not in IMPLS:
+    raise ValueError(f"column sums impl {impl!r}: use one of {', '.join(IMPLS)}")
+  if impl == "auto":  # one GPU: the kernel. Sharded over several it would need a shard_map
+    # wrapper (as pallas_kernels.sharded gives the decode kernels), not written: "kept" there.
+    gpu = jax.default_backend() in ("gpu", "cuda", "rocm") and jax.device_count() == 1
+    impl = "kernel" if gpu else "kept"
+  return impl
+
+
+def column_sums(gumbel_tau: float | None = None, seed: int = 0, impl: str | None = None):
   """Observe hook: ``[B, K, S]`` attention mass each cache slot receives from this chunk's
   queries (mean over each GQA group). Without ``gumbel_tau`` the probabilities are the
   attention's own; with it they are Keyformer's Gumbel-softmax ``softmax((s + G) / tau)``.
+  ``impl``: how they are formed (``COLUMN_SUMS``; None: its current value, read when the hook
+  is made)."""
+  return _hook(gumbel_tau, seed, resolve_impl(impl))
+
+
+@functools.lru_cache(maxsize=None)
+def _hook(gumbel_tau: float | None, seed: int, impl: str):
+  """The hook of ``column_sums`` for a resolved ``impl``.
+
   The Gumbel noise ``G`` is a counter-based hash of (seed, layer, query head, query position,
   key position) (``gumbel_noise``), so every pass sees the same noise without storing it.
 
-  Both come from probabilities the attention's pass formed (``wants_probs`` /
+  "kept": both kinds come from probabilities the attention's pass formed (``wants_probs`` /
   ``wants_gumbel_probs``; ``_kept_column_sums``), so ``q.k`` is not recomputed. Otherwise (a
-  stored cache, past ``models.decoder.PROBS_MAX_BYTES``, or two Keyformer settings in one
-  prefill) the hook forms ``exp(s - lse)`` in its own blockwise pass (``_column_sums``; one
-  more for the Gumbel normaliser), holding nothing ``T x S`` beyond one block."""
+  stored cache, past ``models.decoder.PROBS_MAX_BYTES``, two Keyformer settings in one
+  prefill, or "own") the hook forms ``exp(s - lse)`` in its own blockwise pass
+  (``_column_sums``; one more for the Gumbel normaliser), holding nothing ``T x S`` beyond one
+  block. "kernel" / "interpret": ``_kernel_column_sums`` on a plain cache (a stored one takes
+  the own pass): the attention's ``lse`` for the plain sums, a row pass for Keyformer's."""
 
   spec = None if gumbel_tau is None else (float(gumbel_tau), int(seed))
 
+  fused = impl in ("kernel", "interpret")
+
   def observe(layer, x, cache):
+    if fused and cache.quant is None and x.lse is not None:
+      return _kernel_column_sums(layer, x, cache, interpret=impl == "interpret", gumbel=spec)
     if spec is None:
       if x.probs is not None:  # the attention kept its softmax: nothing to recompute
         return _kept_column_sums(layer, x, cache, x.probs)
@@ -49,9 +89,41 @@ def column_sums(gumbel_tau: float | None = None, seed: int = 0):
   # Both kinds come from the attention's own pass over the scores: plain sums from its softmax,
   # Keyformer's from a second online softmax of (s + G) / tau beside it (no second q.k pass and
   # one noise draw per pair; the hook's own pass above needs two of each).
-  observe.wants_probs = spec is None
-  observe.wants_gumbel_probs = spec
+  observe.wants_probs = spec is None and impl == "kept"
+  observe.wants_gumbel_probs = spec if impl == "kept" else None
+  observe.impl = impl
   return observe
+
+
+def _kernel_column_sums(layer, x, cache, interpret: bool = False, gumbel=None):
+  """Column sums (``[B, K, S]``, as ``_column_sums``) from the fused Pallas pass over this
+  layer's cache slots and the chunk's own keys (``pallas_kernels.column_sums``), with the
+  attention's ``lse``; for Keyformer (``gumbel=(tau, seed)``) the Gumbel-softmax's own
+  normaliser from a row pass first (``row_lse``). Nothing ``T x S`` is written."""
+  b, t, n, h = x.q.shape
+  kh = x.k.shape[1]
+  g = n // kh
+  rows = lambda a: jnp.broadcast_to(a, (b, kh, g, t)).reshape(b, kh, g * t)
+  q = x.q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
+  w = rows(x.valid[:, None, None, :].astype(jnp.float32) / g)  # real queries, group mean
+  at = lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False)
+  lens, s_cap = at(cache.lengths), cache.capacity  # [B, K]
+  new = lambda a: jnp.broadcast_to(a[:, None, :], (b, kh, t))
+  keys = jnp.concatenate([at(cache.keys), x.k.astype(cache.keys.dtype)], axis=2)
+  k_pos = jnp.concatenate([at(cache.positions), new(x.positions)], axis=2)
+  k_ok = jnp.concatenate([jnp.arange(s_cap) < lens[..., None], new(x.valid)], axis=2)
+  q_pos = rows(x.positions[:, None, None, :])
+  kw = dict(window=x.sliding_window, interpret=interpret)
+  if gumbel is None:
+    lse = x.lse.reshape(b, kh, g * t)
+  else:
+    tau, seed = gumbel
+    heads = rows((jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None])
+    row_salt, col_salt = hash_salts(seed, layer, heads, q_pos, k_pos)
+    kw.update(tau=tau, salts=(row_salt, col_salt))
+    lse = row_lse_kernel(q, q_pos, keys, k_pos, k_ok, **kw)
+  col = column_sums_kernel(q, lse, q_pos, w, keys, k_pos, k_ok, **kw)
+  return col[..., :s_cap] + _place_new(col[..., s_cap:], lens, s_cap)
 
 
 def _kept_column_sums(layer, x, cache, pr):

@@ -1,0 +1,105 @@
+"""The fused column-sum kernel (H2O's accumulated attention) == its dense jnp reference, and the
+H2O hook that takes it == the kept-probability path through a model. Interpret mode on CPU;
+compiled (Triton) where JAX's default backend is a GPU, so the same suite checks the real kernel
+there."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import models
+from lib import generate as gen
+from lib import methods
+from lib.methods import accumulated as acc
+from pallas_kernels.column_sums import column_sums, column_sums_reference
+
+INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU
+
+
+def _case(rng, b, k, r, s, h, dtype, positions):
+  q = rng.randn(b, k, r, h)
+  keys = rng.randn(b, k, s, h)
+  # lse from the dense softmax of each row over every allowed key, as attention would give it
+  # (so the sums are attention probabilities, at most 1 per row)
+  q_pos = rng.randint(0, positions, size=(b, k, r)).astype(np.int32)
+  k_pos = rng.randint(0, positions, size=(b, k, s)).astype(np.int32)
+  lse = np.log(np.exp(np.einsum("bkrh,bksh->bkrs", q, keys) / np.sqrt(h)
+                      ).sum(-1)) + rng.rand(b, k, r)
+  cast = lambda a: jnp.asarray(a, dtype)
+  return dict(q=cast(q), lse=jnp.asarray(lse, jnp.float32), q_pos=jnp.asarray(q_pos),
+              w=jnp.asarray((rng.rand(b, k, r) > 0.2) / 3, jnp.float32), keys=cast(keys),
+              k_pos=jnp.asarray(k_pos), k_ok=jnp.asarray(rng.rand(b, k, s) > 0.3))
+
+
+@settings(max_examples=12, deadline=None)
+@given(b=st.integers(1, 2), k=st.integers(1, 4), r=st.integers(1, 150), s=st.integers(1, 200),
+       h=st.sampled_from((16, 64)), window=st.sampled_from((None, 1, 17)),
+       bf16=st.booleans(), blocks=st.sampled_from(((16, 16), (32, 64), (64, 32))),
+       seed=st.integers(0, 2**16))
+def test_kernel_matches_reference(b, k, r, s, h, window, bf16, blocks, seed):
+  """Rows and slots not multiples of the blocks, an empty key block (all slots invalid), padded
+  rows (weight 0), a sliding window; bf16 inputs (their products are exact in float32)."""
+  rng = np.random.RandomState(seed)
+  case = _case(rng, b, k, r, s, h, jnp.bfloat16 if bf16 else jnp.float32, 120)
+  if s > 32:
+    case["k_ok"] = case["k_ok"].at[:, :, :32].set(False)
+  ref = column_sums_reference(**case, window=window)
+  out = column_sums(**case, window=window, interpret=INTERPRET, block_q=blocks[0],
+                    block_k=blocks[1])
+  assert out.shape == (b, k, s) and out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-6)
+  if s > 32:
+    assert not np.asarray(out)[:, :, :32].any()  # invalid slots get nothing
+
+
+def test_gpu_padding_interpreted_and_bad_shapes():
+  """The Triton-padded shapes (rows to a power of two), run by the interpreter on CPU; one clear
+  error for shapes Triton cannot take and for mismatched inputs."""
+  case = _case(np.random.RandomState(1), 1, 2, 50, 70, 16, jnp.float32, 90)
+  ref = column_sums_reference(**case)
+  out = column_sums(**case, interpret=True, platform="gpu", block_q=16, block_k=32)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-6)
+  assert float(ref.sum()) > 1.0
+  with pytest.raises(ValueError, match="powers of two"):
+    column_sums(**case, interpret=True, platform="gpu", block_q=24)
+  with pytest.raises(ValueError, match="lse"):
+    column_sums(**dict(case, lse=case["lse"][..., :-1]), interpret=True)
+  if jax.default_backend() == "cpu":
+    with pytest.raises(NotImplementedError, match="interpret=True"):
+      column_sums(**case)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+  path, _ = tiny_dir("llama")
+  return models.load(path, progress=False, attn_block_size=8)
+
+
+@pytest.mark.parametrize("name", ["h2o", "keyformer"])
+def test_hooks_with_the_kernel_equal_the_kept_probabilities(tiny, monkeypatch, name):
+  """H2O's and Keyformer's observations through the model's chunked prefill: the kernel path
+  (``interpret`` on CPU) == the kept-probability path == the hook's own pass, and the same
+  tokens are kept; a padded second row (ragged lengths) included."""
+  rng = np.random.RandomState(3)
+  prompts = [rng.randint(0, 160, size=27).tolist(), rng.randint(0, 160, size=19).tolist()]
+  tokens, lengths = gen.pad_batch(prompts, 8)
+  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+  got = {}
+  for impl in ("kept", "own", "interpret"):
+    monkeypatch.setattr(acc, "COLUMN_SUMS", impl)
+    method = methods.make(name, ratio=0.5)
+    assert method.observe.impl == impl
+    cache = tiny.new_cache(2, tokens.shape[1])
+    _, cache, obs = gen.prefill(tiny.params, tokens, lengths, cache, apply_fn=tiny.apply_fn,
+                                chunk_size=8, observe=method.observe)
+    got[impl] = (np.asarray(obs), np.asarray(methods.compress(method, cache, obs).positions))
+  for impl in ("own", "interpret"):
+    np.testing.assert_allclose(got[impl][0], got["kept"][0], rtol=2e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[impl][1], got["kept"][1])
+  assert got["kept"][0].sum() > 1.0
+  one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
+  assert acc.resolve_impl("auto") == ("kernel" if one_gpu else "kept")
+  with pytest.raises(ValueError, match="use one of"):
+    acc.resolve_impl("fast")
