@@ -103,3 +103,46 @@ def test_hooks_with_the_kernel_equal_the_kept_probabilities(tiny, monkeypatch, n
   assert acc.resolve_impl("auto") == ("kernel" if one_gpu else "kept")
   with pytest.raises(ValueError, match="use one of"):
     acc.resolve_impl("fast")
+
+
+def test_decode_time_and_during_prefill_paths_take_the_kernel_alike(tiny, monkeypatch):
+  """The kernel (``interpret``) in the two other places the hooks run: H2O / TOVA evicting one
+  token per decode step (T = 1 rows), and H2O / Keyformer compressing during chunked prefill
+  (scores carried per slot). Same tokens and caches as the kept-probability path."""
+  from lib.online import online_capacity, prefill_compressing  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(13)
+  ids = rng.randint(0, 160, size=20).tolist()
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (40, 29)]
+  c = tiny.config
+  got = {}
+  for impl in ("kept", "interpret"):
+    monkeypatch.setattr(acc, "COLUMN_SUMS", impl)
+    for name in ("h2o", "tova"):
+      method = methods.make(name, budget=10)
+      hook = getattr(method, "decode_observe", None) or method.observe  # as decode_loop picks
+      assert hook.impl == impl  # the decode-time hook takes this path
+      tokens, lengths = gen.pad_batch([ids], 8)
+      cache = tiny.new_cache(1, 24)
+      logits, cache, obs = gen.prefill(tiny.params, jnp.asarray(tokens), jnp.asarray(lengths),
+                                       cache, apply_fn=tiny.apply_fn, chunk_size=8,
+                                       observe=method.observe)
+      small = methods.compress(method, cache, obs, extra=6)  # evicts after 6 new tokens
+      out, _, final = gen.decode_loop(tiny.params, small, logits, jax.random.PRNGKey(0),
+                                      apply_fn=tiny.apply_fn, max_new_tokens=16, method=method)
+      got[impl, "decode", name] = (np.asarray(out), np.sort(np.asarray(final.positions), -1))
+    for name in ("h2o", "keyformer"):
+      method = methods.make(name, ratio=0.25)
+      tokens, lengths = gen.pad_batch(prompts, 8)
+      cap, kept = online_capacity(method, lengths, 8, c.num_layers, c.num_kv_heads)
+      _, online = prefill_compressing(
+          tiny.params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(kept, jnp.int32),
+          apply_fn=tiny.apply_fn, chunk_size=8, method=method, capacity=cap,
+          num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.head_dim)
+      got[impl, "online", name] = (np.asarray(online.lengths),
+                                   np.sort(np.asarray(online.positions), -1))
+  assert len(got) == 8
+  for impl, where, name in got:
+    for a, b in zip(got[impl, where, name], got["kept", where, name]):
+      np.testing.assert_array_equal(a, b)
+  assert (got["kept", "online", "h2o"][0] > 0).all()
+  assert got["kept", "decode", "tova"][0].shape == (1, 16)
