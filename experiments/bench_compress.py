@@ -38,10 +38,11 @@ flags.DEFINE_integer("reps", 3, "Timed repetitions (best reported).")
 flags.DEFINE_bool("attention_probs", True,
                   "H2O/TOVA/Keyformer take the attention's own probabilities from its pass "
                   "(False: the hooks' own second pass, the previous behaviour, to compare).")
-flags.DEFINE_enum("column_sums", "auto", ["auto", "kept", "own", "kernel"],
-                  "How H2O/TOVA form their column sums (lib.methods.accumulated.COLUMN_SUMS): "
-                  "kept attention probabilities, the hook's own pass, the fused Pallas kernel "
-                  "(GPU), or auto (the kernel on GPU, kept elsewhere).")
+flags.DEFINE_enum("column_sums", "kept", ["auto", "kept", "own", "kernel"],
+                  "How H2O/TOVA/Keyformer form their column sums "
+                  "(lib.methods.accumulated.COLUMN_SUMS): kept attention probabilities (the "
+                  "default), the hook's own pass, the fused Pallas kernels (GPU), or auto (the "
+                  "kernels on one GPU, kept elsewhere).")
 flags.DEFINE_string("out", "results/bench_compress_cpu.json", "JSON output.")
 
 

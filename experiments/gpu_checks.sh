@@ -93,13 +93,15 @@ if [ "$PART" = models ] || [ "$PART" = all ]; then
 fi
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   # 4. Every method's observe + compress overhead on the twin; h2o / keyformer take the fused
-  #    column-sum kernel (the GPU default, --column_sums=auto) ... Ten reps: at three, the H200's
-  #    hook-free 4k prefill itself ranged 80-95 ms across rows, more than snapkv's whole 7 ms.
+  #    column-sum kernels (--column_sums=kernel; to become the GPU default once timed here) ...
+  #    Ten reps: at three, the H200's hook-free 4k prefill itself ranged 80-95 ms across rows,
+  #    more than snapkv's whole 7 ms.
   step compress 120 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer,tova,snapkv,pyramidkv,adakv,knorm,streaming_llm,expected_attention \
-    --length=4096 --reps=10 --dtype=bfloat16 --out="$OUT_DIR/bench_compress_gpu.json"
-  # ... vs the probabilities kept by the attention (the CPU default; 67 % / 100 % on the H200)
-  # and the hook's own blockwise XLA pass.
+    --length=4096 --reps=10 --dtype=bfloat16 --column_sums=kernel \
+    --out="$OUT_DIR/bench_compress_gpu.json"
+  # ... vs the probabilities kept by the attention (the default; 67 % / 100 % on the H200) and
+  # the hook's own blockwise XLA pass.
   step compress_kept 60 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer --length=4096 --reps=10 --dtype=bfloat16 --column_sums=kept \
     --out="$OUT_DIR/bench_compress_kept_gpu.json"

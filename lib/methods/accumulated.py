@@ -26,11 +26,12 @@ from pallas_kernels.column_sums import row_lse as row_lse_kernel
 # How H2O's, TOVA's and Keyformer's column sums are formed. "kept": from the probabilities the
 # attention's pass kept (``KeptProbs``); "own": the hook's own blockwise pass
 # (``_column_sums``); "kernel": the fused Pallas passes (``pallas_kernels.column_sums``: nothing
-# ``T x S`` written), "interpret" the same on CPU (tests); "auto" (default): the kernel on one
-# GPU, kept probabilities elsewhere. Which is faster
-# depends on the machine: on the 2-core CPU "kept" (13-16 % of a 4k prefill) beats "own" (22 %);
-# on the H200 "kept" cost 67 %. Set by ``bench_compress --column_sums``.
-COLUMN_SUMS = "auto"
+# ``T x S`` written), "interpret" the same on CPU (tests); "auto": the kernel on one GPU, kept
+# probabilities elsewhere. Which is faster depends on the machine: on the 2-core CPU "kept"
+# (13-16 % of a 4k prefill) beats "own" (22 %); on the H200 "kept" cost 67 %. The default stays
+# "kept" until the kernel has run on a GPU (lowered for Triton and tested interpreted only, so
+# far); ``gpu_checks.sh OUT overhead`` times it. Set by ``bench_compress --column_sums``.
+COLUMN_SUMS = "kept"
 IMPLS = ("auto", "kept", "own", "kernel", "interpret")
 
 
