@@ -13,8 +13,9 @@ Why a kernel: the XLA paths either keep every ``exp(s - m)`` block the attention
 re-read it (``R x S`` float32 written and read per layer) or recompute ``q . k`` and write the
 scores again. Here a program owns one block of keys, walks the query rows block by block, and
 reduces over the rows in registers: it reads ``q``, ``keys`` and ``lse`` and writes ``[S]``.
-That is the path H2O takes on GPU (``lib.methods.accumulated``, ``impl="auto"``); on the H200 the
-XLA paths cost 67 % of a 4k bf16 prefill (``results/bench_compress_twin_bf16_h200.json``).
+The hooks take it with ``lib.methods.accumulated.COLUMN_SUMS = "kernel"`` (or ``"auto"`` on one
+GPU); the default stays the kept probabilities until it has run on a GPU. On the H200 the XLA
+paths cost 67 % of a 4k bf16 prefill (``results/bench_compress_twin_bf16_h200.json``).
 
 Keyformer's Gumbel-softmax takes the same pass over its own logits ``z = (s + G) / tau``, with
 ``G`` the hashed noise of ``lib.gumbel`` (a per-row and a per-slot uint32 salt, ``hash_salts``,

@@ -87,9 +87,9 @@ def _hook(gumbel_tau: float | None, seed: int, impl: str):
       return _kept_column_sums(layer, x, cache, x.gumbel_probs)  # formed in the attention pass
     return _column_sums(layer, x, cache, gumbel=spec)
 
-  # Both kinds come from the attention's own pass over the scores: plain sums from its softmax,
-  # Keyformer's from a second online softmax of (s + G) / tau beside it (no second q.k pass and
-  # one noise draw per pair; the hook's own pass above needs two of each).
+  # With "kept", both kinds come from the attention's own pass over the scores: plain sums from
+  # its softmax, Keyformer's from a second online softmax of (s + G) / tau beside it (no second
+  # q.k pass and one noise draw per pair; the hook's own pass above needs two of each).
   observe.wants_probs = spec is None and impl == "kept"
   observe.wants_gumbel_probs = spec if impl == "kept" else None
   observe.impl = impl
