@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lib.gumbel import gumbel_noise, gumbel_weight
+from lib.gumbel import gumbel_noise, gumbel_weight, query_head_ids
 
 _NEG = -1e30  # finite "minus infinity": keeps fully masked blocks NaN-free
 
@@ -133,7 +133,7 @@ def chunk_attention(
   if gumbel_probs is not None:  # Keyformer's perturbed logits of the same scores
     tau, seed = gumbel_probs
     layer_id = jnp.int32(0) if layer is None else layer
-    heads = (jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
+    heads = query_head_ids(kh, g)[None, :, :, None, None]
     noisy = lambda sb, kpos: (sb + gumbel_noise(seed, layer_id, heads, qpos, kpos)) / tau
     weight = lambda kpos: gumbel_weight(seed, layer_id, heads, qpos, kpos)
     self_kpos = q_positions[:, None, None, None, :]

@@ -44,14 +44,25 @@ def gumbel_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
   return uniform_of_hash(row ^ col)
 
 
+def _neg_log(u: jax.Array) -> jax.Array:
+  """``-log u``, at least 2^-25 whatever a backend's log does near 1."""
+  return jnp.maximum(-jnp.log(u), 2.0 ** -25)
+
+
 def noise_of_hash(h: jax.Array) -> jax.Array:
   """``G = -log(-log u)`` for ``u = uniform_of_hash(h)`` (as ``gumbel_noise``)."""
-  return -jnp.log(jnp.maximum(-jnp.log(uniform_of_hash(h)), 2.0 ** -25))
+  return -jnp.log(_neg_log(uniform_of_hash(h)))
 
 
 def _neg_log_uniform(seed: int, layer, head, q_pos, k_pos) -> jax.Array:
-  """``-log u`` of ``gumbel_uniform``, at least 2^-25 whatever a backend's log does near 1."""
-  return jnp.maximum(-jnp.log(gumbel_uniform(seed, layer, head, q_pos, k_pos)), 2.0 ** -25)
+  """``-log u`` of ``gumbel_uniform`` (``_neg_log``)."""
+  return _neg_log(gumbel_uniform(seed, layer, head, q_pos, k_pos))
+
+
+def query_head_ids(kv_heads: int, group: int) -> jax.Array:
+  """``[K, G]`` int32: the query head ``k * G + g`` of each (kv head, group member), the ``head``
+  coordinate of the noise."""
+  return jnp.arange(kv_heads)[:, None] * group + jnp.arange(group)[None, :]
 
 
 def gumbel_noise(seed: int, layer, head, q_pos, k_pos) -> jax.Array:

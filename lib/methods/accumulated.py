@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 
 from lib.attention import cache_block, store_block_size
-from lib.gumbel import gumbel_noise, hash_salts
+from lib.gumbel import gumbel_noise, hash_salts, query_head_ids
 from lib.cache import KVCache
 from lib.methods.base import Method, evict_one, forced
+from pallas_kernels import platform as platform_lib
 from pallas_kernels.column_sums import column_sums as column_sums_kernel
 from pallas_kernels.column_sums import row_lse as row_lse_kernel
 
@@ -43,7 +44,7 @@ def resolve_impl(impl: str | None = None) -> str:
     raise ValueError(f"column sums impl {impl!r}: use one of {', '.join(IMPLS)}")
   if impl == "auto":  # one GPU: the kernel. Sharded over several it would need a shard_map
     # wrapper (as pallas_kernels.sharded gives the decode kernels), not written: "kept" there.
-    gpu = jax.default_backend() in ("gpu", "cuda", "rocm") and jax.device_count() == 1
+    gpu = jax.default_backend() in platform_lib.GPU and jax.device_count() == 1
     impl = "kernel" if gpu else "kept"
   return impl
 
@@ -119,7 +120,7 @@ def _kernel_column_sums(layer, x, cache, interpret: bool = False, gumbel=None):
     lse = x.lse.reshape(b, kh, g * t)
   else:
     tau, seed = gumbel
-    heads = rows((jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None])
+    heads = rows(query_head_ids(kh, g)[None, :, :, None])
     row_salt, col_salt = hash_salts(seed, layer, heads, q_pos, k_pos)
     kw.update(tau=tau, salts=(row_salt, col_salt))
     lse = row_lse_kernel(q, q_pos, keys, k_pos, k_ok, **kw)
@@ -175,7 +176,7 @@ def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
   win = x.sliding_window
   window_ok = (lambda kp: True) if win is None else (lambda kp: (qpos - kp) < win)
   lens = jax.lax.dynamic_index_in_dim(cache.lengths, layer, 0, keepdims=False)  # [B, K]
-  heads = (jnp.arange(kh)[:, None] * g + jnp.arange(g)[None, :])[None, :, :, None, None]
+  heads = query_head_ids(kh, g)[None, :, :, None, None]
 
   def logits(s, kpos):  # s [B, K, G, T, S], kpos broadcastable to it
     if gumbel is None:
