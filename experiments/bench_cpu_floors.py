@@ -1,0 +1,166 @@
+r"""What bounds two of issue 3's targets on this machine, each part timed alone, alternating reps.
+
+  python -m experiments.bench_cpu_floors --out=results/bench_cpu_floors_cpu.json
+
+* ``attention``: the default model's attention only (30 layers x 9 query / 3 kv heads, dim 64), one
+  chunk of 512 queries over ``--cached`` keys: hook-free; keeping the probabilities for H2O
+  (``return_probs``) with their column sums (``_kept_column_sums``, what the h2o hook runs); and
+  keeping them without reading them. How much of H2O's overhead is writing ``T x S`` to memory.
+* ``weights``: one decode step must read every weight. A jitted read of the default model's
+  fp32 bytes (135 M parameters), and batch-1 GEMVs over a third of them as 30 stacked layers:
+  the memory floor of a decode step, and whether XLA's single-row matmuls reach it.
+* ``moments``: expected_attention's observe hook (``query_moments``) alone over 8 chunks x 30
+  layers of 512 queries: the part of its overhead that is its arithmetic.
+* ``kvpress_ceiling``: with ``--vs_kvpress`` (a ``bench_vs_kvpress`` JSON from this machine),
+  the best ratio kvlab could reach against kvpress if its decode ran at the GEMV floor above
+  (every weight read once a token) and its prefill + compress stayed as measured there.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+
+from lib.attention import LayerInputs, chunk_attention
+from lib.cache import KVCache
+from lib.methods import accumulated
+from lib.methods.expected_attention import query_moments
+from lib.provenance import device_description, git_rev, write_result
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("cached", ["1536", "3584"], "Cached keys before the chunk (chunks 3 and 7 of 4k).")
+flags.DEFINE_integer("reps", 5, "Timed repetitions per variant (median reported).")
+flags.DEFINE_string("vs_kvpress", "results/bench_vs_kvpress_maskbias_cpu.json",
+                    "bench_vs_kvpress JSON (this machine) for the ceiling; empty: skip it.")
+flags.DEFINE_string("out", "results/bench_cpu_floors_cpu.json", "JSON output.")
+
+L, B, N, K, H, T, S = 30, 1, 9, 3, 64, 512, 4096  # SmolLM2-135M's heads, a 4k cache, 512 chunk
+G = N // K
+PARAMS = 135_000_000  # the default model's parameters (fp32 bytes = 4x)
+
+
+def _median_times(fns: dict, args, reps: int) -> dict:
+  """Compiles each ``fns[name](*args)`` once, then times them in turn ``reps`` times."""
+  for f in fns.values():
+    jax.block_until_ready(f(*args))
+  times = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, f in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(f(*args))
+      times[name].append(time.perf_counter() - t)
+  return {name: statistics.median(v) for name, v in times.items()}
+
+
+def _attention_case(cached: int):
+  ks = jax.random.split(jax.random.PRNGKey(0), 5)
+  cache = KVCache(keys=jax.random.normal(ks[0], (L, B, K, S, H)),
+                  values=jax.random.normal(ks[1], (L, B, K, S, H)),
+                  positions=jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (L, B, K, S)),
+                  lengths=jnp.full((L, B, K), cached, jnp.int32),
+                  next_position=jnp.full((B,), cached, jnp.int32))
+  q = jax.random.normal(ks[2], (B, T, N, H))
+  k_new = jax.random.normal(ks[3], (B, K, T, H))
+  v_new = jax.random.normal(ks[4], (B, K, T, H))
+  return cache, q, k_new, v_new, cached + jnp.arange(T, dtype=jnp.int32)[None]
+
+
+def attention(cached: int, reps: int) -> dict:
+  """Seconds for 30 layers of one chunk's attention: hook-free, kept + column sums, kept only."""
+
+  def run(mode, cache, q, k_new, v_new, qpos):
+    def layer(l, acc):
+      out = chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions,
+                            cache.lengths, qpos, layer=l, return_lse=True,
+                            return_probs=mode != "hook_free")
+      if mode == "hook_free":
+        return acc + out[0].sum()
+      o, lse, kept = out
+      if mode == "kept_only":  # keep the buffer alive without reading it all
+        return acc + o.sum() + kept.blocks_p[kept.n_blocks - 1, 0, 0, 0, 0, 0]
+      x = LayerInputs(q, k_new, v_new, q, k_new, qpos, jnp.ones((B, T), bool),
+                      jnp.ones((H // 2,)), lse, kept)
+      return acc + o.sum() + accumulated._kept_column_sums(l, x, cache, kept).sum()  # pylint: disable=protected-access
+    return jax.lax.fori_loop(0, L, layer, jnp.float32(0))
+
+  modes = ("hook_free", "kept_with_column_sums", "kept_only")
+  fns = {m: jax.jit(lambda *a, m=m: run(m, *a)) for m in modes}
+  t = _median_times(fns, _attention_case(cached), reps)
+  base = t["hook_free"]
+  return {"cached_keys": cached, "seconds": t,
+          "overhead_fraction": {m: t[m] / base - 1 for m in modes[1:]}}
+
+
+def weights(reps: int) -> dict:
+  """A read of the model's fp32 bytes, and batch-1 GEMVs over 30 stacked [576, 4608] layers."""
+  flat = jnp.ones((PARAMS,), jnp.float32)
+  w = jax.random.normal(jax.random.PRNGKey(0), (L, 576, 3 * 1536), jnp.float32)
+  x = jnp.ones((1, 576))
+  gemv = jax.jit(lambda x, w: jax.lax.fori_loop(0, L, lambda l, a: a + (x @ w[l]).sum(), 0.0))
+  read = jax.jit(lambda x, w: jax.lax.fori_loop(0, L, lambda l, a: a + w[l].sum(), 0.0))
+  t = _median_times({"gemv": gemv, "read": read}, (x, w), reps)
+  t_all = _median_times({"read_model": jax.jit(lambda f: f.sum())}, (flat,), reps)["read_model"]
+  return {"model_fp32_bytes": PARAMS * 4, "read_model_s": t_all,
+          "read_gb_per_s": PARAMS * 4 / t_all / 1e9, "stacked_bytes": w.nbytes,
+          "stacked_read_s": t["read"], "stacked_gemv_s": t["gemv"],
+          "gemv_over_read": t["gemv"] / t["read"]}
+
+
+def moments(reps: int) -> dict:
+  """expected_attention's ``query_moments`` hook over 8 chunks x 30 layers of 512 queries."""
+  hook = query_moments(4)
+  q = jax.random.normal(jax.random.PRNGKey(1), (L, B, T, N, H))
+
+  def run(q):
+    def layer(l, acc):
+      x = LayerInputs(q[l], None, None, q[l], None, 512 + jnp.arange(T)[None],
+                      jnp.ones((B, T), bool), jnp.ones((H // 2,)))
+      return acc + hook(l, x, None)["s2"].sum()
+    return jax.lax.fori_loop(0, L, layer, jnp.float32(0))
+
+  per_chunk = _median_times({"hook": jax.jit(run)}, (q,), reps)["hook"]
+  return {"chunks": 8, "layers": L, "seconds_per_chunk": per_chunk, "seconds": 8 * per_chunk}
+
+
+def kvpress_ceiling(path: str, floor_s_per_token: float) -> list:
+  """Per summary row of a ``bench_vs_kvpress`` JSON: kvpress seconds over kvlab's measured
+  prefill + compress plus its new tokens at ``floor_s_per_token``."""
+  with open(path) as f:
+    vs = json.load(f)
+  rows = []
+  for r in vs["summary"]:
+    best = (r["kvlab_median_prefill_s"] + r["kvlab_median_compress_s"]
+            + vs["new_tokens"] * floor_s_per_token)
+    rows.append({"method": r["method"], "prompt_tokens": r["prompt_tokens"],
+                 "measured": r["kvpress_over_kvlab"],
+                 "kvlab_decode_s_per_token": r["kvlab_median_decode_s"] / vs["new_tokens"],
+                 "ceiling": r["kvpress_median_s"] / best})
+  return rows
+
+
+def main(argv):
+  del argv
+  res = {"benchmark": "bench_cpu_floors", "device": device_description(), "git": git_rev(),
+         "jax": jax.__version__, "reps": FLAGS.reps,
+         "attention": [attention(int(c), FLAGS.reps) for c in FLAGS.cached],
+         "weights": weights(FLAGS.reps), "moments": moments(FLAGS.reps),
+         "command": " ".join(["python -m experiments.bench_cpu_floors"] + sys.argv[1:])}
+  w = res["weights"]
+  floor = w["model_fp32_bytes"] * w["stacked_gemv_s"] / w["stacked_bytes"]
+  w["decode_floor_s_per_token"] = floor
+  if FLAGS.vs_kvpress:
+    res["kvpress_ceiling"] = {"from": FLAGS.vs_kvpress,
+                              "rows": kvpress_ceiling(FLAGS.vs_kvpress, floor)}
+  for part in ("attention", "weights", "moments", "kvpress_ceiling"):
+    print(part, res.get(part))
+  write_result(FLAGS.out, res)
+
+
+if __name__ == "__main__":
+  app.run(main)
