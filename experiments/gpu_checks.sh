@@ -6,9 +6,9 @@
 #
 # PART: kernels (the Pallas kernels' tests compiled, then the decode kernels' benchmarks: at most
 # 8 min), models (kvlab vs kvpress and paged decode on the default model's twin: about 4 min),
-# overhead (every method's observe + compress overhead at 4k on the twin, h2o / keyformer with
-# each column-sum path: about 3 min) or all (the default; more than one call of the device tool
-# allows, so name a part).
+# overhead (the column-sum kernels' tests compiled, then every method's observe + compress
+# overhead at 4k on the twin, h2o / keyformer with each column-sum path: about 4 min) or all (the
+# default; more than one call of the device tool allows, so name a part).
 #
 # Needs on that machine: python3 with jax[cuda], flax, optax, orbax, torch (CUDA), pytest and
 # hypothesis; what it lacks travels as wheels in .whl/ (kvpress 0.5.5 and the transformers /
@@ -52,7 +52,7 @@ fi
 python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__, jax.devices(), \
 'flax', flax.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" \
   2>&1 | tail -n 1 | tee -a "$OUT_DIR/steps.txt"
-if [ "$PART" != models ]; then
+if [ "$PART" = kernels ] || [ "$PART" = all ]; then
   # 1. The kernels' test files, compiled (not interpreted) on the GPU; references at full fp32;
   #    no shrinking of a failing example (each shrink step recompiles): the first one is shown.
   JAX_DEFAULT_MATMUL_PRECISION=highest KVLAB_HYPOTHESIS_PROFILE=device step kernel_tests 240 \
@@ -91,12 +91,18 @@ if [ "$PART" = models ] || [ "$PART" = all ]; then
   step sparse_decode 60 python3 -m experiments.bench_sparse_decode --model=$TWIN --length=4096 \
     --out="$OUT_DIR/bench_sparse_decode_gpu.json"
 fi
+if [ "$PART" = overhead ]; then
+  # The column-sum kernels' tests compiled, first, so that their timing below is of a kernel that
+  # was shown right on this machine (part kernels runs them with the decode kernels' tests).
+  JAX_DEFAULT_MATMUL_PRECISION=highest KVLAB_HYPOTHESIS_PROFILE=device step column_sum_tests 150 \
+    python3 -m pytest -q -p no:cacheprovider tests/test_column_sums_kernel.py
+fi
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   # 4. Every method's observe + compress overhead on the twin; h2o / keyformer take the fused
   #    column-sum kernels (--column_sums=kernel; to become the GPU default once timed here) ...
   #    Ten reps: at three, the H200's hook-free 4k prefill itself ranged 80-95 ms across rows,
   #    more than snapkv's whole 7 ms.
-  step compress 120 python3 -m experiments.bench_compress --model=$TWIN \
+  step compress 200 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer,tova,snapkv,pyramidkv,adakv,knorm,streaming_llm,expected_attention \
     --length=4096 --reps=10 --dtype=bfloat16 --column_sums=kernel \
     --out="$OUT_DIR/bench_compress_gpu.json"
