@@ -140,7 +140,11 @@ def _column_kernel(q_ref, lse_ref, qp_ref, w_ref, rs_ref, k_ref, kp_ref, ko_ref,
 
   # No valid slot in this block (the cache past its length, most of it early in a prefill):
   # nothing to sum, and no row block is visited.
-  n_blocks = jnp.where(jnp.max(ko_ref[...]) > 0, -(-n_rows // block_q), 0)  # no reduce_or in Triton
+  # Triton has no reduce_or, so an int max; and the trip count as an int32 product: a
+  # jnp.where(flag, n, 0) of two Python ints was lowered for Triton as an i1 select, an upper
+  # bound of another type than the loop's i32 lower bound (rejected when the H200 compiled it).
+  any_valid = (jnp.max(ko_ref[...]) > 0).astype(jnp.int32)
+  n_blocks = any_valid * jnp.int32(-(-n_rows // block_q))
   out_ref[...] = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(kpos.shape, jnp.float32))
 
 

@@ -1,12 +1,14 @@
 """The decode kernels lower for GPU (Triton) on a CPU-only machine, their GPU-side padding gives
 the same results (run interpreted), and platforms without a lowering get one clear error.
 
-Lowering builds the Triton IR the GPU would compile; it does not run it (no GPU in CI)."""
+Lowering builds the Triton IR the GPU would compile and runs MLIR's verifier on it; it does not
+compile or run it (no GPU in CI)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax._src.pallas.triton import pallas_call_registration as triton_registration
 
 from pallas_kernels import platform as platform_lib
 from pallas_kernels import quantized_decode_attention as qda
@@ -31,7 +33,25 @@ def _quant_case(bits, g=3, r=40):
 
 
 def _lowered_for_cuda(fn):
-  return jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+  """The HLO text of ``fn`` lowered for CUDA, after running MLIR's verifier on every Triton module
+  it builds: the GPU verifies them when it compiles, and lowering alone does not (an i1 loop bound
+  against an i32 one passed here and failed on the H200)."""
+  built = []
+
+  def verified(*args, **kwargs):
+    result = lower_to_triton(*args, **kwargs)
+    result.module.operation.verify()  # raises MLIRError naming the op
+    built.append(result)
+    return result
+
+  lower_to_triton = triton_registration.lowering.lower_jaxpr_to_triton_module
+  triton_registration.lowering.lower_jaxpr_to_triton_module = verified
+  try:
+    text = jax.jit(fn).trace().lower(lowering_platforms=("cuda",)).as_text()
+  finally:
+    triton_registration.lowering.lower_jaxpr_to_triton_module = lower_to_triton
+  assert built, "no Triton kernel was lowered"
+  return text
 
 
 def test_paged_kernel_lowers_for_gpu_through_triton():
