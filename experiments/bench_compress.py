@@ -38,11 +38,12 @@ flags.DEFINE_integer("reps", 3, "Timed repetitions (best reported).")
 flags.DEFINE_bool("attention_probs", True,
                   "H2O/TOVA/Keyformer take the attention's own probabilities from its pass "
                   "(False: the hooks' own second pass, the previous behaviour, to compare).")
-flags.DEFINE_enum("column_sums", "kept", ["auto", "kept", "own", "kernel"],
+flags.DEFINE_enum("column_sums", "auto", ["auto", "kept", "own", "kernel"],
                   "How H2O/TOVA/Keyformer form their column sums "
-                  "(lib.methods.accumulated.COLUMN_SUMS): kept attention probabilities (the "
-                  "default), the hook's own pass, the fused Pallas kernels (GPU), or auto (the "
-                  "kernels on one GPU, kept elsewhere).")
+                  "(lib.methods.accumulated.COLUMN_SUMS): auto (the default: the fused kernel "
+                  "for the plain sums on one GPU, kept probabilities elsewhere and for "
+                  "Keyformer), kept attention probabilities, the hook's own pass, or the fused "
+                  "Pallas kernels (GPU).")
 flags.DEFINE_string("out", "results/bench_compress_cpu.json", "JSON output.")
 
 

@@ -7,8 +7,8 @@
 # PART: kernels (the Pallas kernels' tests compiled, then the decode kernels' benchmarks: at most
 # 8 min), models (kvlab vs kvpress and paged decode on the default model's twin: about 4 min),
 # overhead (the column-sum kernels' tests compiled, then every method's observe + compress
-# overhead at 4k on the twin, h2o / keyformer with each column-sum path: about 4 min) or all (the
-# default; more than one call of the device tool allows, so name a part).
+# overhead at 4k on the twin, h2o / keyformer with each column-sum path; the kernels timed alone:
+# about 5 min) or all (the default; more than one call of the device tool allows, so name a part).
 #
 # Needs on that machine: python3 with jax[cuda], flax, optax, orbax, torch (CUDA), pytest and
 # hypothesis; what it lacks travels as wheels in .whl/ (kvpress 0.5.5 and the transformers /
@@ -96,10 +96,14 @@ if [ "$PART" = overhead ]; then
   # was shown right on this machine (part kernels runs them with the decode kernels' tests).
   JAX_DEFAULT_MATMUL_PRECISION=highest KVLAB_HYPOTHESIS_PROFILE=device step column_sum_tests 150 \
     python3 -m pytest -q -p no:cacheprovider tests/test_column_sums_kernel.py
+  # The kernels alone, plain vs Keyformer's Gumbel sums, at several block shapes: with the kernel
+  # on the H200 (2026-11-27) h2o's hook added 1.9 ms to a 4k prefill and keyformer's 99 ms.
+  step bench_column_sums 90 python3 -m experiments.bench_column_sums \
+    --blocks=64x64,32x64,128x64,64x128,64x32 --out="$OUT_DIR/bench_column_sums_gpu.json"
 fi
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   # 4. Every method's observe + compress overhead on the twin; h2o / keyformer take the fused
-  #    column-sum kernels (--column_sums=kernel; to become the GPU default once timed here) ...
+  #    column-sum kernels (--column_sums=kernel; "auto", the default, takes it for h2o only) ...
   #    Ten reps: at three, the H200's hook-free 4k prefill itself ranged 80-95 ms across rows,
   #    more than snapkv's whole 7 ms.
   step compress 200 python3 -m experiments.bench_compress --model=$TWIN \

@@ -101,6 +101,10 @@ def test_hooks_with_the_kernel_equal_the_kept_probabilities(tiny, monkeypatch, n
   assert got["kept"][0].sum() > 1.0
   one_gpu = jax.default_backend() == "gpu" and jax.device_count() == 1
   assert acc.resolve_impl("auto") == ("kernel" if one_gpu else "kept")
+  assert acc.resolve_impl("auto", gumbel=True) == "kept"  # Keyformer: slower kernel path on GPU
+  monkeypatch.setattr(acc, "COLUMN_SUMS", "auto")
+  assert methods.make("keyformer", ratio=0.5).observe.impl == "kept"
+  assert methods.make("h2o", ratio=0.5).observe.impl == ("kernel" if one_gpu else "kept")
   with pytest.raises(ValueError, match="use one of"):
     acc.resolve_impl("fast")
 

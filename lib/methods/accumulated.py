@@ -27,25 +27,27 @@ from pallas_kernels.column_sums import row_lse as row_lse_kernel
 # How H2O's, TOVA's and Keyformer's column sums are formed. "kept": from the probabilities the
 # attention's pass kept (``KeptProbs``); "own": the hook's own blockwise pass
 # (``_column_sums``); "kernel": the fused Pallas passes (``pallas_kernels.column_sums``: nothing
-# ``T x S`` written), "interpret" the same on CPU (tests); "auto": the kernel on one GPU, kept
-# probabilities elsewhere. Which is faster depends on the machine: on the 2-core CPU "kept"
-# (13-16 % of a 4k prefill) beats "own" (22 %); on the H200 "kept" cost 67 %. The default stays
-# "kept" until the kernel has run on a GPU (lowered for Triton and tested interpreted only, so
-# far); ``gpu_checks.sh OUT overhead`` times it. Set by ``bench_compress --column_sums``.
-COLUMN_SUMS = "kept"
+# ``T x S`` written), "interpret" the same on CPU (tests); "auto" (the default): the kernel for
+# the plain sums on one GPU, kept probabilities elsewhere and for Keyformer's Gumbel sums.
+# Measured at 4k, bf16, on an H200 (2026-11-27, results/bench_compress_twin_bf16_*_h200.json):
+# h2o's overhead is 3.0 % of the prefill with the kernel, 63 % kept, 43 % own; keyformer's 123 %
+# with the kernel (its row pass plus the hashed noise in both passes), 87 % kept, 92 % own, so
+# "auto" leaves Keyformer on "kept". On the 2-core CPU "kept" (13-16 % for h2o) beats "own"
+# (22 %). Set by ``bench_compress --column_sums``.
+COLUMN_SUMS = "auto"
 IMPLS = ("auto", "kept", "own", "kernel", "interpret")
 
 
-def resolve_impl(impl: str | None = None) -> str:
+def resolve_impl(impl: str | None = None, gumbel: bool = False) -> str:
   """The column-sum path a hook made now takes: ``impl`` (None: ``COLUMN_SUMS``), "auto"
-  resolved for JAX's default backend."""
+  resolved for JAX's default backend and for the kind of sums (``gumbel``: Keyformer's)."""
   impl = COLUMN_SUMS if impl is None else impl
   if impl not in IMPLS:
     raise ValueError(f"column sums impl {impl!r}: use one of {', '.join(IMPLS)}")
   if impl == "auto":  # one GPU: the kernel. Sharded over several it would need a shard_map
     # wrapper (as pallas_kernels.sharded gives the decode kernels), not written: "kept" there.
     gpu = jax.default_backend() in platform_lib.GPU and jax.device_count() == 1
-    impl = "kernel" if gpu else "kept"
+    impl = "kernel" if gpu and not gumbel else "kept"
   return impl
 
 
@@ -55,7 +57,7 @@ def column_sums(gumbel_tau: float | None = None, seed: int = 0, impl: str | None
   attention's own; with it they are Keyformer's Gumbel-softmax ``softmax((s + G) / tau)``.
   ``impl``: how they are formed (``COLUMN_SUMS``; None: its current value, read when the hook
   is made)."""
-  return _hook(gumbel_tau, seed, resolve_impl(impl))
+  return _hook(gumbel_tau, seed, resolve_impl(impl, gumbel=gumbel_tau is not None))
 
 
 @functools.lru_cache(maxsize=None)
