@@ -4,7 +4,9 @@ r"""Compression overhead: (observe during prefill + compress) as a fraction of p
 
 For each method: prefill without any hook (baseline) and prefill with the method's observe hook,
 alternating rep by rep, then compress; each the best of ``--reps`` after a compile run, on real
-stdlib-docs text. Quantizers (kivi) run at ratio 1.0 (they keep every token).
+stdlib-docs text. Quantizers (kivi) run at ratio 1.0 (they keep every token). Methods whose
+budgets differ by layer or head (pyramidkv, adakv) also give ``compress_unpaged_s`` (compress
+without paging the result) and, for AdaKV, ``budgets_s`` (its budget allocation alone).
 """
 
 import json
@@ -23,6 +25,7 @@ from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
 from lib.methods import accumulated
+from lib.methods import base as base_lib
 from lib.data.text import text_of_tokens
 from lib.provenance import device_description, git_rev, write_result
 
@@ -56,6 +59,13 @@ def _prefill(lm, tokens, lengths, observe):
   return time.perf_counter() - t, cache, obs
 
 
+def _timed(f):
+  """Seconds ``f()`` takes to a ready result."""
+  t = time.perf_counter()
+  jax.block_until_ready(f())
+  return time.perf_counter() - t
+
+
 def _best(f, reps):
   f()  # compile
   return min(f() for _ in range(reps))
@@ -87,17 +97,19 @@ def main(argv):
     base, pre = min(base_t), min(pre_t)
     bases.append(base)
 
-    def comp():
-      t = time.perf_counter()
-      jax.block_until_ready(methods.compress(m, cache, obs))
-      return time.perf_counter() - t
-
-    c = _best(comp, FLAGS.reps)
+    c = _best(lambda: _timed(lambda: methods.compress(m, cache, obs)), FLAGS.reps)
     observe_s = max(pre - base, 0.0)
     row = {"method": name, "baseline_prefill_s": base, "prefill_s": pre, "observe_s": observe_s,
            "compress_s": c, "overhead_fraction": (observe_s + c) / base,
            "load_avg": os.getloadavg()[0],
            "column_sums": getattr(m.observe, "impl", None)}
+    if getattr(m, "layout", None) == "paged":  # where compress spends it: paging the result
+      row["compress_unpaged_s"] = _best(lambda: _timed(lambda: methods.compress(
+          m, cache, obs, final=False)), FLAGS.reps)
+    if hasattr(m, "budgets"):  # ... and AdaKV's data-dependent budgets alone
+      kept = jnp.asarray(m.kept(sharding.to_host(cache.lengths)), jnp.int32)
+      row["budgets_s"] = _best(lambda: _timed(lambda: base_lib._budgets(m, cache, obs, kept)),
+                               FLAGS.reps)
     rows.append(row)
     print(json.dumps(row))
   base = float(np.median(bases))

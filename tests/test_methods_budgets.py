@@ -3,6 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import models
 from lib import generate as gen
@@ -291,3 +293,19 @@ def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(
   with pytest.raises(ValueError, match="plain cache"):
     chunk_attention(q, k_new, v_new, cache.keys, cache.values, cache.positions, cache.lengths,
                     qpos, layer=jnp.int32(0), quant=object(), gumbel_probs=spec)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 40), st.integers(0, 2**31 - 1))
+def test_top_total_is_the_first_total_of_a_stable_descending_argsort(rows, n, seed):
+  """AdaKV's allocation by one sort (``top_total``) picks what ranking by two stable argsorts
+  picked, ties (many: small integer scores) and -inf included."""
+  from lib.methods.budgets import top_total  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(seed)
+  flat = rng.randint(0, 4, size=(rows, n)).astype(np.float32)
+  flat[rng.rand(rows, n) < 0.2] = -np.inf
+  total = rng.randint(0, n + 3, size=rows)
+  rank = np.argsort(np.argsort(-flat, axis=-1, kind="stable"), axis=-1, kind="stable")
+  want = rank < total[:, None]
+  np.testing.assert_array_equal(np.asarray(top_total(jnp.asarray(flat), jnp.asarray(total))),
+                                want)

@@ -108,10 +108,10 @@ def select(cache: KVCache, scores: jax.Array, kept: jax.Array, capacity: int) ->
 
 
 @functools.partial(jax.jit, static_argnames=("method", "capacity"))
-def _compress(method, cache, obs, kept, capacity):
+def _compress(method, cache, obs, kept, capacity, scores=None):
   if hasattr(method, "carried_scores"):  # decode-time methods keep their statistic per slot
     cache = cache.replace(scores=method.carried_scores(cache, obs))
-  return select(cache, method.scores(cache, obs), kept, capacity)
+  return select(cache, method.scores(cache, obs) if scores is None else scores, kept, capacity)
 
 
 def compress(method: Method, cache: KVCache, observations: Any = None, *, extra: int = 0,
@@ -129,11 +129,13 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
   kept = method.kept(to_host(cache.lengths))
+  scores = None
   if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
-    kept = to_host(_budgets(method, cache, observations, jnp.asarray(kept, jnp.int32)))
+    budgets, scores = _budgets(method, cache, observations, jnp.asarray(kept, jnp.int32))
+    kept = to_host(budgets)
   paged = final and getattr(method, "layout", None) == "paged"
   capacity = round_capacity(int(kept.max()) + (0 if paged else extra), block)
-  out = _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity)
+  out = _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity, scores)
   if paged:  # only what each head keeps; later tokens go to a window of ``extra`` slots
     from lib.paged import page_cache  # pylint: disable=g-import-not-at-top
     out = page_cache(out, page=method.page, room=extra, block=block)
@@ -142,7 +144,12 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
 
 @functools.partial(jax.jit, static_argnames=("method",))
 def _budgets(method, cache, obs, kept):
-  return method.budgets(cache, obs, kept)
+  """``(budgets [L, B, K], scores [L, B, K, S] or None)``: a method that forms both from one
+  pass (``scores_and_budgets``, AdaKV) hands its scores on, so ``_compress`` does not redo it."""
+  if hasattr(method, "scores_and_budgets"):
+    scores, budgets = method.scores_and_budgets(cache, obs, kept)
+    return budgets, scores
+  return method.budgets(cache, obs, kept), None
 
 
 def merge_chunks(x: jax.Array) -> jax.Array:

@@ -96,20 +96,37 @@ class AdaKV(Ragged, SnapKV):
     return s, win
 
   def scores(self, cache: KVCache, obs):
-    s, win = self.head_scores(cache, obs)
-    return jnp.where(win, forced(cache.positions), s)
+    return self.scores_and_budgets(cache, obs, None)[0]
 
   def budgets(self, cache: KVCache, obs, kept: jax.Array) -> jax.Array:
     """``[L, B, K]`` per-head budgets (window included) summing to the layer's total."""
+    return self.scores_and_budgets(cache, obs, kept)[1]
+
+  def scores_and_budgets(self, cache: KVCache, obs, kept: jax.Array | None):
+    """``scores`` and, for ``kept [L, B, K]`` (the uniform budgets; None: skipped),
+    ``budgets``, from one ``head_scores`` pass (the window attention): ``compress`` takes both
+    together."""
     s, win = self.head_scores(cache, obs)
+    scores = jnp.where(win, forced(cache.positions), s)
+    if kept is None:
+      return scores, None
     n_win = win.sum(-1)  # [L, B, K]
     b = jnp.maximum(kept - n_win, 0)  # uniform non-window budget per head
     l_, bt, k, s_cap = s.shape
-    flat = s.reshape(l_, bt, k * s_cap)
-    order = jnp.argsort(-flat, axis=-1)
-    rank = jnp.argsort(order, axis=-1).reshape(l_, bt, k, s_cap)
-    layer_total = b.sum(-1)  # [L, B]
-    winners = (rank < layer_total[..., None, None]) & jnp.isfinite(s)
-    cnt = winners.sum(-1)
+    winners = top_total(s.reshape(l_, bt, k * s_cap), b.sum(-1)).reshape(s.shape)
+    cnt = (winners & jnp.isfinite(s)).sum(-1)
     alloc = jnp.round(cnt * (1 - self.alpha) + self.alpha * b).astype(jnp.int32)
-    return jnp.minimum(alloc + n_win, cache.lengths)
+    return scores, jnp.minimum(alloc + n_win, cache.lengths)
+
+
+def top_total(flat: jax.Array, total: jax.Array) -> jax.Array:
+  """``flat [..., N]``, ``total [...]`` -> bool ``[..., N]``: the ``total`` largest entries of
+  each row, ties going to the lower index (the first ``total`` of a stable descending argsort),
+  from one sort of the values instead of ranking by two argsorts."""
+  desc = -jnp.sort(-flat, axis=-1)
+  t = jnp.clip(total, 0, flat.shape[-1])[..., None]
+  thr = jnp.take_along_axis(desc, jnp.maximum(t - 1, 0), axis=-1)  # the total-th largest
+  above = flat > thr
+  tied = flat == thr
+  room = t - above.sum(-1, keepdims=True)  # how many of the tied entries still fit
+  return (above | (tied & (jnp.cumsum(tied, axis=-1) <= room))) & (t > 0)
