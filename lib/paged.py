@@ -115,7 +115,8 @@ class PagedStore:
     return keys, values, pos
 
 
-def build(keys, values, positions, lengths, *, page: int, block: int = 512) -> PagedStore:
+def build(keys, values, positions, lengths, *, page: int, block: int = 512,
+          host_lengths: np.ndarray | None = None) -> PagedStore:
   """Pages of a padded cache (host-level: the pool size depends on the lengths).
 
   Args:
@@ -124,13 +125,18 @@ def build(keys, values, positions, lengths, *, page: int, block: int = 512) -> P
     page: slots per page (P).
     block: the model's attention block; the table is padded to a multiple of ``block / P``
       entries (int32s, not pages) so attention reads blocks of ``block`` slots.
+    host_lengths: ``lengths`` as numpy when the caller has them (``methods.compress`` sized the
+      cache from them): no wait for the device to size the pool.
 
   Returns:
     A ``PagedStore`` with ``N = max(1, sum ceil(lengths / P))`` pages.
   """
   if page < 1:
     raise ValueError(f"page must be >= 1 slot, got {page}")
-  need = -(-to_host(lengths).astype(np.int64) // page)  # [L, B, K] pages per head
+  host = to_host(lengths) if host_lengths is None else np.asarray(host_lengths)
+  if host.shape != tuple(lengths.shape):
+    raise ValueError(f"host_lengths {host.shape} must match lengths {tuple(lengths.shape)}")
+  need = -(-host.astype(np.int64) // page)  # [L, B, K] pages per head
   flat = need.ravel()
   per_block = max(block // page, 1)
   m = max(int(flat.max()), 1)
@@ -165,14 +171,17 @@ def _gather(keys, values, positions, lengths, src, table, *, page: int) -> Paged
                     lengths=lengths, page=page)
 
 
-def page_cache(cache, *, page: int, room: int, block: int = 512):
+def page_cache(cache, *, page: int, room: int, block: int = 512,
+               host_lengths: np.ndarray | None = None):
   """``cache`` (a plain ``KVCache`` whose heads hold different numbers of tokens) with every
   kept token moved into a ``PagedStore`` and an empty full-precision window of ``room`` slots
-  (at least 8) for the tokens appended later. Host-level. Returns the new ``KVCache``."""
+  (at least 8) for the tokens appended later. Host-level (``host_lengths``: the cache's
+  ``lengths`` as numpy, if known). Returns the new ``KVCache``."""
   from lib.cache import round_capacity  # pylint: disable=g-import-not-at-top
   from lib.quant.store import check_plain  # pylint: disable=g-import-not-at-top
   check_plain("paged layout", cache)
-  store = build(cache.keys, cache.values, cache.positions, cache.lengths, page=page, block=block)
+  store = build(cache.keys, cache.values, cache.positions, cache.lengths, page=page, block=block,
+                host_lengths=host_lengths)
   window = cache.resize(round_capacity(room), check=False)
   return window.replace(keys=jnp.zeros_like(window.keys), values=jnp.zeros_like(window.values),
                         positions=jnp.full_like(window.positions, -1),

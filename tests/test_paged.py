@@ -97,6 +97,12 @@ def test_build_with_empty_heads_and_odd_lengths():
   blk_k, _, blk_p = store.read(0, 8, 8)  # the second page of each head
   np.testing.assert_array_equal(blk_k[1, 0], np.asarray(keys[0, 1, 0, 8:16]))
   assert (np.asarray(blk_p[1, 0]) == np.arange(8, 16)).all()
+  # The caller's host copy of the lengths (compress has them) gives the same store.
+  same = build(keys, keys * 2, pos, jnp.asarray(lengths), page=8, block=16, host_lengths=lengths)
+  for a, b in zip(jax.tree_util.tree_leaves(store), jax.tree_util.tree_leaves(same)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="host_lengths"):
+    build(keys, keys, pos, jnp.asarray(lengths), page=8, host_lengths=lengths[0])
 
 
 def test_saved_paged_cache_round_trips(tiny, tmp_path):

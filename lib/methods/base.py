@@ -128,7 +128,8 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
   """
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
-  kept = method.kept(to_host(cache.lengths))
+  lengths = to_host(cache.lengths)
+  kept = method.kept(lengths)
   scores = None
   if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
     budgets, scores = _budgets(method, cache, observations, jnp.asarray(kept, jnp.int32))
@@ -138,7 +139,8 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
   out = _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity, scores)
   if paged:  # only what each head keeps; later tokens go to a window of ``extra`` slots
     from lib.paged import page_cache  # pylint: disable=g-import-not-at-top
-    out = page_cache(out, page=method.page, room=extra, block=block)
+    out = page_cache(out, page=method.page, room=extra, block=block,  # lengths as selected
+                     host_lengths=np.minimum(kept, lengths))
   return out
 
 
