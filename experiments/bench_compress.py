@@ -102,7 +102,10 @@ def main(argv):
     row = {"method": name, "baseline_prefill_s": base, "prefill_s": pre, "observe_s": observe_s,
            "compress_s": c, "overhead_fraction": (observe_s + c) / base,
            "load_avg": os.getloadavg()[0],
-           "column_sums": getattr(m.observe, "impl", None)}
+           "column_sums": getattr(m.observe, "impl", None),
+           # the same from each rep's pair (hooked minus the hook-free run just before it):
+           # less sensitive to a lucky best-of than the difference of two minima
+           "observe_paired_median_s": float(np.median(np.subtract(pre_t, base_t)))}
     if getattr(m, "layout", None) == "paged":  # where compress spends it: paging the result
       row["compress_unpaged_s"] = _best(lambda: _timed(lambda: methods.compress(
           m, cache, obs, final=False)), FLAGS.reps)

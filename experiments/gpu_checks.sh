@@ -104,18 +104,18 @@ fi
 if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   # 4. Every method's observe + compress overhead on the twin; h2o / keyformer take the fused
   #    column-sum kernels (--column_sums=kernel; "auto", the default, takes it for h2o only) ...
-  #    Ten reps: at three, the H200's hook-free 4k prefill itself ranged 80-95 ms across rows,
-  #    more than snapkv's whole 7 ms.
+  #    Thirty reps: at ten (e90d9c4) the hook-free prefill's best still ranged 78-93 ms across
+  #    rows, and TOVA's hook, which only copies one query per chunk, "cost" 4 ms.
   step compress 200 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer,tova,snapkv,pyramidkv,adakv,knorm,streaming_llm,expected_attention \
-    --length=4096 --reps=10 --dtype=bfloat16 --column_sums=kernel \
+    --length=4096 --reps=30 --dtype=bfloat16 --column_sums=kernel \
     --out="$OUT_DIR/bench_compress_gpu.json"
   # ... vs the probabilities kept by the attention (the default; 67 % / 100 % on the H200) and
   # the hook's own blockwise XLA pass.
   step compress_kept 60 python3 -m experiments.bench_compress --model=$TWIN \
-    --method=h2o,keyformer --length=4096 --reps=10 --dtype=bfloat16 --column_sums=kept \
+    --method=h2o,keyformer --length=4096 --reps=30 --dtype=bfloat16 --column_sums=kept \
     --out="$OUT_DIR/bench_compress_kept_gpu.json"
   step compress_ownpass 60 python3 -m experiments.bench_compress --model=$TWIN \
-    --method=h2o,keyformer --length=4096 --reps=10 --dtype=bfloat16 --column_sums=own \
+    --method=h2o,keyformer --length=4096 --reps=30 --dtype=bfloat16 --column_sums=own \
     --out="$OUT_DIR/bench_compress_ownpass_gpu.json"
 fi
