@@ -11,6 +11,11 @@ r"""What bounds two of issue 3's targets on this machine, each part timed alone,
   the memory floor of a decode step, and whether XLA's single-row matmuls reach it.
 * ``moments``: expected_attention's observe hook (``query_moments``) alone over 8 chunks x 30
   layers of 512 queries: the part of its overhead that is its arithmetic.
+* ``decode``: the default model's jitted decode loop, tokens per second from 33 vs 1 generated
+  (512 prompt tokens cached), beside the same loop on a model of the same structure (30 layers,
+  9 / 3 heads, tied embedding) with tiny widths (D 72, H 8, F 96, V 512): what a token costs that
+  is not reading weights (the loop's XLA CPU operations, each dispatched in turn); and with those
+  widths but the model's head dim (64): its attention over the cache and the cache's update too.
 * ``kvpress_ceiling``: with ``--vs_kvpress`` (a ``bench_vs_kvpress`` JSON from this machine),
   the best ratio kvlab could reach against kvpress if its decode ran at the GEMV floor above
   (every weight read once a token) and its prefill + compress stayed as measured there.
@@ -18,6 +23,7 @@ r"""What bounds two of issue 3's targets on this machine, each part timed alone,
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import sys
@@ -38,6 +44,8 @@ flags.DEFINE_list("cached", ["1536", "3584"], "Cached keys before the chunk (chu
 flags.DEFINE_integer("reps", 5, "Timed repetitions per variant (median reported).")
 flags.DEFINE_string("vs_kvpress", "results/bench_vs_kvpress_maskbias_cpu.json",
                     "bench_vs_kvpress JSON (this machine) for the ceiling; empty: skip it.")
+flags.DEFINE_list("parts", ["attention", "weights", "moments", "decode"],
+                  "Parts to time (the ceiling needs weights).")
 flags.DEFINE_string("out", "results/bench_cpu_floors_cpu.json", "JSON output.")
 
 L, B, N, K, H, T, S = 30, 1, 9, 3, 64, 512, 4096  # SmolLM2-135M's heads, a 4k cache, 512 chunk
@@ -128,6 +136,44 @@ def moments(reps: int) -> dict:
   return {"chunks": 8, "layers": L, "seconds_per_chunk": per_chunk, "seconds": 8 * per_chunk}
 
 
+def decode(reps: int) -> dict:
+  """Seconds per decoded token of the default model and of its tiny-width twin (``decode``
+  above), each from the difference of 33- and 1-token ``decode_loop`` runs."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  from lib import generate as gen  # pylint: disable=g-import-not-at-top
+  from models.decoder import init_params, make_apply_fn  # pylint: disable=g-import-not-at-top
+
+  lm = models.load("smollm2-135m", progress=False)
+  tiny_cfg = dataclasses.replace(lm.config, hidden_size=72, intermediate_size=96, head_dim=8,
+                                 vocab_size=512,
+                                 rope=dataclasses.replace(lm.config.rope, head_dim=8))
+  # ... and with the model's own head dim: its attention and KV cache, tiny weights otherwise
+  heads_cfg = dataclasses.replace(tiny_cfg, head_dim=lm.config.head_dim, rope=lm.config.rope)
+  twins = {name: (cfg, init_params(cfg, jax.random.PRNGKey(0)),
+                  make_apply_fn(cfg, jnp.float32, lm.attn_block_size, "xla"))
+           for name, cfg in (("tiny_widths", tiny_cfg), ("tiny_widths_model_heads", heads_cfg))}
+  tokens = jnp.arange(100, 612, dtype=jnp.int32)[None] % 512  # 512 prompt tokens
+  lengths = jnp.array([512], jnp.int32)
+  def run(params, cache, logits, apply_fn, n):  # the loop donates its cache: give it a copy
+    return gen.decode_loop(params, jax.tree.map(jnp.copy, cache), logits,
+                           jax.random.PRNGKey(0), apply_fn=apply_fn, max_new_tokens=n)[0]
+
+  fns = {}
+  for name, (cfg, params, apply_fn) in {"model": (lm.config, lm.params, lm.apply_fn),
+                                        **twins}.items():
+    cache = models.LanguageModel(cfg, params, None, apply_fn).new_cache(1, 512 + 40)
+    logits, cache, _ = gen.prefill(params, tokens, lengths, cache, apply_fn=apply_fn,
+                                   chunk_size=512)
+    for n in (1, 33):
+      fns[f"{name}/{n}"] = functools.partial(run, params, cache, logits, apply_fn, n)
+  t = _median_times(fns, (), reps)
+  per = {a: (t[f"{a}/33"] - t[f"{a}/1"]) / 32 for a in ("model", *twins)}
+  return {"cached_tokens": 512, "seconds": t, "s_per_token": per,
+          "tiny_widths_config": {"hidden_size": 72, "intermediate_size": 96, "head_dim": 8,
+                                 "vocab_size": 512}}
+
+
 def kvpress_ceiling(path: str, floor_s_per_token: float) -> list:
   """Per summary row of a ``bench_vs_kvpress`` JSON: kvpress seconds over kvlab's measured
   prefill + compress plus its new tokens at ``floor_s_per_token``."""
@@ -148,16 +194,24 @@ def main(argv):
   del argv
   res = {"benchmark": "bench_cpu_floors", "device": device_description(), "git": git_rev(),
          "jax": jax.__version__, "reps": FLAGS.reps,
-         "attention": [attention(int(c), FLAGS.reps) for c in FLAGS.cached],
-         "weights": weights(FLAGS.reps), "moments": moments(FLAGS.reps),
          "command": " ".join(["python -m experiments.bench_cpu_floors"] + sys.argv[1:])}
-  w = res["weights"]
-  floor = w["model_fp32_bytes"] * w["stacked_gemv_s"] / w["stacked_bytes"]
-  w["decode_floor_s_per_token"] = floor
-  if FLAGS.vs_kvpress:
-    res["kvpress_ceiling"] = {"from": FLAGS.vs_kvpress,
-                              "rows": kvpress_ceiling(FLAGS.vs_kvpress, floor)}
-  for part in ("attention", "weights", "moments", "kvpress_ceiling"):
+  parts = {"attention": lambda: [attention(int(c), FLAGS.reps) for c in FLAGS.cached],
+           "weights": lambda: weights(FLAGS.reps), "moments": lambda: moments(FLAGS.reps),
+           "decode": lambda: decode(FLAGS.reps)}
+  for part in FLAGS.parts:
+    if part not in parts:
+      raise ValueError(f"--parts: unknown {part!r}; choose from {', '.join(parts)}")
+    res[part] = parts[part]()
+  if "weights" in res:
+    w = res["weights"]
+    floor = w["model_fp32_bytes"] * w["stacked_gemv_s"] / w["stacked_bytes"]
+    w["decode_floor_s_per_token"] = floor
+    if FLAGS.vs_kvpress:
+      res["kvpress_ceiling"] = {"from": FLAGS.vs_kvpress,
+                                "rows": kvpress_ceiling(FLAGS.vs_kvpress, floor)}
+    if "decode" in res:
+      res["decode"]["floor_s_per_token"] = floor
+  for part in ("attention", "weights", "moments", "decode", "kvpress_ceiling"):
     print(part, res.get(part))
   write_result(FLAGS.out, res)
 
