@@ -71,6 +71,12 @@ def test_decode_block_shrinks_with_the_batch_and_stays_exact():
   assert decode_block_size(512, 1, 3, 64) == 512  # 0.4 MiB of keys per block
   assert decode_block_size(512, 8, 3, 64) == 128
   assert decode_block_size(512, 64, 8, 128) == 64  # never below 64 slots
+  # Given the capacity: the fewest blocks within 1 MiB (1365 slots here), evenly sized.
+  assert decode_block_size(512, 1, 3, 64, capacity=544) == 544  # one block, not 512 + 512
+  assert decode_block_size(512, 1, 3, 64, capacity=2088) == 1048  # two blocks
+  assert decode_block_size(512, 8, 3, 64, capacity=700) == 144  # five of at most 170 slots
+  assert decode_block_size(512, 64, 8, 128, capacity=104) == 64
+  assert decode_block_size(512, 1, 3, 64, capacity=40) == 40
   rng = np.random.RandomState(0)
   b, kh, g, h, s = 8, 3, 3, 64, 700
   lengths = rng.randint(0, s + 1, size=(b, kh)).astype(np.int32)
