@@ -16,6 +16,7 @@ from lib.methods import accumulated as acc
 from pallas_kernels.column_sums import column_sums, column_sums_reference
 
 INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU
+FUSED = "interpret" if INTERPRET else "kernel"  # the hooks' path through the kernel, likewise
 
 
 def _case(rng, b, k, r, s, h, dtype, positions):
@@ -80,14 +81,14 @@ def tiny(tiny_dir):
 @pytest.mark.parametrize("name", ["h2o", "keyformer"])
 def test_hooks_with_the_kernel_equal_the_kept_probabilities(tiny, monkeypatch, name):
   """H2O's and Keyformer's observations through the model's chunked prefill: the kernel path
-  (``interpret`` on CPU) == the kept-probability path == the hook's own pass, and the same
+  (``FUSED``: interpreted on CPU, compiled on a GPU) == the kept-probability path == the hook's own pass, and the same
   tokens are kept; a padded second row (ragged lengths) included."""
   rng = np.random.RandomState(3)
   prompts = [rng.randint(0, 160, size=27).tolist(), rng.randint(0, 160, size=19).tolist()]
   tokens, lengths = gen.pad_batch(prompts, 8)
   tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
   got = {}
-  for impl in ("kept", "own", "interpret"):
+  for impl in ("kept", "own", FUSED):
     monkeypatch.setattr(acc, "COLUMN_SUMS", impl)
     method = methods.make(name, ratio=0.5)
     assert method.observe.impl == impl
@@ -95,7 +96,7 @@ def test_hooks_with_the_kernel_equal_the_kept_probabilities(tiny, monkeypatch, n
     _, cache, obs = gen.prefill(tiny.params, tokens, lengths, cache, apply_fn=tiny.apply_fn,
                                 chunk_size=8, observe=method.observe)
     got[impl] = (np.asarray(obs), np.asarray(methods.compress(method, cache, obs).positions))
-  for impl in ("own", "interpret"):
+  for impl in ("own", FUSED):
     np.testing.assert_allclose(got[impl][0], got["kept"][0], rtol=2e-5, atol=1e-6)
     np.testing.assert_array_equal(got[impl][1], got["kept"][1])
   assert got["kept"][0].sum() > 1.0
@@ -110,16 +111,17 @@ def test_hooks_with_the_kernel_equal_the_kept_probabilities(tiny, monkeypatch, n
 
 
 def test_decode_time_and_during_prefill_paths_take_the_kernel_alike(tiny, monkeypatch):
-  """The kernel (``interpret``) in the two other places the hooks run: H2O / TOVA evicting one
-  token per decode step (T = 1 rows), and H2O / Keyformer compressing during chunked prefill
-  (scores carried per slot). Same tokens and caches as the kept-probability path."""
+  """The kernel (``FUSED``: compiled on a GPU) in the two other places the hooks run: H2O /
+  TOVA evicting one token per decode step (T = 1 rows), and H2O / Keyformer compressing during
+  chunked prefill (scores carried per slot). Same tokens and caches as the kept-probability
+  path."""
   from lib.online import online_capacity, prefill_compressing  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(13)
   ids = rng.randint(0, 160, size=20).tolist()
   prompts = [rng.randint(0, 160, size=n).tolist() for n in (40, 29)]
   c = tiny.config
   got = {}
-  for impl in ("kept", "interpret"):
+  for impl in ("kept", FUSED):
     monkeypatch.setattr(acc, "COLUMN_SUMS", impl)
     for name in ("h2o", "tova"):
       method = methods.make(name, budget=10)
