@@ -95,6 +95,61 @@ def test_adakv_budgets_move_between_heads(tiny):
       assert set(range(44, 48)) <= set(p[: lens[l, k]].tolist())
 
 
+@pytest.mark.parametrize("scorer", methods.budgets.ADAKV_SCORERS)
+def test_adakv_takes_budgets_from_any_scorer(tiny, scorer):
+  """``adakv:scorer=X``: the layer's budget is shared between heads by X's per-head scores
+  (METHODS.md §2.5's formula, evaluated here in numpy), and what X forces in stays."""
+  ids = np.random.RandomState(13).randint(0, 160, size=160).tolist()  # SnapKV's window: 32
+  m = methods.make(f"adakv:scorer={scorer}:layout=padded", ratio=0.25)
+  assert m.scorer == scorer
+  cache, obs = _prefill(tiny, ids, 8, m.observe)
+  free, forced, scores = (np.asarray(x)[:, 0] for x in m.head_scores(cache, obs))  # [L, K, S]
+  small = methods.compress(m, cache, obs)
+  lens = np.asarray(small.lengths)[:, 0]  # [L, K]
+  uniform, alpha, n = 40, 0.2, len(ids)
+  n_forced = np.minimum(forced[..., :n].sum(-1), uniform)
+  b = uniform - n_forced
+  moved = False
+  for l in range(lens.shape[0]):
+    s = free[l, :, :n]
+    flat = np.sort(s.ravel())[::-1]
+    total = int(b[l].sum())
+    assert total > 0
+    cut = flat[total - 1]
+    # Count winners as top_total does: strictly above the cut, then ties by index.
+    above = s > cut
+    room = total - above.sum()
+    tied = np.cumsum((s == cut).ravel()).reshape(s.shape) <= room
+    cnt = (above | ((s == cut) & tied)).sum(-1)
+    want = np.minimum(np.round(cnt * (1 - alpha) + alpha * b[l]) + n_forced[l], n)
+    np.testing.assert_array_equal(lens[l], want, err_msg=f"layer {l}")
+    moved |= len(set(lens[l].tolist())) > 1
+    for k in range(lens.shape[1]):
+      p = set(np.asarray(small.positions[l, 0, k, : lens[l, k]]).tolist())
+      order = np.argsort(-scores[l, k, :n], kind="stable")
+      assert p == set(order[: lens[l, k]].tolist()), (l, k)  # each head keeps its own top
+  if scorer in ("snapkv", "tova", "h2o", "keyformer", "knorm", "expected_attention"):
+    assert moved  # scores that differ by head move budget between heads
+  np.testing.assert_allclose(lens.sum(-1), uniform * lens.shape[1], atol=lens.shape[1])
+
+
+def test_adakv_scorer_options_and_errors():
+  tova = methods.make("adakv:scorer=tova", ratio=0.5)
+  assert isinstance(tova.inner, methods.TOVA) and tova.inner.ratio == 0.5
+  assert methods.make("adakv", ratio=0.5).inner is None  # the built-in SnapKV scores
+  # The scorer's compress-during-prefill hooks come through; hasattr sees the ones it lacks.
+  assert hasattr(methods.make("adakv:scorer=h2o", ratio=0.5), "carried_scores")
+  assert hasattr(methods.make("adakv:scorer=expected_attention", ratio=0.5), "accumulate")
+  assert not hasattr(tova, "carried_scores") and not hasattr(tova, "accumulate")
+  assert not hasattr(tova, "update")  # prefill only: a ragged cache evicts nothing later
+  with pytest.raises(ValueError, match="scorer must be one of .*tova"):
+    methods.make("adakv:scorer=kivi", ratio=0.5)
+  with pytest.raises(ValueError, match="scorer must be one of"):
+    methods.make("adakv:scorer=pyramidkv", ratio=0.5)
+  with pytest.raises(ValueError, match=r"alpha .* \[0, 1\]"):
+    methods.make("adakv:alpha=1.5", ratio=0.5)
+
+
 def _pre_queries(layer, x, cache):
   return x.q_pre
 

@@ -109,7 +109,9 @@ def select(cache: KVCache, scores: jax.Array, kept: jax.Array, capacity: int) ->
 
 @functools.partial(jax.jit, static_argnames=("method", "capacity"))
 def _compress(method, cache, obs, kept, capacity, scores=None):
-  if hasattr(method, "carried_scores"):  # decode-time methods keep their statistic per slot
+  if hasattr(method, "carried_scores") and hasattr(method, "update"):
+    # decode-time methods keep their statistic per slot (AdaKV over H2O carries it only while
+    # compressing during prefill: its ragged cache does no decode-time eviction)
     cache = cache.replace(scores=method.carried_scores(cache, obs))
   return select(cache, method.scores(cache, obs) if scores is None else scores, kept, capacity)
 

@@ -1,4 +1,5 @@
-"""Budget allocators: PyramidKV (per layer) and AdaKV (per head), both on SnapKV scores.
+"""Budget allocators: PyramidKV (per layer, on SnapKV scores) and AdaKV (per head, on any
+prefill scorer's scores; SnapKV's by default).
 
 Their budgets differ by layer or head, so by default (``layout="paged"``) the compressed cache
 stores only what each head keeps: a ``lib.paged.PagedStore`` (pages of ``page`` slots listed
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib.cache import KVCache
-from lib.methods.base import forced
+from lib.methods.base import FORCED_BASE, forced
 from lib.methods.eviction import SnapKV
 from lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
                                 window_queries)
@@ -70,19 +71,80 @@ class PyramidKV(Ragged, SnapKV):
     return out
 
 
+# Scorers AdaKV can take budgets from: prefill scorers whose scores are per (layer, row, head,
+# slot). Ragged ones (pyramidkv, adakv) and quantizers / low-rank methods are not scorers.
+ADAKV_SCORERS = ("snapkv", "tova", "h2o", "keyformer", "knorm", "expected_attention",
+                 "streaming_llm")
+
+
 @dataclasses.dataclass(frozen=True)
 class AdaKV(Ragged, SnapKV):
-  """Ada-KV (Feng et al. 2024) on SnapKV scores: heads of a layer compete for the layer's
-  budget (top ``K * b`` of the concatenated per-head scores), with a safeguard floor
-  ``alpha`` of the uniform budget per head. Choices: scores use the window *mean* and max
-  pooling (kernel 7), as the authors' code; ``alpha = 0.2`` (KVCache-Factory / kvpress)."""
+  """Ada-KV (Feng et al. 2024): heads of a layer compete for the layer's budget (top ``K * b``
+  of the concatenated per-head scores), with a safeguard floor ``alpha`` of the uniform budget
+  per head. ``scorer`` names the method whose scores are compared (any of ``ADAKV_SCORERS``;
+  ``adakv:scorer=tova`` on the command line), as the paper pairs it with several.
+
+  Choices: with ``scorer="snapkv"`` (the default) scores use the window *mean* and max pooling
+  (kernel 7), as the authors' code; ``alpha = 0.2`` (KVCache-Factory / kvpress). Slots the
+  scorer forces in (SnapKV's window, H2O's recent tokens, StreamingLLM's sinks: scores at or
+  above ``FORCED_BASE``) count against their head's budget and are not competed for. TOVA's own
+  scores are one set per layer (the mean over every head), which would leave nothing to move
+  between heads, so AdaKV takes its per-kv-head variant (``TOVA.head_scores``: the mean over the
+  head's query group). Budgets follow the formula of KVCache-Factory (each head keeps
+  ``alpha * b`` plus ``1 - alpha`` of what it won); kvpress instead forces each head's top
+  ``alpha * b`` and then competes for the rest.
+  """
 
   alpha: float = 0.2
   kernel: int = 7
   pooling: str = "max"
+  scorer: str = "snapkv"
   name = "adakv"
 
+  def __post_init__(self):
+    super().__post_init__()
+    if self.scorer not in ADAKV_SCORERS:
+      raise ValueError(f"adakv: scorer must be one of {', '.join(ADAKV_SCORERS)} (a prefill "
+                       f"scorer with per-head scores), got {self.scorer!r}: e.g. "
+                       "--method=adakv:scorer=tova")
+    if not 0.0 <= self.alpha <= 1.0:
+      raise ValueError(f"adakv: alpha is the fraction of the uniform budget every head keeps "
+                       f"and must be in [0, 1], got {self.alpha}")
+
+  @property
+  def inner(self):
+    """The scoring method (with this budget), or None for the built-in SnapKV scores."""
+    if self.scorer == "snapkv":
+      return None
+    from lib.methods import REGISTRY  # pylint: disable=g-import-not-at-top (circular)
+    return REGISTRY[self.scorer](ratio=self.ratio, budget=self.budget)
+
+  @property
+  def observe(self):
+    inner = self.inner
+    return SnapKV.observe.fget(self) if inner is None else inner.observe
+
+  # Online (compress-during-prefill) hooks of the scorer, where it has them: a property that
+  # raises AttributeError reads as absent to ``hasattr``, as the callers test.
+  @property
+  def carried_scores(self):
+    return getattr(self.inner, "carried_scores")  # H2O: column sums carried per slot
+
+  @property
+  def accumulate(self):
+    return getattr(self.inner, "accumulate")  # expected attention: query moments
+
   def head_scores(self, cache: KVCache, obs):
+    """``(free [L, B, K, S], forced [L, B, K, S] bool, scores [L, B, K, S])``: the per-head
+    scores competed for (-inf where forced or invalid), the slots forced in, and the scores
+    ``select`` ranks each head's slots by."""
+    valid = jnp.arange(cache.capacity) < cache.lengths[..., None]
+    inner = self.inner
+    if inner is not None:
+      s = (inner.head_scores if hasattr(inner, "head_scores") else inner.scores)(cache, obs)
+      s = s.astype(jnp.float32)
+      win = s >= FORCED_BASE
+      return jnp.where(valid & ~win, s, -jnp.inf), win, s
     q, qpos = window_queries(obs, self.window)
     a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
     n_q = jnp.maximum((qpos >= 0).sum(-1), 1)[:, :, None, None, None]
@@ -91,27 +153,24 @@ class AdaKV(Ragged, SnapKV):
     win = in_window(cache, qpos, self.window)
     vote = jnp.where(win, 0.0, vote)  # pool the pre-window columns only (METHODS.md §2.5)
     s = (max_pool if self.pooling == "max" else avg_pool)(vote, self.kernel)
-    valid = jnp.arange(cache.capacity) < cache.lengths[..., None]
-    s = jnp.where(valid & ~win, s, -jnp.inf)
-    return s, win
+    return jnp.where(valid & ~win, s, -jnp.inf), win, jnp.where(win, forced(cache.positions), s)
 
   def scores(self, cache: KVCache, obs):
-    return self.scores_and_budgets(cache, obs, None)[0]
+    return self.head_scores(cache, obs)[2]
 
   def budgets(self, cache: KVCache, obs, kept: jax.Array) -> jax.Array:
-    """``[L, B, K]`` per-head budgets (window included) summing to the layer's total."""
+    """``[L, B, K]`` per-head budgets (forced slots included) summing to the layer's total."""
     return self.scores_and_budgets(cache, obs, kept)[1]
 
   def scores_and_budgets(self, cache: KVCache, obs, kept: jax.Array | None):
     """``scores`` and, for ``kept [L, B, K]`` (the uniform budgets; None: skipped),
     ``budgets``, from one ``head_scores`` pass (the window attention): ``compress`` takes both
     together."""
-    s, win = self.head_scores(cache, obs)
-    scores = jnp.where(win, forced(cache.positions), s)
+    s, win, scores = self.head_scores(cache, obs)
     if kept is None:
       return scores, None
-    n_win = win.sum(-1)  # [L, B, K]
-    b = jnp.maximum(kept - n_win, 0)  # uniform non-window budget per head
+    n_win = jnp.minimum(win.sum(-1), kept)  # [L, B, K]
+    b = jnp.maximum(kept - n_win, 0)  # uniform non-forced budget per head
     l_, bt, k, s_cap = s.shape
     winners = top_total(s.reshape(l_, bt, k * s_cap), b.sum(-1)).reshape(s.shape)
     cnt = (winners & jnp.isfinite(s)).sum(-1)

@@ -96,6 +96,13 @@ class TOVA(Method):
     s = a.mean(axis=(2, 3, 4))  # [L, B, S]: mean over every query head
     return jnp.broadcast_to(s[:, :, None, :], cache.positions.shape)
 
+  def head_scores(self, cache: KVCache, obs):
+    """``[L, B, K, S]``: the last query's attention averaged over each kv head's query group
+    only: the per-head variant AdaKV compares across heads (``adakv:scorer=tova``); TOVA's own
+    ``scores`` average over every head of the layer."""
+    q, qpos = window_queries(obs, 1)
+    return window_attention(cache, q, qpos).mean(axis=(3, 4))
+
   @property
   def decode_observe(self):
     return column_sums()
