@@ -133,10 +133,42 @@ def test_adakv_takes_budgets_from_any_scorer(tiny, scorer):
   np.testing.assert_allclose(lens.sum(-1), uniform * lens.shape[1], atol=lens.shape[1])
 
 
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_tova_head_scores_reduce_the_query_group(tiny, gqa):
+  """TOVA's per-kv-head scores (AdaKV's): the last query's softmax over the prompt, per query
+  head in numpy, reduced over each kv head's group by ``gqa``; TOVA's own scores stay the mean
+  over every head of the layer."""
+  ids = np.random.RandomState(14).randint(0, 160, size=27).tolist()
+  c = tiny.config
+  n, g = len(ids), c.num_heads // c.num_kv_heads
+  cache, q_all = _prefill(tiny, ids, 64, _all_queries)
+  q = np.asarray(q_all)[0][:, 0, n - 1].astype(np.float64)  # [L, N, H]: the last query
+  keys = np.asarray(cache.keys)[:, 0, :, :n].astype(np.float64)  # [L, K, n, H]
+  z = np.einsum("lkgh,lksh->lkgs", q.reshape(c.num_layers, c.num_kv_heads, g, -1), keys)
+  p = np.exp(z / np.sqrt(c.head_dim) - (z / np.sqrt(c.head_dim)).max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)  # [L, K, G, n]
+  m = methods.make(f"tova:gqa={gqa}", ratio=0.5)
+  _, obs = _prefill(tiny, ids, 8, m.observe)
+  got = np.asarray(m.head_scores(cache, obs))[:, 0, :, :n]
+  np.testing.assert_allclose(got, p.mean(2) if gqa == "mean" else p.max(2), rtol=1e-4,
+                             atol=1e-7)
+  layer = np.asarray(m.scores(cache, obs))[:, 0, :, :n]
+  np.testing.assert_allclose(layer, np.broadcast_to(p.mean((1, 2))[:, None], layer.shape),
+                             rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova", "expected_attention", "adakv"])
+def test_gqa_option_is_checked(name):
+  assert methods.make(f"{name}:gqa=max", ratio=0.5).gqa == "max"
+  with pytest.raises(ValueError, match="gqa .* must be one of mean, max.*gqa=max"):
+    methods.make(f"{name}:gqa=sum", ratio=0.5)
+
+
 def test_adakv_scorer_options_and_errors():
   tova = methods.make("adakv:scorer=tova", ratio=0.5)
   assert isinstance(tova.inner, methods.TOVA) and tova.inner.ratio == 0.5
   assert methods.make("adakv", ratio=0.5).inner is None  # the built-in SnapKV scores
+  assert methods.make("adakv:scorer=tova:gqa=max", ratio=0.5).inner.gqa == "max"
   # The scorer's compress-during-prefill hooks come through; hasattr sees the ones it lacks.
   assert hasattr(methods.make("adakv:scorer=h2o", ratio=0.5), "carried_scores")
   assert hasattr(methods.make("adakv:scorer=expected_attention", ratio=0.5), "accumulate")
@@ -154,8 +186,10 @@ def _pre_queries(layer, x, cache):
   return x.q_pre
 
 
-def test_expected_attention_matches_formula(tiny):
-  """Gaussian expected attention from all pre-RoPE prompt queries, straight in numpy."""
+@pytest.mark.parametrize("gqa", ["mean", "max"])
+def test_expected_attention_matches_formula(tiny, gqa):
+  """Gaussian expected attention from all pre-RoPE prompt queries, straight in numpy; each kv
+  head's query group reduced by ``gqa``."""
   from lib.rope import base_inv_freq  # pylint: disable=g-import-not-at-top
 
   ids = np.random.RandomState(12).randint(0, 160, size=30).tolist()
@@ -174,7 +208,8 @@ def test_expected_attention_matches_formula(tiny):
   rot[: h // 2, h // 2:] = -np.eye(h // 2)
   r = np.mean([np.diag(cc) + np.diag(ss) @ rot for cc, ss in zip(cos, sin)], 0)
   g = c.num_heads // c.num_kv_heads
-  want = np.zeros((c.num_layers, c.num_kv_heads, n))
+  want = np.zeros((c.num_layers, c.num_kv_heads, n)) if gqa == "mean" else np.full(
+      (c.num_layers, c.num_kv_heads, n), -np.inf)
   for l in range(c.num_layers):
     for head in range(c.num_heads):
       qs = q[l, sinks:, head]
@@ -184,10 +219,14 @@ def test_expected_attention_matches_formula(tiny):
       k = keys[l, head // g, sinks:]
       z = k @ mu / np.sqrt(h) + np.einsum("sh,hj,sj->s", k, cov, k) / (2 * h)
       p = np.exp(z - z.max())
-      want[l, head // g, sinks:] += p / p.sum() / g
+      p = p / p.sum()
+      if gqa == "mean":
+        want[l, head // g, sinks:] += p / g
+      else:
+        want[l, head // g, sinks:] = np.maximum(want[l, head // g, sinks:], p)
   want[..., sinks:] *= np.linalg.norm(vals[..., sinks:, :], axis=-1)
   want[..., :sinks] = np.inf
-  m = methods.ExpectedAttention(ratio=0.5, future=fut, sinks=sinks)
+  m = methods.make(f"expected_attention:future={fut}:sinks={sinks}:gqa={gqa}", ratio=0.5)
   cache8, obs = _prefill(tiny, ids, 8, m.observe)  # chunked moments
   got = np.asarray(m.scores(cache8, obs))[:, 0, :, :n]
   np.testing.assert_allclose(got[..., sinks:], want[..., sinks:], rtol=2e-3, atol=1e-6)

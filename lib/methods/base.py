@@ -36,6 +36,16 @@ NEG_INF = -jnp.inf
 FORCED_BASE = float(2 ** 23)
 
 
+# GQA aggregation: how scores of the query heads sharing a kv head become that head's score.
+GQA = ("mean", "max")
+
+
+def reduce_group(x: jax.Array, gqa: str, axis: int) -> jax.Array:
+  """Reduces the query-group axis ``axis`` of per-query-head scores by ``gqa`` ('mean' or
+  'max'), so the cache is never expanded to query heads."""
+  return x.mean(axis) if gqa == "mean" else x.max(axis)
+
+
 def forced(positions: jax.Array) -> jax.Array:
   """Keep-score of forced slots: ``2**23 + position``."""
   return FORCED_BASE + positions.astype(jnp.float32)
@@ -60,6 +70,10 @@ class Method:
                        f"(0, 1], got {self.ratio}")
     if self.budget is not None and self.budget < 1:
       raise ValueError(f"{self.name}: budget must be >= 1 token, got {self.budget}")
+    if getattr(self, "gqa", "mean") not in GQA:
+      raise ValueError(f"{self.name}: gqa (how a kv head's query group is reduced) must be "
+                       f"one of {', '.join(GQA)}, got {getattr(self, 'gqa')!r}: e.g. "
+                       f"--method={self.name}:gqa=max")
 
   # -- budget policy -----------------------------------------------------------------------
   def kept(self, lengths: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib.cache import KVCache
-from lib.methods.base import FORCED_BASE, forced
+from lib.methods.base import FORCED_BASE, forced, reduce_group
 from lib.methods.eviction import SnapKV
 from lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
                                 window_queries)
@@ -90,9 +90,10 @@ class AdaKV(Ragged, SnapKV):
   above ``FORCED_BASE``) count against their head's budget and are not competed for. TOVA's own
   scores are one set per layer (the mean over every head), which would leave nothing to move
   between heads, so AdaKV takes its per-kv-head variant (``TOVA.head_scores``: the mean over the
-  head's query group). Budgets follow the formula of KVCache-Factory (each head keeps
-  ``alpha * b`` plus ``1 - alpha`` of what it won); kvpress instead forces each head's top
-  ``alpha * b`` and then competes for the rest.
+  head's query group). ``gqa`` goes to scorers that take it (SnapKV, TOVA, expected
+  attention; H2O's and Keyformer's column sums are group means). Budgets follow the formula of
+  KVCache-Factory (each head keeps ``alpha * b`` plus ``1 - alpha`` of what it won); kvpress
+  instead forces each head's top ``alpha * b`` and then competes for the rest.
   """
 
   alpha: float = 0.2
@@ -117,7 +118,9 @@ class AdaKV(Ragged, SnapKV):
     if self.scorer == "snapkv":
       return None
     from lib.methods import REGISTRY  # pylint: disable=g-import-not-at-top (circular)
-    return REGISTRY[self.scorer](ratio=self.ratio, budget=self.budget)
+    cls = REGISTRY[self.scorer]
+    own = {"gqa": self.gqa} if "gqa" in {f.name for f in dataclasses.fields(cls)} else {}
+    return cls(ratio=self.ratio, budget=self.budget, **own)
 
   @property
   def observe(self):
@@ -149,7 +152,7 @@ class AdaKV(Ragged, SnapKV):
     a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
     n_q = jnp.maximum((qpos >= 0).sum(-1), 1)[:, :, None, None, None]
     vote = a.sum(-2) / n_q  # mean over window queries
-    vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)
+    vote = reduce_group(vote, self.gqa, 3)
     win = in_window(cache, qpos, self.window)
     vote = jnp.where(win, 0.0, vote)  # pool the pre-window columns only (METHODS.md §2.5)
     s = (max_pool if self.pooling == "max" else avg_pool)(vote, self.kernel)

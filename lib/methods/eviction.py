@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from lib.cache import KVCache
 from lib.methods.accumulated import column_sums
-from lib.methods.base import Method, evict_one, forced
+from lib.methods.base import Method, evict_one, forced, reduce_group
 from lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
                                 window_queries)
 
@@ -67,9 +67,7 @@ class SnapKV(Method):
     q, qpos = window_queries(obs, self.window)
     a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
     vote = a.sum(-2)  # [L, B, K, G, S]: summed over the window queries
-    if self.gqa not in ("mean", "max"):
-      raise ValueError(f"snapkv: gqa must be 'mean' or 'max', got {self.gqa!r}")
-    vote = vote.mean(3) if self.gqa == "mean" else vote.max(3)  # [L, B, K, S]
+    vote = reduce_group(vote, self.gqa, 3)  # [L, B, K, S]
     win = in_window(cache, qpos, self.window)
     # Pool the pre-window columns only (METHODS.md §2.3 pools A[..., :n-w]): the window's
     # own columns are zero padding here, not neighbours of the last pre-window tokens.
@@ -82,8 +80,10 @@ class SnapKV(Method):
 @dataclasses.dataclass(frozen=True)
 class TOVA(Method):
   """TOVA (Oren et al. 2024) at the end of prefill: keep the tokens the last prompt query
-  attends to most, averaged over all query heads of the layer (one token set per layer)."""
+  attends to most, averaged over all query heads of the layer (one token set per layer).
+  ``gqa`` reduces a kv head's query group in ``head_scores`` (AdaKV's per-head variant) only."""
 
+  gqa: str = "mean"
   name = "tova"
 
   @property
@@ -97,11 +97,11 @@ class TOVA(Method):
     return jnp.broadcast_to(s[:, :, None, :], cache.positions.shape)
 
   def head_scores(self, cache: KVCache, obs):
-    """``[L, B, K, S]``: the last query's attention averaged over each kv head's query group
-    only: the per-head variant AdaKV compares across heads (``adakv:scorer=tova``); TOVA's own
-    ``scores`` average over every head of the layer."""
+    """``[L, B, K, S]``: the last query's attention reduced over each kv head's query group
+    only (``gqa``): the per-head variant AdaKV compares across heads (``adakv:scorer=tova``);
+    TOVA's own ``scores`` average over every head of the layer."""
     q, qpos = window_queries(obs, 1)
-    return window_attention(cache, q, qpos).mean(axis=(3, 4))
+    return reduce_group(window_attention(cache, q, qpos)[..., 0, :], self.gqa, 3)
 
   @property
   def decode_observe(self):

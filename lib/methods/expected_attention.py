@@ -5,8 +5,9 @@ Query statistics (mean and covariance of pre-RoPE queries, first ``sinks`` token
 accumulated chunk by chunk during prefill (sums and outer-product sums, so chunking is exact).
 The RoPE rotation averaged over the next ``future`` positions is applied to them; with a
 Gaussian query model, ``E[exp(q.k / sqrt(d))] = exp(mu.k / sqrt(d) + k^T Sigma k / (2 d))``,
-softmaxed over keys, averaged over each GQA group and scaled by ``||v||``. Sinks are always kept.
-Choices follow kvpress 0.5.5 defaults: future 512, sinks 4, covariance and value norm on.
+softmaxed over keys, averaged over each GQA group (``gqa="max"``: their max) and scaled by
+``||v||``. Sinks are always kept. Choices follow kvpress 0.5.5 defaults: future 512, sinks 4,
+covariance and value norm on, group mean.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.cache import KVCache
-from lib.methods.base import Method
+from lib.methods.base import Method, reduce_group
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,6 +63,7 @@ class ExpectedAttention(Method):
   sinks: int = 4
   use_covariance: bool = True
   use_vnorm: bool = True
+  gqa: str = "mean"
   name = "expected_attention"
 
   @property
@@ -97,7 +99,8 @@ class ExpectedAttention(Method):
         z = z + jnp.einsum("BKSH,BKGHJ,BKSJ->BKGS", k, cg, k) / (2 * h)
       valid = (jnp.arange(k.shape[2])[None, None] < lens[..., None]) & (pos >= self.sinks)
       z = jnp.where(valid[:, :, None], z, -jnp.inf)
-      p = jnp.where(valid[:, :, None], jax.nn.softmax(z, -1), 0.0).mean(2)  # [B, K, S]
+      p = reduce_group(jnp.where(valid[:, :, None], jax.nn.softmax(z, -1), 0.0), self.gqa,
+                       2)  # [B, K, S]
       if self.use_vnorm:
         p = p * jnp.linalg.norm(vals.astype(jnp.float32), axis=-1)
       return jnp.where((pos < self.sinks) & (pos >= 0), jnp.inf, p)
