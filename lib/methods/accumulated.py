@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lib.attention import cache_block, store_block_size
+from lib.attention import block_scores, cache_block, store_block_size
 from lib.gumbel import gumbel_noise, hash_salts, query_head_ids
 from lib.cache import KVCache
 from lib.methods.base import Method, evict_one, forced
@@ -189,7 +189,7 @@ def _column_sums(layer, x, cache, block: int = 512, gumbel=None):
   def scored(kb, pb, ok):  # one block of keys -> (logits, allowed) [B, K, G, T, bs]
     kpos = pb[:, :, None, None, :]
     ok = ok[:, :, None, None, :] & qok & window_ok(kpos)
-    return logits(jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb.astype(f32)), kpos), ok
+    return logits(block_scores(qg, kb.astype(f32)), kpos), ok
 
   # Parts of the cache: (slots, block size, blocks to visit, block i -> (start, logits, ok)).
   s_cap = cache.capacity
