@@ -9,7 +9,9 @@ head dim 64, a 512-token chunk: 1536 query rows per kv head, against ``--slots``
 
 * ``column_plain`` / ``column_gumbel``: ``pallas_kernels.column_sums.column_sums`` without and
   with Keyformer's hashed noise (tau 1);
-* ``row_plain`` / ``row_gumbel``: ``row_lse``, the row pass Keyformer takes first;
+* ``row_plain`` / ``row_gumbel``: ``row_lse``, the row pass Keyformer takes first, split over
+  the key blocks (its default partitions; ``row_*_p1``: one program walks every key block, the
+  kernel before 2026-11-28);
 * ``dense_*``: the jitted jnp references of the same (XLA, ``T x S`` in memory), for scale;
   each kernel row also gives its largest difference from them, relative to their largest value.
 
@@ -37,6 +39,9 @@ flags.DEFINE_integer("head_dim", 64, "head dim (H).")
 flags.DEFINE_integer("chunk", 512, "query tokens in the chunk (rows per kv head: chunk x G).")
 flags.DEFINE_integer("slots", 4096, "key slots: the chunk is the last `chunk` of them.")
 flags.DEFINE_list("blocks", ["64x64"], "block_q x block_k shapes to time.")
+flags.DEFINE_list("row_partitions", ["auto", "1"],
+                  "row_lse split-K partitions to time ('auto': the kernel's default; other "
+                  "than auto, the rows are named row_*_p<N>).")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "q / keys dtype.")
 flags.DEFINE_integer("reps", 20, "timed calls per path (best of).")
 flags.DEFINE_bool("interpret", False, "run the kernels in interpret mode (CPU smoke test).")
@@ -68,7 +73,8 @@ def _lses(q, keys, q_pos, k_pos, k_ok, w, salts):
           cs.row_lse_reference(q, q_pos, keys, k_pos, k_ok, tau=1.0, salts=salts))
 
 
-def _paths(q, keys, q_pos, k_pos, k_ok, w, salts, lses, block_q, block_k, interpret):
+def _paths(q, keys, q_pos, k_pos, k_ok, w, salts, lses, block_q, block_k, interpret,
+           row_partitions=("auto",)):
   """name -> jitted zero-argument call of the kernels."""
   kw = dict(block_q=block_q, block_k=block_k, interpret=interpret)
   g1 = dict(tau=1.0, salts=salts)
@@ -77,9 +83,13 @@ def _paths(q, keys, q_pos, k_pos, k_ok, w, salts, lses, block_q, block_k, interp
       "column_plain": lambda: cs.column_sums(q, lse_plain, q_pos, w, keys, k_pos, k_ok, **kw),
       "column_gumbel": lambda: cs.column_sums(q, lse_gumbel, q_pos, w, keys, k_pos, k_ok,
                                               **g1, **kw),
-      "row_plain": lambda: cs.row_lse(q, q_pos, keys, k_pos, k_ok, **kw),
-      "row_gumbel": lambda: cs.row_lse(q, q_pos, keys, k_pos, k_ok, **g1, **kw),
   }
+  for p in row_partitions:
+    rk = dict(kw, partitions=None if p == "auto" else int(p))
+    tag = "" if p == "auto" else f"_p{int(p)}"
+    paths["row_plain" + tag] = lambda rk=rk: cs.row_lse(q, q_pos, keys, k_pos, k_ok, **rk)
+    paths["row_gumbel" + tag] = lambda rk=rk: cs.row_lse(q, q_pos, keys, k_pos, k_ok, **g1,
+                                                         **rk)
   return {name: jax.jit(f) for name, f in paths.items()}
 
 
@@ -118,7 +128,7 @@ def main(argv):
   timed = {}
   for spec in FLAGS.blocks:
     bq, bk = (int(v) for v in spec.lower().split("x"))
-    for name, f in _paths(*args, lses, bq, bk, FLAGS.interpret).items():
+    for name, f in _paths(*args, lses, bq, bk, FLAGS.interpret, FLAGS.row_partitions).items():
       timed[(name, spec)] = f
   for name, f in _dense_paths(*args, lses).items():
     timed[(name, None)] = f
@@ -128,8 +138,11 @@ def main(argv):
            "row_gumbel": "dense_row_gumbel"}
   for (name, spec), sec in best.items():
     row = {"path": name, "blocks": spec, "seconds": sec, "ns_per_pair": sec / pairs * 1e9}
-    if name in dense:  # what was timed computes what the reference does
-      ref = outs[(dense[name], None)]
+    if name.startswith("row_") and name.rpartition("_p")[2].isdigit():
+      row["partitions"] = int(name.rpartition("_p")[2])
+    base = name.rpartition("_p")[0] if "partitions" in row else name
+    if base in dense:  # what was timed computes what the reference does
+      ref = outs[(dense[base], None)]
       row["max_rel_diff_vs_dense"] = float(np.max(np.abs(outs[(name, spec)] - ref))
                                            / max(np.max(np.abs(ref)), 1e-30))
     rows.append(row)

@@ -17,12 +17,16 @@ The hooks take it by default on one GPU for the plain sums (``lib.methods.accumu
 = "auto"``; ``"kernel"`` forces it). On an H200 at 4k, bf16, it brought H2O's overhead from 63 %
 of the prefill (kept probabilities) to 3.0 % (``results/bench_compress_twin_bf16_*_h200.json``).
 Keyformer's path through it (``row_lse`` then the Gumbel column pass) measured 123 %, slower than
-kept (87 %), so "auto" leaves Keyformer on kept; why it is slow has not been profiled.
+kept (87 %), so "auto" leaves Keyformer on kept; why it is slow has not been profiled. The
+likely cause, the row pass running as few programs as there are row blocks (72 at that shape),
+each walking every key block, is split over the key blocks since 2026-11-28 (``row_lse``'s
+``partitions``), not yet timed on a GPU.
 
 Keyformer's Gumbel-softmax takes the same pass over its own logits ``z = (s + G) / tau``, with
 ``G`` the hashed noise of ``lib.gumbel`` (a per-row and a per-slot uint32 salt, ``hash_salts``,
 so the kernel computes the very noise the XLA paths add) and ``lse`` its own normaliser, which
-``row_lse`` forms first (a row pass: programs own query rows and walk the key blocks).
+``row_lse`` forms first (a row pass: programs own a block of query rows and a run of the key
+blocks; the runs' online maxima and sums are merged after).
 
 ``column_sums_reference`` (dense jnp) and ``column_sums`` (Pallas) share the signature and return
 ``[B, K, S]`` float32; so do ``row_lse_reference`` and ``row_lse`` (``[B, K, R]``). ``interpret=True`` runs the kernel on CPU (tests); on GPU it lowers through
@@ -150,8 +154,11 @@ def _column_kernel(q_ref, lse_ref, qp_ref, w_ref, rs_ref, k_ref, kp_ref, ko_ref,
   out_ref[...] = jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(kpos.shape, jnp.float32))
 
 
-def _row_kernel(q_ref, qp_ref, rs_ref, k_ref, kp_ref, ko_ref, cs_ref, out_ref, *, block_k,
-                n_slots, window, tau):
+def _row_kernel(q_ref, qp_ref, rs_ref, k_ref, kp_ref, ko_ref, cs_ref, m_ref, l_ref, *,
+                block_k, n_slots, per_part, window, tau):
+  """One program: a block of query rows over its partition's run of ``per_part`` key blocks
+  (grid axis 3), an online max ``m`` and sum ``l`` of ``exp(z - m)``: ``row_lse`` merges the
+  partitions' pairs."""
   qb = q_ref[...]  # [bq, H]
   qpos, rsalt = qp_ref[...], rs_ref[...]
   inv = 1.0 / math.sqrt(qb.shape[1])
@@ -166,8 +173,11 @@ def _row_kernel(q_ref, qp_ref, rs_ref, k_ref, kp_ref, ko_ref, cs_ref, out_ref, *
     return m_new, l * jnp.exp(m - m_new) + e.sum(-1)
 
   init = (jnp.full(qpos.shape, _NEG, jnp.float32), jnp.zeros(qpos.shape, jnp.float32))
-  m, l = jax.lax.fori_loop(0, -(-n_slots // block_k), body, init)
-  out_ref[...] = jnp.where(l > 0, m + jnp.log(jnp.maximum(l, 1e-30)), 0.0)
+  # int32 bounds throughout (a loop bound of another type fails Triton's verifier).
+  first = pl.program_id(3).astype(jnp.int32) * jnp.int32(per_part)
+  last = jnp.minimum(first + jnp.int32(per_part), jnp.int32(-(-n_slots // block_k)))
+  m, l = jax.lax.fori_loop(first, last, body, init)
+  m_ref[...], l_ref[...] = m, l
 
 
 def _prepare(kernel, q, keys, q_pos, k_pos, k_ok, salts, platform, interpret, block_q, block_k,
@@ -241,21 +251,46 @@ def column_sums(q, lse, q_pos, w, keys, k_pos, k_ok, *, window: int | None = Non
 
 
 @functools.partial(jax.jit, static_argnames=("window", "tau", "interpret", "platform", "block_q",
-                                             "block_k"))
+                                             "block_k", "partitions"))
 def row_lse(q, q_pos, keys, k_pos, k_ok, *, window: int | None = None, tau: float | None = None,
             salts=None, interpret: bool = False, platform: str | None = None,
-            block_q: int = 64, block_k: int = 64):
+            block_q: int = 64, block_k: int = 64, partitions: int | None = None):
   """Pallas kernel: each query row's log normaliser ``[B, K, R]`` float32 of its logits (the
   scores, or Keyformer's ``(s + G) / tau``) over the keys it may attend to, 0 for a row with
-  none. Grid ``(B, K, ceil(R / block_q))``; each program walks the key blocks with an online
-  max and sum. Arguments as ``column_sums``."""
+  none. Grid ``(B, K, ceil(R / block_q), partitions)``: each program walks one run of the key
+  blocks with an online max and sum, and the runs' ``(m, l)`` are merged after (split-K).
+  ``partitions``: None takes ``platform.default_partitions`` over the row blocks' programs
+  (about two programs per streaming multiprocessor on GPU, 1 elsewhere). Before it, the row
+  pass was ``B * K * R / block_q`` programs each walking every key block: 72 programs at the
+  default model's shape and a 512-token chunk, the likely cause of Keyformer's slow kernel
+  path on the H200 (untimed; ``experiments/bench_column_sums.py --row_partitions`` times both).
+  Other arguments as ``column_sums``."""
   _check(q, None, q_pos, None, keys, k_pos, k_ok)
   rows, slots, rp, sp = _prepare("row_lse", q, keys, q_pos, k_pos, k_ok, salts, platform,
                                  interpret, block_q, block_k, pow2_rows=False, pow2_slots=True)
+  b, k = q.shape[:2]
   r, h, s = q.shape[2], q.shape[3], keys.shape[2]
-  by_row, by_slot = _spec(block_q, True), _spec(sp, False)
-  kernel = functools.partial(_row_kernel, block_k=block_k, n_slots=s, window=window, tau=tau)
-  specs = [by_row(h), by_row(), by_row(), by_slot(h), by_slot(), by_slot(), by_slot()]
-  args = (rows["q"], rows["q_pos"], rows["row_salt"], slots["keys"], slots["k_pos"],
+  n_blocks, n_row_blocks = -(-s // block_k), rp // block_q
+  if partitions is None:
+    partitions = platform_lib.default_partitions(b * n_row_blocks, k, n_blocks, platform,
+                                                 interpret)
+  per_part, parts = platform_lib.split(n_blocks, partitions)
+  by_row = lambda *tail: pl.BlockSpec((None, None, block_q) + tail,
+                                      lambda i, j, c, p: (i, j, c) + (0,) * len(tail))
+  by_slot = lambda *tail: pl.BlockSpec((None, None, sp) + tail,
+                                       lambda i, j, c, p: (i, j, 0) + (0,) * len(tail))
+  part_out = pl.BlockSpec((None, None, None, block_q), lambda i, j, c, p: (i, j, p, c))
+  kernel = functools.partial(_row_kernel, block_k=block_k, n_slots=s, per_part=per_part,
+                             window=window, tau=tau)
+  part_shape = jax.ShapeDtypeStruct((b, k, parts, rp), jnp.float32)
+  m, l = pl.pallas_call(
+      kernel, grid=(b, k, n_row_blocks, parts),
+      in_specs=[by_row(h), by_row(), by_row(), by_slot(h), by_slot(), by_slot(), by_slot()],
+      out_specs=(part_out, part_out), out_shape=(part_shape, part_shape), interpret=interpret,
+      compiler_params=platform_lib.compiler_params(platform, interpret))(
+          rows["q"], rows["q_pos"], rows["row_salt"], slots["keys"], slots["k_pos"],
           slots["k_ok"], slots["col_salt"])
-  return _call(kernel, specs, by_row(), rp // block_q, rp, args, interpret, platform)[..., :r]
+  m_all = m.max(2)  # [B, K, rp]
+  l_all = (l * jnp.exp(m - m_all[:, :, None])).sum(2)
+  lse = jnp.where(l_all > 0, m_all + jnp.log(jnp.maximum(l_all, 1e-30)), 0.0)
+  return lse[..., :r]

@@ -13,7 +13,8 @@ import models
 from lib import generate as gen
 from lib import methods
 from lib.methods import accumulated as acc
-from pallas_kernels.column_sums import column_sums, column_sums_reference
+from pallas_kernels.column_sums import (column_sums, column_sums_reference, row_lse,
+                                        row_lse_reference)
 
 INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU
 FUSED = "interpret" if INTERPRET else "kernel"  # the hooks' path through the kernel, likewise
@@ -70,6 +71,26 @@ def test_gpu_padding_interpreted_and_bad_shapes():
   if jax.default_backend() == "cpu":
     with pytest.raises(NotImplementedError, match="interpret=True"):
       column_sums(**case)
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 5, None])
+@pytest.mark.parametrize("tau,platform", [(None, None), (1.0, None), (0.7, "gpu")])
+def test_row_lse_split_over_key_partitions_matches_reference(partitions, tau, platform):
+  """Keyformer's row pass split-K: each partition's online (max, sum) over its run of key
+  blocks, merged after, == the dense normaliser; plain and Gumbel logits, an empty leading key
+  block, a sliding window, rows with nothing allowed (lse 0), and the Triton-padded shapes."""
+  from lib.gumbel import hash_salts  # pylint: disable=g-import-not-at-top
+  case = _case(np.random.RandomState(5), 2, 3, 70, 150, 16, jnp.float32, 130)
+  case["k_ok"] = case["k_ok"].at[:, :, :16].set(False)
+  args = (case["q"], case["q_pos"], case["keys"], case["k_pos"], case["k_ok"])
+  salts = None if tau is None else hash_salts(3, 1, 2, case["q_pos"], case["k_pos"])
+  kw = dict(window=40, tau=tau, salts=salts)
+  ref = np.asarray(row_lse_reference(*args, **kw))
+  interp = INTERPRET or platform == "gpu"
+  out = np.asarray(row_lse(*args, **kw, interpret=interp, platform=platform, block_q=16,
+                           block_k=16, partitions=partitions))
+  np.testing.assert_allclose(out, ref, rtol=2e-5, atol=2e-5)
+  assert (ref == 0).any() and (ref != 0).any()  # rows with nothing allowed, and the rest
 
 
 @pytest.fixture(scope="module")
