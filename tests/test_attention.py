@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from lib.attention import chunk_attention, decode_block_size, dense_attention_reference
@@ -37,6 +38,36 @@ def test_chunk_attention_matches_dense(b, kh, g, t, blocks, bs, tail, window, se
   allvalid = np.concatenate([valid, np.ones((b, kh, t), bool)], 2)
   ref = dense_attention_reference(q, allk, allv, qpos, allpos, allvalid, window)
   np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("t,rows,window", [(8, 4, None), (12, 4, 3), (16, 4, 11), (256, 128, None),
+                                           (384, 128, 100)])
+def test_chunk_attending_to_itself_by_row_blocks_equals_dense(monkeypatch, t, rows, window):
+  """A prefill chunk's causal attention to itself by blocks of ``SELF_ROWS`` query rows (CPU),
+  each against only the keys up to its last row, == the dense reference and == one ``T x T``
+  block; with a cache before it (full blocks: the bias-free fold) and a sliding window."""
+  import lib.attention as attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.RandomState(t)
+  b, kh, g, h, s = 2, 2, 2, 8, 16
+  q = rng.randn(b, t, kh * g, h).astype(np.float32)
+  k_new, v_new = (rng.randn(b, kh, t, h).astype(np.float32) for _ in range(2))
+  ck, cv = (rng.randn(b, kh, s, h).astype(np.float32) for _ in range(2))
+  cpos = np.broadcast_to(np.arange(s, dtype=np.int32), (b, kh, s))
+  lengths = np.array([[s, s], [s, 9]], np.int32)  # full cache blocks, and a ragged head
+  qpos = (s + np.arange(t))[None].repeat(b, 0).astype(np.int32)
+  run = lambda: np.asarray(chunk_attention(jnp.asarray(q), k_new, v_new, ck, cv, cpos, lengths,
+                                           qpos, sliding_window=window, block_size=8))
+  monkeypatch.setattr(attention, "SELF_ROWS", rows)
+  by_rows = run()
+  monkeypatch.setattr(attention, "SELF_ROWS", 10 ** 6)  # one T x T block
+  whole = run()
+  valid = np.arange(s)[None, None] < lengths[..., None]
+  ref = dense_attention_reference(
+      q, np.concatenate([ck, k_new], 2), np.concatenate([cv, v_new], 2), qpos,
+      np.concatenate([cpos, qpos[:, None].repeat(kh, 1)], 2),
+      np.concatenate([valid, np.ones((b, kh, t), bool)], 2), window)
+  np.testing.assert_allclose(by_rows, np.asarray(ref), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(by_rows, whole, atol=2e-6, rtol=2e-6)
 
 
 def test_stacked_layer_indexing_equals_per_layer():
