@@ -16,6 +16,8 @@ r"""What bounds two of issue 3's targets on this machine, each part timed alone,
   9 / 3 heads, tied embedding) with tiny widths (D 72, H 8, F 96, V 512): what a token costs that
   is not reading weights (the loop's XLA CPU operations, each dispatched in turn); and with those
   widths but the model's head dim (64): its attention over the cache and the cache's update too.
+* ``prefill`` (not in the default parts): a ``--prefill_length`` prefill of the default model
+  and of the same two twins, and lone GEMMs of its MLP shapes: where a 2k prefill's time goes.
 * ``kvpress_ceiling``: with ``--vs_kvpress`` (a ``bench_vs_kvpress`` JSON from this machine),
   the best ratio kvlab could reach against kvpress if its decode ran at the GEMV floor above
   (every weight read once a token) and its prefill + compress stayed as measured there.
@@ -46,6 +48,7 @@ flags.DEFINE_string("vs_kvpress", "results/bench_vs_kvpress_maskbias_cpu.json",
                     "bench_vs_kvpress JSON (this machine) for the ceiling; empty: skip it.")
 flags.DEFINE_list("parts", ["attention", "weights", "moments", "decode"],
                   "Parts to time (the ceiling needs weights).")
+flags.DEFINE_integer("prefill_length", 2048, "Prompt tokens of the prefill part.")
 flags.DEFINE_string("out", "results/bench_cpu_floors_cpu.json", "JSON output.")
 
 L, B, N, K, H, T, S = 30, 1, 9, 3, 64, 512, 4096  # SmolLM2-135M's heads, a 4k cache, 512 chunk
@@ -139,20 +142,10 @@ def moments(reps: int) -> dict:
 def decode(reps: int) -> dict:
   """Seconds per decoded token of the default model and of its tiny-width twin (``decode``
   above), each from the difference of 33- and 1-token ``decode_loop`` runs."""
-  import dataclasses  # pylint: disable=g-import-not-at-top
   import models  # pylint: disable=g-import-not-at-top
   from lib import generate as gen  # pylint: disable=g-import-not-at-top
-  from models.decoder import init_params, make_apply_fn  # pylint: disable=g-import-not-at-top
 
-  lm = models.load("smollm2-135m", progress=False)
-  tiny_cfg = dataclasses.replace(lm.config, hidden_size=72, intermediate_size=96, head_dim=8,
-                                 vocab_size=512,
-                                 rope=dataclasses.replace(lm.config.rope, head_dim=8))
-  # ... and with the model's own head dim: its attention and KV cache, tiny weights otherwise
-  heads_cfg = dataclasses.replace(tiny_cfg, head_dim=lm.config.head_dim, rope=lm.config.rope)
-  twins = {name: (cfg, init_params(cfg, jax.random.PRNGKey(0)),
-                  make_apply_fn(cfg, jnp.float32, lm.attn_block_size, "xla"))
-           for name, cfg in (("tiny_widths", tiny_cfg), ("tiny_widths_model_heads", heads_cfg))}
+  lm, twins = _twins()
   tokens = jnp.arange(100, 612, dtype=jnp.int32)[None] % 512  # 512 prompt tokens
   lengths = jnp.array([512], jnp.int32)
   def run(params, cache, logits, apply_fn, n):  # the loop donates its cache: give it a copy
@@ -172,6 +165,60 @@ def decode(reps: int) -> dict:
   return {"cached_tokens": 512, "seconds": t, "s_per_token": per,
           "tiny_widths_config": {"hidden_size": 72, "intermediate_size": 96, "head_dim": 8,
                                  "vocab_size": 512}}
+
+
+def _twins():
+  """``(the default model, {name: (config, params, apply_fn)})``: its twins of the same
+  structure with tiny widths, and with tiny widths but the model's head dim (``decode``)."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  import models  # pylint: disable=g-import-not-at-top
+  from models.decoder import init_params, make_apply_fn  # pylint: disable=g-import-not-at-top
+
+  lm = models.load("smollm2-135m", progress=False)
+  tiny_cfg = dataclasses.replace(lm.config, hidden_size=72, intermediate_size=96, head_dim=8,
+                                 vocab_size=512,
+                                 rope=dataclasses.replace(lm.config.rope, head_dim=8))
+  # ... and with the model's own head dim: its attention and KV cache, tiny weights otherwise
+  heads_cfg = dataclasses.replace(tiny_cfg, head_dim=lm.config.head_dim, rope=lm.config.rope)
+  return lm, {name: (cfg, init_params(cfg, jax.random.PRNGKey(0)),
+                     make_apply_fn(cfg, jnp.float32, lm.attn_block_size, "xla"))
+              for name, cfg in (("tiny_widths", tiny_cfg),
+                                ("tiny_widths_model_heads", heads_cfg))}
+
+
+def prefill(length: int, reps: int) -> dict:
+  """Seconds of a ``length``-token prefill (chunks of 512) of the default model and of its two
+  twins (``decode``), and the GFLOP/s of lone GEMMs of the model's MLP shapes: how much of the
+  prefill is attention (heads twin minus tiny twin: the head-dim-sized dots; tiny twin: the
+  ``T x S`` softmax work and the rest of the structure) and how near its GEMMs run to a lone
+  GEMM's rate."""
+  import models  # pylint: disable=g-import-not-at-top
+  from lib import generate as gen  # pylint: disable=g-import-not-at-top
+
+  lm, twins = _twins()
+  tokens = (jnp.arange(length, dtype=jnp.int32)[None] * 7 + 3) % 512
+  lengths = jnp.array([length], jnp.int32)
+
+  def run(params, cache, apply_fn):  # prefill donates nothing, but give it a fresh cache
+    return gen.prefill(params, tokens, lengths, jax.tree.map(jnp.copy, cache),
+                       apply_fn=apply_fn, chunk_size=512)[0]
+
+  fns = {}
+  for name, (cfg, params, apply_fn) in {"model": (lm.config, lm.params, lm.apply_fn),
+                                        **twins}.items():
+    cache = models.LanguageModel(cfg, params, None, apply_fn).new_cache(1, length)
+    fns[name] = functools.partial(run, params, cache, apply_fn)
+  t = _median_times(fns, (), reps)
+  d, f = lm.config.hidden_size, lm.config.intermediate_size
+  gemms = {}
+  for m, k, n in ((512, d, f), (512, f, d)):  # a chunk through gate / up, and down
+    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+    sec = _median_times({"gemm": jax.jit(lambda a, b: a @ b)}, (a, b), max(reps, 20))["gemm"]
+    gemms[f"{m}x{k}x{n}"] = 2 * m * k * n / sec / 1e9
+  return {"prompt_tokens": length, "chunk": 512, "seconds": t,
+          "attention_dots_s": t["tiny_widths_model_heads"] - t["tiny_widths"],
+          "rest_s": t["model"] - t["tiny_widths_model_heads"],
+          "lone_gemm_gflop_per_s": gemms}
 
 
 def kvpress_ceiling(path: str, floor_s_per_token: float) -> list:
@@ -197,7 +244,8 @@ def main(argv):
          "command": " ".join(["python -m experiments.bench_cpu_floors"] + sys.argv[1:])}
   parts = {"attention": lambda: [attention(int(c), FLAGS.reps) for c in FLAGS.cached],
            "weights": lambda: weights(FLAGS.reps), "moments": lambda: moments(FLAGS.reps),
-           "decode": lambda: decode(FLAGS.reps)}
+           "decode": lambda: decode(FLAGS.reps),
+           "prefill": lambda: prefill(FLAGS.prefill_length, FLAGS.reps)}
   for part in FLAGS.parts:
     if part not in parts:
       raise ValueError(f"--parts: unknown {part!r}; choose from {', '.join(parts)}")
@@ -211,7 +259,7 @@ def main(argv):
                                 "rows": kvpress_ceiling(FLAGS.vs_kvpress, floor)}
     if "decode" in res:
       res["decode"]["floor_s_per_token"] = floor
-  for part in ("attention", "weights", "moments", "decode", "kvpress_ceiling"):
+  for part in ("attention", "weights", "moments", "decode", "prefill", "kvpress_ceiling"):
     print(part, res.get(part))
   write_result(FLAGS.out, res)
 
