@@ -327,12 +327,18 @@ def block_scores(qg: jax.Array, kb: jax.Array) -> jax.Array:
   way round, XLA CPU first copies every key block transposed to ``[B, K, H, S]`` for its dot:
   on the 2-core CPU, one decode step's attention over 30 layers with the default model's heads
   and 552 cached slots took 3.0-3.2 ms instead of 4.1-4.4 (best of 200, two alternated runs of
-  a ``/tmp`` probe). Prefill chunks keep the einsum: there the scores are the large array."""
+  a ``/tmp`` probe). Prefill chunks keep the einsum: there the scores are the large array; so
+  do GPUs and TPUs (their decode timings were taken with it)."""
   b, k, g, t, h = qg.shape
+  einsum = lambda: jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb)
   if t != 1:
-    return jnp.einsum("BKGTH,BKSH->BKGTS", qg, kb)
-  s = jax.lax.dot_general(kb, qg.reshape(b, k, g, h), (((3,), (3,)), ((0, 1), (0, 1))))
-  return s.transpose(0, 1, 3, 2)[:, :, :, None, :]  # [B, K, S, G] -> [B, K, G, 1, S]
+    return einsum()
+
+  def keys_left():
+    s = jax.lax.dot_general(kb, qg.reshape(b, k, g, h), (((3,), (3,)), ((0, 1), (0, 1))))
+    return s.transpose(0, 1, 3, 2)[:, :, :, None, :]  # [B, K, S, G] -> [B, K, G, 1, S]
+
+  return jax.lax.platform_dependent(cpu=keys_left, default=einsum)
 
 
 def _fold(carry, qg, kb, vb, valid, return_p: bool = False, scores=None):
