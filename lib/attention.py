@@ -355,8 +355,10 @@ def _fold(carry, qg, kb, vb, valid, return_p: bool = False, scores=None):
   biased scores are written for the max, then formed again for the exp). Adding zeros changes
   nothing, so the result is the same either way. The last prefill chunk of a 2k prompt, 30
   layers of attention on the 2-core CPU: 378-431 ms vs 483-538 ms (best of 15, three alternated
-  runs of a ``/tmp`` probe). Elsewhere one path: a GPU would wait on the host for the branch."""
-  if return_p or scores is not None:
+  runs of a ``/tmp`` probe). Elsewhere one path: a GPU would wait on the host for the branch.
+  A decode step (``T == 1``) takes one path too: its one block spans the cache's free slots,
+  so it is rarely all allowed, and the test and branch would run in every step of the loop."""
+  if return_p or scores is not None or qg.shape[3] == 1:
     return _fold_masked(carry, qg, kb, vb, valid, return_p, scores)
   masked = lambda: _fold_masked(carry, qg, kb, vb, valid)
   on_cpu = lambda: jax.lax.cond(jnp.all(valid), lambda: _fold_masked(carry, qg, kb, vb, None),
