@@ -136,6 +136,11 @@ def split_online(method):
           f"quantizer (snapkv+kivi); got {'+'.join(m.name for m in method.methods)}: run "
           "other compositions after prefill (drop --compress_during_prefill)")
     method = evict[0]
+  if getattr(method, "reconstructs", False) or getattr(getattr(method, "inner", None),
+                                                       "reconstructs", False):
+    raise ValueError(
+        f"{method.name} scores the whole context by having the model repeat it, so it cannot "
+        "compress while prefilling: drop --compress_during_prefill for it")
   if not hasattr(method, "scores"):
     raise ValueError(
         f"compress_during_prefill needs an eviction method, got {type(method).__name__} "

@@ -18,6 +18,7 @@ from lib import generate as gen
 from lib.cache import KVCache, round_capacity
 from lib.memory import check_fits, explain_oom
 from lib.methods import compress
+from lib.methods.kvzip import max_attention
 
 
 def prefill_context(params, apply_fn, context: Sequence[Sequence[int]], *, num_layers: int,
@@ -57,6 +58,58 @@ def compress_for(method, cache: KVCache, obs, room: int, block: int = 512):
   dt = time.perf_counter() - t0
   kept = out.trimmed().nbytes
   return out, kept, dt
+
+
+def reconstruction_scores(params, apply_fn, cache: KVCache, context: Sequence[int],
+                          prompts: tuple[Sequence[int], Sequence[int], Sequence[int]], *,
+                          chunk: int, prefix: int = 0, max_context: int | None = None,
+                          chunk_size: int = 512, block: int = 512, progress=None):
+  """KVzip's observations (``lib.methods.kvzip``): the model repeats ``context`` (the tokens the
+  one-row ``cache`` holds) ``chunk`` tokens at a time after the cache; each slot's score is the
+  largest attention it gets from a repeat's queries.
+
+  Args:
+    prompts: token ids ``(first, later, suffix)``: the instruction before the first chunk, the
+      one before each later chunk (followed by the previous chunk's last 8 tokens), and what
+      closes the instruction (the chat template's end of turn and assistant header).
+    prefix: context tokens before the content (the chat template's system part): they are not
+      repeated, and ``KVzip`` always keeps them.
+    max_context: the model's position limit: ``context + prompt + chunk`` must fit in it.
+
+  Returns:
+    ``{"scores": [L, 1, K, S] float32, "prefix": [1] int32}``; ``cache`` is left as it was
+    (each repeat runs on a copy).
+  """
+  first, later, suffix = (list(p) for p in prompts)
+  n = len(context)
+  if cache.batch != 1:
+    raise ValueError(f"kvzip reconstructs one context at a time, got a cache of {cache.batch} "
+                     "rows: compress each row's cache on its own")
+  if int(jnp.max(cache.lengths)) != n:
+    raise ValueError(f"kvzip: the cache holds {int(jnp.max(cache.lengths))} tokens but the "
+                     f"context has {n}: pass the token ids the cache was prefilled with")
+  content = list(context[prefix:])
+  pieces = [content[a:a + chunk] for a in range(0, len(content), chunk)] or [[]]
+  runs = []
+  for i, piece in enumerate(pieces):
+    lead = first if i == 0 else later + pieces[i - 1][-8:]
+    runs.append(lead + suffix + piece)
+  longest = max(len(r) for r in runs)
+  if max_context is not None and n + longest > max_context:
+    raise ValueError(f"kvzip: the context ({n} tokens) + a repeat of up to {longest} tokens "
+                     f"passes the model's limit of {max_context} positions: lower the chunk "
+                     f"(--method=kvzip:chunk={max(1, (max_context - n) // 2)}) or the context")
+  t_chunk = min(chunk_size, gen.round_up(longest, 8))
+  big = cache.resize(round_capacity(n + gen.round_up(longest, t_chunk), block))
+  best = None
+  for run in (runs if progress is None else progress(runs)):
+    toks, lens = gen.pad_batch([run], t_chunk)
+    copy = jax.tree_util.tree_map(jnp.copy, big)
+    _, _, obs = gen.prefill(params, jnp.asarray(toks), jnp.asarray(lens), copy,
+                            apply_fn=apply_fn, chunk_size=t_chunk, observe=max_attention())
+    m = obs.max(0)[..., :cache.capacity]  # [L, 1, K, S]: over the repeat's chunks
+    best = m if best is None else jnp.maximum(best, m)
+  return {"scores": best, "prefix": jnp.full((1,), prefix, jnp.int32)}
 
 
 def ask(params, apply_fn, cache: KVCache, question: Sequence[Sequence[int]], *,

@@ -154,6 +154,32 @@ def test_perplexity_task(chat_tiny, tmp_path):
   assert "perplexity [95% CI]" in md
 
 
+def test_kvzip_cells_repeat_the_context_after_the_chat_prefix(chat_tiny):
+  """The runner forms KVzip's repeat scores for it (alone, as AdaKV's scorer, first in a
+  composition): the chat template's system part is found and kept, and each cell keeps its
+  ratio of the context."""
+  import models  # pylint: disable=g-import-not-at-top
+  from lib import methods  # pylint: disable=g-import-not-at-top
+  from lib.eval.runner import reconstruction_prompts, run_sample  # pylint: disable=g-import-not-at-top
+
+  lm = models.load(chat_tiny, progress=False)
+  count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
+  s = make_sample("niah_single", 300, 0, count)
+  ctx, _ = prompt_pieces(lm.tokenizer, s, "query_agnostic")
+  (first, later, suffix), prefix = reconstruction_prompts(lm.tokenizer, ctx)
+  head = lm.tokenizer.decode(ctx[:prefix])
+  assert head.endswith("user\n") and "system" in head and s.context[:20] not in head
+  assert "Repeat the previous context" in lm.tokenizer.decode(first)
+  assert "assistant" in lm.tokenizer.decode(suffix) and len(later) > len(first)
+  specs = ["kvzip", "kvzip:share=layer:chunk=100", "adakv:scorer=kvzip", "kvzip+knorm"]
+  cells = [(sp, 0.5, methods.make(sp, ratio=0.5)) for sp in specs]
+  rows = run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=4)
+  assert [r["method"] for r in rows] == ["full"] + specs
+  full = rows[0]["cache_bytes"]
+  assert all(r["cache_bytes"] < 0.6 * full for r in rows[1:])
+  assert all(np.isfinite(r["kl"]) for r in rows[1:])
+
+
 def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):
   """Each cell gets an 'after' and a 'during' row; 'during' never allocated the full cache."""
   import models  # pylint: disable=g-import-not-at-top

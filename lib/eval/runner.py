@@ -21,7 +21,8 @@ from lib.eval.metrics import fidelity, string_match_all
 from lib.cache import round_capacity
 from lib.eval.tasks import Sample
 from lib.online import prefill_context_compressing
-from lib.protocol import ask, compress_for, prefill_context
+from lib.methods.kvzip import reconstructor
+from lib.protocol import ask, compress_for, prefill_context, reconstruction_scores
 
 PROTOCOLS = ("query_agnostic", "query_aware", "shared_context")
 _SPLIT = "\u2063KVLAB_SPLIT\u2063"
@@ -47,6 +48,49 @@ def prompt_pieces(tokenizer, sample: Sample, protocol: str) -> tuple[list[int], 
     pre, post = pre + post[:cut], post[cut:]
   return (tokenizer.encode(pre, add_special_tokens=True),
           tokenizer.encode(post, add_special_tokens=False))
+
+
+def reconstruction_prompts(tokenizer, context: Sequence[int]):
+  """KVzip's repeat instructions for this tokenizer: ``((first, later, suffix), prefix)``.
+
+  ``suffix`` closes the user turn and opens the assistant's (the chat template's), so the
+  model repeats as its answer; ``prefix`` is how many leading ``context`` tokens are the
+  template's own (system prompt and user header), 0 without a template."""
+  first = tokenizer.encode("\n\nRepeat the previous context exactly.", add_special_tokens=False)
+  later = tokenizer.encode("\n\nRepeat the part of the previous context exactly, starting with",
+                           add_special_tokens=False)
+  if not tokenizer.chat_template:
+    return (first, later, tokenizer.encode("\n", add_special_tokens=False)), 0
+  text = tokenizer.apply_chat_template([{"role": "user", "content": "x" + _SPLIT}])
+  suffix = tokenizer.encode(text.split(_SPLIT)[1], add_special_tokens=False)
+  head = tokenizer.apply_chat_template([{"role": "user", "content": _SPLIT}]).split(_SPLIT)[0]
+  pre = tokenizer.encode(head, add_special_tokens=True)
+  prefix = len(pre) if list(context[:len(pre)]) == pre else 0
+  return (first, later, suffix), prefix
+
+
+def _observations(lm, method, cache, ctx, obs_joint, hooks, chunk_size, memo):
+  """What ``compress`` needs for ``method``: its prefill hook's share of ``obs_joint``, and for
+  KVzip (alone, as AdaKV's scorer, or first in a composition) the repeat passes' scores, formed
+  once per sample and chunk size (``memo``) however many cells use them."""
+  obs = None
+  if method.observe is not None:
+    obs = obs_joint[hooks.index(method.observe)]
+  rec = reconstructor(method)
+  if rec is None:
+    return obs
+  if rec.chunk not in memo:
+    prompts, prefix = reconstruction_prompts(lm.tokenizer, ctx)
+    memo[rec.chunk] = reconstruction_scores(
+        lm.params, lm.apply_fn, cache, ctx, prompts, chunk=rec.chunk, prefix=prefix,
+        max_context=lm.config.max_position_embeddings, chunk_size=chunk_size,
+        block=lm.attn_block_size)
+  scores = memo[rec.chunk]
+  members = getattr(method, "methods", None)
+  if members is None:
+    return scores
+  return tuple(scores if reconstructor(m) is not None else (None if obs is None else obs[i])
+               for i, m in enumerate(members))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
@@ -150,10 +194,9 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
            "prefill_mode": "after", "peak_cache_bytes": full_bytes, "answer_batch": 1}]
   pending = []  # (index in rows, row without answers, plain cache) answered in batches
 
+  memo = {}
   for spec, ratio, method in cells:
-    obs = None
-    if method.observe is not None:
-      obs = obs_all[hooks.index(method.observe)]
+    obs = _observations(lm, method, cache, ctx, obs_all, hooks, chunk_size, memo)
     # Decode-time methods (H2O, TOVA) keep a fixed-size cache: room for the question and one
     # free slot; they evict one token per decoded token. Their KL/top-1 are teacher-forced on
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
@@ -258,6 +301,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
           "context_tokens": len(prefix), "prefill_s": t_pre, "n_questions": 0}
   full, full_bytes, _ = compress_for(None, cache, None, room, block)
   full = _bucket(full)
+  memo = {}
   ref = _force(lm, full, continuation)[:-1]
   nll = -_ll(ref, targets)["ll"] / len(targets)
   rows = [{**base, "method": "full", "ratio": 1.0, "score": None, "ppl": float(np.exp(nll)),
@@ -265,7 +309,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
            "answer_s": 0.0}]
   for spec, ratio, method in cells:
-    obs = None if method.observe is None else obs_all[hooks.index(method.observe)]
+    obs = _observations(lm, method, cache, prefix, obs_all, hooks, chunk_size, memo)
     small, kept, t_c = compress_for(method, cache, obs, room, block)
     small = _bucket(small)
     logits = _force(lm, small, continuation)[:-1]

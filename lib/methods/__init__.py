@@ -17,6 +17,7 @@ from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
 from lib.methods.expected_attention import ExpectedAttention
 from lib.methods.kivi import KIVI, KIVI4
 from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
+from lib.methods.kvzip import KVzip
 from lib.methods.matryoshka import MatryoshkaKV, MatryoshkaPCA
 from lib.methods.minicache import MiniCache
 from lib.methods.think import ThinK
@@ -32,6 +33,7 @@ REGISTRY: dict[str, type[Method]] = {
     "pyramidkv": PyramidKV,
     "adakv": AdaKV,
     "expected_attention": ExpectedAttention,
+    "kvzip": KVzip,
     "kivi": KIVI,
     "kivi4": KIVI4,
     "kvquant": KVQuant,
@@ -57,6 +59,12 @@ class Compose:
 
   def __post_init__(self):
     names = [m.name for m in self.methods]
+    for i, m in enumerate(self.methods[1:], 1):
+      if getattr(m, "reconstructs", False) or getattr(getattr(m, "inner", None),
+                                                       "reconstructs", False):
+        raise ValueError(f"invalid order {'+'.join(names)}: {names[i]} scores the context "
+                         f"by having the model repeat it, so it must come first, e.g. "
+                         f"{'+'.join([names[i]] + names[:i] + names[i + 1:])}")
     for i, m in enumerate(self.methods[:-1]):
       if getattr(m, "quantizes", False):
         raise ValueError(f"invalid order {'+'.join(names)}: quantization / low-rank "
@@ -157,6 +165,6 @@ def check_for_model(method, config, params, what: str = "the model") -> None:
 
 
 __all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
-           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KIVI",
+           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KVzip", "KIVI",
            "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK", "MatryoshkaKV",
            "MatryoshkaPCA", "MiniCache"]

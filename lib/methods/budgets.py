@@ -74,7 +74,7 @@ class PyramidKV(Ragged, SnapKV):
 # Scorers AdaKV can take budgets from: prefill scorers whose scores are per (layer, row, head,
 # slot). Ragged ones (pyramidkv, adakv) and quantizers / low-rank methods are not scorers.
 ADAKV_SCORERS = ("snapkv", "tova", "h2o", "keyformer", "knorm", "expected_attention",
-                 "streaming_llm")
+                 "streaming_llm", "kvzip")
 
 
 @dataclasses.dataclass(frozen=True)
