@@ -178,6 +178,7 @@ def test_kvzip_cells_repeat_the_context_after_the_chat_prefix(chat_tiny):
   full = rows[0]["cache_bytes"]
   assert all(r["cache_bytes"] < 0.6 * full for r in rows[1:])
   assert all(np.isfinite(r["kl"]) for r in rows[1:])
+  assert all(r["compress_s"] > 0 for r in rows[1:])  # each cell is charged the repeats
 
 
 def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):

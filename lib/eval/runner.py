@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any, Sequence
 
 import jax
@@ -72,25 +73,31 @@ def reconstruction_prompts(tokenizer, context: Sequence[int]):
 def _observations(lm, method, cache, ctx, obs_joint, hooks, chunk_size, memo):
   """What ``compress`` needs for ``method``: its prefill hook's share of ``obs_joint``, and for
   KVzip (alone, as AdaKV's scorer, or first in a composition) the repeat passes' scores, formed
-  once per sample and chunk size (``memo``) however many cells use them."""
+  once per sample and chunk size (``memo``) however many cells use them.
+
+  Returns ``(observations, seconds of the repeat passes)`` (0 for other methods); every cell
+  that uses the repeats is charged their seconds, as it would be alone."""
   obs = None
   if method.observe is not None:
     obs = obs_joint[hooks.index(method.observe)]
   rec = reconstructor(method)
   if rec is None:
-    return obs
+    return obs, 0.0
   if rec.chunk not in memo:
     prompts, prefix = reconstruction_prompts(lm.tokenizer, ctx)
-    memo[rec.chunk] = reconstruction_scores(
+    t0 = time.perf_counter()
+    out = reconstruction_scores(
         lm.params, lm.apply_fn, cache, ctx, prompts, chunk=rec.chunk, prefix=prefix,
         max_context=lm.config.max_position_embeddings, chunk_size=chunk_size,
         block=lm.attn_block_size)
-  scores = memo[rec.chunk]
+    jax.block_until_ready(out)
+    memo[rec.chunk] = (out, time.perf_counter() - t0)
+  scores, seconds = memo[rec.chunk]
   members = getattr(method, "methods", None)
   if members is None:
-    return scores
+    return scores, seconds
   return tuple(scores if reconstructor(m) is not None else (None if obs is None else obs[i])
-               for i, m in enumerate(members))
+               for i, m in enumerate(members)), seconds
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
@@ -196,7 +203,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
 
   memo = {}
   for spec, ratio, method in cells:
-    obs = _observations(lm, method, cache, ctx, obs_all, hooks, chunk_size, memo)
+    obs, t_rec = _observations(lm, method, cache, ctx, obs_all, hooks, chunk_size, memo)
     # Decode-time methods (H2O, TOVA) keep a fixed-size cache: room for the question and one
     # free slot; they evict one token per decoded token. Their KL/top-1 are teacher-forced on
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
@@ -206,6 +213,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     for mode in modes:
       if mode == "after":
         small, kept, t_c = compress_for(method, cache, obs, m_room, block)
+        t_c += t_rec  # KVzip's repeat passes (0 for the others)
         t_p, peak = t_pre, full_bytes
       else:  # a fresh chunked prefill that compresses (and quantizes) after every chunk
         online, t_p, peak = prefill_context_compressing(
@@ -309,8 +317,9 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
            "answer_s": 0.0}]
   for spec, ratio, method in cells:
-    obs = _observations(lm, method, cache, prefix, obs_all, hooks, chunk_size, memo)
+    obs, t_rec = _observations(lm, method, cache, prefix, obs_all, hooks, chunk_size, memo)
     small, kept, t_c = compress_for(method, cache, obs, room, block)
+    t_c += t_rec
     small = _bucket(small)
     logits = _force(lm, small, continuation)[:-1]
     f = fidelity(logits, ref, targets)
