@@ -27,6 +27,8 @@ from lib import methods
 from lib.methods import accumulated
 from lib.methods import base as base_lib
 from lib.data.text import text_of_tokens
+from lib.eval.runner import method_observations
+from lib.methods.kvzip import reconstructor
 from lib.provenance import device_description, git_rev, write_result
 
 FLAGS = flags.FLAGS
@@ -97,7 +99,12 @@ def main(argv):
     base, pre = min(base_t), min(pre_t)
     bases.append(base)
 
-    c = _best(lambda: _timed(lambda: methods.compress(m, cache, obs)), FLAGS.reps)
+    if reconstructor(m) is not None:  # KVzip: its repeat passes are part of compressing
+      c = _best(lambda: _timed(lambda: methods.compress(
+          m, cache, method_observations(lm, m, cache, ids, chunk_size=FLAGS.chunk)[0])),
+                FLAGS.reps)
+    else:
+      c = _best(lambda: _timed(lambda: methods.compress(m, cache, obs)), FLAGS.reps)
     observe_s = max(pre - base, 0.0)
     row = {"method": name, "baseline_prefill_s": base, "prefill_s": pre, "observe_s": observe_s,
            "compress_s": c, "overhead_fraction": (observe_s + c) / base,

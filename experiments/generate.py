@@ -16,6 +16,7 @@ import models
 from lib import distributed, sharding
 from lib import generate as gen
 from lib import methods
+from lib.eval.runner import method_observations
 from lib.protocol import ask, compress_for, prefill_context
 from lib.sampling import SamplingConfig, sample
 
@@ -95,6 +96,8 @@ def main(argv):
     cache, obs, prefill_s = prefill_context(
         m.params, m.apply_fn, [ids[:-1]], num_layers=c.num_layers, kv_heads=c.num_kv_heads,
         head_dim=c.head_dim, dtype=m.dtype, observe=method.observe, chunk_size=FLAGS.chunk_size)
+    obs, _ = method_observations(m, method, cache, ids[:-1], (obs,), (method.observe,),
+                                 FLAGS.chunk_size)  # KVzip's repeat passes, where it has them
     full_bytes = cache.nbytes
     evicting = hasattr(method, "update")
     small, kept, _ = compress_for(method, cache, obs, 9 if evicting else 8 + FLAGS.max_new_tokens)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 import models
 from lib import generate as gen
 from lib import methods
+from lib.protocol import reconstruction_scores
 from test_methods import _all_queries
 
 
@@ -103,6 +104,9 @@ def test_adakv_takes_budgets_from_any_scorer(tiny, scorer):
   m = methods.make(f"adakv:scorer={scorer}:layout=padded", ratio=0.25)
   assert m.scorer == scorer
   cache, obs = _prefill(tiny, ids, 8, m.observe)
+  if scorer == "kvzip":  # its observations are the model's repeat passes, not a prefill hook
+    obs = reconstruction_scores(tiny.params, tiny.apply_fn, cache, ids, ([5], [6], [7]),
+                                chunk=64, prefix=2, chunk_size=8, block=8)
   free, forced, scores = (np.asarray(x)[:, 0] for x in m.head_scores(cache, obs))  # [L, K, S]
   small = methods.compress(m, cache, obs)
   lens = np.asarray(small.lengths)[:, 0]  # [L, K]
@@ -128,7 +132,7 @@ def test_adakv_takes_budgets_from_any_scorer(tiny, scorer):
       p = set(np.asarray(small.positions[l, 0, k, : lens[l, k]]).tolist())
       order = np.argsort(-scores[l, k, :n], kind="stable")
       assert p == set(order[: lens[l, k]].tolist()), (l, k)  # each head keeps its own top
-  if scorer in ("snapkv", "tova", "h2o", "keyformer", "knorm", "expected_attention"):
+  if scorer in ("snapkv", "tova", "h2o", "keyformer", "knorm", "expected_attention", "kvzip"):
     assert moved  # scores that differ by head move budget between heads
   np.testing.assert_allclose(lens.sum(-1), uniform * lens.shape[1], atol=lens.shape[1])
 

@@ -70,8 +70,9 @@ def reconstruction_prompts(tokenizer, context: Sequence[int]):
   return (first, later, suffix), prefix
 
 
-def _observations(lm, method, cache, ctx, obs_joint, hooks, chunk_size, memo):
-  """What ``compress`` needs for ``method``: its prefill hook's share of ``obs_joint``, and for
+def method_observations(lm, method, cache, ctx, obs_joint=None, hooks=(), chunk_size=512,
+                        memo=None):
+  """What ``compress`` needs for ``method`` on ``cache`` (prefilled with ``ctx``, one row): its prefill hook's share of ``obs_joint``, and for
   KVzip (alone, as AdaKV's scorer, or first in a composition) the repeat passes' scores, formed
   once per sample and chunk size (``memo``) however many cells use them.
 
@@ -83,6 +84,7 @@ def _observations(lm, method, cache, ctx, obs_joint, hooks, chunk_size, memo):
   rec = reconstructor(method)
   if rec is None:
     return obs, 0.0
+  memo = {} if memo is None else memo
   if rec.chunk not in memo:
     prompts, prefix = reconstruction_prompts(lm.tokenizer, ctx)
     t0 = time.perf_counter()
@@ -203,7 +205,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
 
   memo = {}
   for spec, ratio, method in cells:
-    obs, t_rec = _observations(lm, method, cache, ctx, obs_all, hooks, chunk_size, memo)
+    obs, t_rec = method_observations(lm, method, cache, ctx, obs_all, hooks, chunk_size, memo)
     # Decode-time methods (H2O, TOVA) keep a fixed-size cache: room for the question and one
     # free slot; they evict one token per decoded token. Their KL/top-1 are teacher-forced on
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
@@ -317,7 +319,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
            "answer_s": 0.0}]
   for spec, ratio, method in cells:
-    obs, t_rec = _observations(lm, method, cache, prefix, obs_all, hooks, chunk_size, memo)
+    obs, t_rec = method_observations(lm, method, cache, prefix, obs_all, hooks, chunk_size, memo)
     small, kept, t_c = compress_for(method, cache, obs, room, block)
     t_c += t_rec
     small = _bucket(small)
