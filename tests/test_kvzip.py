@@ -1,9 +1,11 @@
 """KVzip: reconstruction scores against numpy, budgets, the runner, and its errors."""
 
+import jax
 import numpy as np
 import pytest
 
 import models
+import models.decoder
 from lib import methods
 from lib.methods.kvzip import reconstructor
 from lib.protocol import reconstruction_scores
@@ -36,11 +38,16 @@ def _repeat_reference(m, ctx, run):
   return p.max(axis=(2, 3))[..., :n]
 
 
-@pytest.mark.parametrize("chunk,prefix", [(64, 0), (9, 0), (9, 3)])
-def test_scores_are_the_max_attention_of_each_repeat(tiny, chunk, prefix):
+@pytest.mark.parametrize("chunk,prefix,kept", [(64, 0, True), (9, 0, True), (9, 3, True),
+                                               (9, 3, False)])
+def test_scores_are_the_max_attention_of_each_repeat(tiny, chunk, prefix, kept, monkeypatch):
   """One repeat (chunk >= content) or several (each on its own copy of the cache, the later
   ones led by the previous chunk's last 8 tokens): each slot's score is the largest
-  probability any repeat query gives it, as numpy computes it from one forward sequence."""
+  probability any repeat query gives it, as numpy computes it from one forward sequence.
+  ``kept``: from the attention's kept probabilities; else the hook's own pass."""
+  if not kept:
+    monkeypatch.setattr(models.decoder, "PROBS_MAX_BYTES", 0)
+    jax.clear_caches()  # the limit is read when the prefill is traced
   ctx = np.random.RandomState(3).randint(0, 100, size=25).tolist()
   cache, _ = _prefill(tiny, ctx, 8)
   out = reconstruction_scores(tiny.params, tiny.apply_fn, cache, ctx, PROMPTS, chunk=chunk,

@@ -47,12 +47,16 @@ def max_attention(block: int = 512):
   """Observe hook for the repeat passes: ``[B, K, S]`` the largest attention probability each
   cache slot gets from this chunk's real queries, maxed over each kv head's query group.
 
-  Uses the attention's own normaliser (``x.lse``, over cache + chunk), so the values are the
-  forward pass's probabilities. Reads the cache ``block`` slots at a time (memory
-  ``B * N * T * block``). The chunk's own keys get no score: they are the repeat, dropped after.
+  The values are the forward pass's own probabilities: taken from the attention's pass where
+  it kept them (``wants_probs``: a max over what it formed, no second ``q.k`` or ``exp``), else
+  recomputed with its normaliser (``x.lse``) reading the cache ``block`` slots at a time
+  (memory ``B * N * T * block``). The chunk's own keys get no score: they are the repeat,
+  dropped after.
   """
 
   def observe(layer, x, cache):
+    if x.probs is not None and x.probs.gumbel is None:
+      return _kept_max(x, cache, x.probs)
     b, t, n, h = x.q.shape
     kh = cache.kv_heads
     g = n // kh
@@ -82,7 +86,25 @@ def max_attention(block: int = 512):
       out = out.at[..., start:start + bs].max(parts[i])
     return out
 
+  observe.wants_probs = True
   return observe
+
+
+def _kept_max(x, cache, pr):
+  """``[B, K, S]`` max over real queries and each query group of the probabilities the
+  attention kept (``lib.attention.KeptProbs``: per block ``p * exp(m - lse)``)."""
+  b, kh, _, _ = pr.self_m.shape
+  s_cap, bs = cache.capacity, pr.block
+  real = x.valid[:, None, None, :, None]  # [B, 1, 1, T, 1]
+
+  def one(i, out):  # an overlapping last block holds zeros where read before: max is exact
+    sc = jnp.exp(pr.blocks_m[i] - pr.lse)[..., None]  # [B, K, G, T, 1]
+    m = jnp.where(real, pr.blocks_p[i] * sc, 0.0).max(axis=(2, 3))  # [B, K, bs]
+    start = jnp.minimum(i * bs, s_cap - bs)
+    cur = jax.lax.dynamic_slice_in_dim(out, start, bs, axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(out, jnp.maximum(cur, m), start, axis=2)
+
+  return jax.lax.fori_loop(0, pr.n_blocks, one, jnp.zeros((b, kh, s_cap), jnp.float32))
 
 
 @dataclasses.dataclass(frozen=True)
