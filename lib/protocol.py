@@ -99,7 +99,8 @@ def reconstruction_scores(params, apply_fn, cache: KVCache, context: Sequence[in
     raise ValueError(f"kvzip: the context ({n} tokens) + a repeat of up to {longest} tokens "
                      f"passes the model's limit of {max_context} positions: lower the chunk "
                      f"(--method=kvzip:chunk={max(1, (max_context - n) // 2)}) or the context")
-  t_chunk = min(chunk_size, gen.round_up(longest, 8))
+  # Prefill chunks of at most ``chunk_size``, sized so the longest run pads the least.
+  t_chunk = gen.round_up(-(-longest // -(-longest // chunk_size)), 8)
   big = cache.resize(round_capacity(n + gen.round_up(longest, t_chunk), block))
   best = None
   for run in (runs if progress is None else progress(runs)):
