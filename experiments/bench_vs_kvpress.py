@@ -38,6 +38,8 @@ from lib import attention
 from lib import generate as gen
 from lib import methods
 from lib.data.text import text_of_tokens
+from lib.eval.runner import method_observations
+from lib.methods.kvzip import reconstructor
 from lib.provenance import device_description, git_rev
 
 FLAGS = flags.FLAGS
@@ -84,8 +86,11 @@ def _pair(name: str, ratio: float):
   if name == "expected_attention":
     return (methods.ExpectedAttention(ratio=ratio),
             kvpress.ExpectedAttentionPress(compression_ratio=drop))
+  if name == "kvzip":  # chunk 2048 and 4 sinks on both sides; one budget per layer in kvpress
+    return (methods.KVzip(ratio=ratio),
+            kvpress.KVzipPress(compression_ratio=drop, layerwise=True))
   raise ValueError(f"no kvpress counterpart configured for {name!r}; choose from none, "
-                   "snapkv, streaming_llm, knorm, expected_attention")
+                   "snapkv, streaming_llm, knorm, expected_attention, kvzip")
 
 
 def kvlab_case(lm, ids, method, n_new):
@@ -99,6 +104,8 @@ def kvlab_case(lm, ids, method, n_new):
   jax.block_until_ready((logits, obs))
   t1 = time.perf_counter()
   if method is not None:
+    if reconstructor(method) is not None:  # KVzip: the repeat passes are part of compress
+      obs, _ = method_observations(lm, method, cache, ids, chunk_size=FLAGS.chunk)
     cache = methods.compress(method, cache, obs, extra=n_new)
     jax.block_until_ready(cache)
   t2 = time.perf_counter()
@@ -168,6 +175,29 @@ def _load_note() -> dict:
   return {"loadavg_1_5_15": [round(x, 2) for x in la], "uptime": up}
 
 
+def _chat_context(tokenizer, ids: list[int]) -> list[int]:
+  """``ids`` behind the chat template's head (system prompt and user header), same length:
+  KVzip's repeats close the user turn, and kvpress takes the context to start with the head."""
+  marker = "@@context@@"
+  head = tokenizer.apply_chat_template([{"role": "user", "content": marker}]).split(marker)[0]
+  pre = tokenizer.encode(head, add_special_tokens=True)
+  return pre + ids[:len(ids) - len(pre)]
+
+
+def _kvzip_tokenizer(source: str):
+  """``KVzipPress`` loads a tokenizer from the model's name; a GGUF's directory has none, so
+  hand it the one transformers reads from the GGUF itself."""
+  import types  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  from kvpress.presses import kvzip_press  # pylint: disable=g-import-not-at-top
+  if source.endswith(".gguf"):
+    tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(source),
+                                                     gguf_file=os.path.basename(source))
+  else:
+    tok = transformers.AutoTokenizer.from_pretrained(source)
+  kvzip_press.AutoTokenizer = types.SimpleNamespace(from_pretrained=lambda *a, **k: tok)
+
+
 def _same_prefix(a, b) -> int:
   n = 0
   for x, y in zip(a, b):
@@ -198,6 +228,8 @@ def main(argv):
     torch.backends.cudnn.allow_tf32 = True
   hf = _load_hf(lm.source, FLAGS.hf_attn, FLAGS.dtype, torch_device)
   n_new = FLAGS.new_tokens
+  if "kvzip" in FLAGS.methods:
+    _kvzip_tokenizer(lm.source)
   rows, summary = [], []
   t_start = time.perf_counter()
   for length in (int(x) for x in FLAGS.lengths):
@@ -205,16 +237,17 @@ def main(argv):
                for c in range(FLAGS.cases + 1)]  # [0] is the warm-up prompt
     for name in FLAGS.methods:
       method, press = _pair(name, FLAGS.ratio)
-      warm_k, _ = kvlab_case(lm, prompts[0], method, n_new)
-      warm_p, _ = kvpress_case(hf, prompts[0], press, n_new)
+      ids = [_chat_context(lm.tokenizer, p) for p in prompts] if name == "kvzip" else prompts
+      warm_k, _ = kvlab_case(lm, ids[0], method, n_new)
+      warm_p, _ = kvpress_case(hf, ids[0], press, n_new)
       ks, ps = [], []
       for c in range(1, FLAGS.cases + 1):
         first_kvlab = c % 2 == 1
         if first_kvlab:
-          k, k_out = kvlab_case(lm, prompts[c], method, n_new)
-        p, p_out = kvpress_case(hf, prompts[c], press, n_new)
+          k, k_out = kvlab_case(lm, ids[c], method, n_new)
+        p, p_out = kvpress_case(hf, ids[c], press, n_new)
         if not first_kvlab:
-          k, k_out = kvlab_case(lm, prompts[c], method, n_new)
+          k, k_out = kvlab_case(lm, ids[c], method, n_new)
         ks.append(k)
         ps.append(p)
         row = {"method": name, "prompt_tokens": length, "case": c, "kvlab": k, "kvpress": p,

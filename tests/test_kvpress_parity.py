@@ -39,6 +39,7 @@ import transformers  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import models  # pylint: disable=g-bad-import-order
 from lib import generate as gen
 from lib import methods
+from lib.protocol import reconstruction_scores
 from lib.reference import load_hf_reference
 
 N = 128  # prompt tokens; even, so kvpress's int(n * (1 - r)) == kvlab's ceil(r * n) at r = .5
@@ -334,3 +335,84 @@ def test_adakv_scores_match_allocation_follows_methods_md(setup):
     for k in range(n_heads):
       assert _top(scores[l][k], int(KEEP * alpha)) <= theirs[l][k]
       assert set(range(N - WINDOW, N)) <= theirs[l][k]
+
+
+class _Tokenizer:
+  """Stands in for the tokenizer ``KVzipPress`` loads from the checkpoint's name (the tiny
+  checkpoint has none): no chat template, each character one id below the vocab."""
+
+  chat_template = None
+
+  def encode(self, text, return_tensors=None, add_special_tokens=False):
+    del add_special_tokens
+    ids = [ord(c) % 160 for c in text]
+    return torch.tensor([ids]) if return_tensors == "pt" else ids
+
+
+def test_kvzip_scores_match_selection_differs_by_design(setup, monkeypatch):
+  """KVzip (kvpress ``KVzipPress``, chunk 2048 > the 128-token context: one repeat, no chat
+  template, so no prefix): the same repeat prompt ``"\\n\\nRepeat the previous context
+  exactly." + "\\n" + context`` after the context, and each pair's score is the largest
+  probability a repeat query gives it, maxed over the query group. With one chunk kvpress's
+  normaliser (sinks + chunk + repeat) is the whole cache, as kvlab's, so the scores match.
+
+  The selection differs by design (``lib/methods/kvzip.py``): kvlab keeps the same number of
+  pairs in every head (``share=head``); kvpress's ``layerwise=True`` prunes one layer-wide
+  bottom-k over all its heads' pairs (the first 4 forced). Asserted: kvpress's kept sets are
+  that layer-wide top-k of *kvlab's* scores, and kvlab's are each head's top ``KEEP``.
+  """
+  monkeypatch.setattr(kvpress.presses.kvzip_press.AutoTokenizer, "from_pretrained",
+                      staticmethod(lambda *a, **k: _Tokenizer()))
+  hf = setup["hf"]
+  press = kvpress.KVzipPress(compression_ratio=0.5, layerwise=True)
+  rec = {}
+  post = press.compress_post
+
+  def capture(model):
+    rec["scores"] = press.score_val[:, 0].clone().numpy()  # [L, K, n] before sinks are forced
+    impl = model.config._attn_implementation  # pylint: disable=protected-access
+    model.config._attn_implementation = "sdpa"  # pylint: disable=protected-access
+    try:
+      post(model)  # refuses eager attention; only picks the indices to mask
+    finally:
+      model.config._attn_implementation = impl  # pylint: disable=protected-access
+    rec["masked"] = [l.self_attn.masked_key_indices for l in model.model.layers]
+    for l in model.model.layers:
+      l.self_attn.masked_key_indices = None
+
+  press.compress_post = capture
+  ids = setup["ids"]
+  with torch.no_grad(), press(hf):
+    hf(torch.tensor([ids]), past_key_values=transformers.DynamicCache(), use_cache=True)
+
+  tok = _Tokenizer()
+  prompts = (tok.encode("\n\nRepeat the previous context exactly."),
+             tok.encode("\n\nRepeat the part of the previous context exactly, starting with"),
+             tok.encode("\n"))
+  m = setup["kvlab"]
+  method = methods.KVzip(ratio=0.5)
+  tokens, lengths = gen.pad_batch([ids], 32)
+  cache = m.new_cache(1, tokens.shape[1])
+  _, cache, _ = gen.prefill(m.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
+                            apply_fn=m.apply_fn, chunk_size=32)
+  obs = reconstruction_scores(m.params, m.apply_fn, cache, ids, prompts, chunk=2048)
+  ours = np.asarray(obs["scores"])[:, 0, :, :N]
+  np.testing.assert_allclose(ours, rec["scores"], rtol=1e-4, atol=1e-7)
+
+  n_layers, n_heads = _n_layers_heads(setup)
+  forced_ = ours.copy()
+  forced_[..., :4] = np.inf
+  for l in range(n_layers):
+    _, heads, seq = (t.numpy() for t in rec["masked"][l])
+    theirs = [set(range(N)) - set(seq[heads == h].tolist()) for h in range(n_heads)]
+    flat = _top(forced_[l].ravel(), n_heads * KEEP)
+    want = [{i % N for i in flat if i // N == h} for h in range(n_heads)]
+    _assert_same_sets([theirs], [want], [forced_[l]])
+
+  small = methods.compress(method, cache, obs)
+  pos, lens = np.asarray(small.positions)[:, 0], np.asarray(small.lengths)[:, 0]
+  assert (lens == KEEP).all()
+  per_head = [[set(range(4)) | {i + 4 for i in _top(ours[l, h, 4:], KEEP - 4)}
+               for h in range(n_heads)] for l in range(n_layers)]
+  _assert_same_sets([[set(pos[l, h, :KEEP].tolist()) for h in range(n_heads)]
+                     for l in range(n_layers)], per_head, forced_)
