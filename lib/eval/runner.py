@@ -72,9 +72,11 @@ def reconstruction_prompts(tokenizer, context: Sequence[int]):
 
 def method_observations(lm, method, cache, ctx, obs_joint=None, hooks=(), chunk_size=512,
                         memo=None):
-  """What ``compress`` needs for ``method`` on ``cache`` (prefilled with ``ctx``, one row): its prefill hook's share of ``obs_joint``, and for
-  KVzip (alone, as AdaKV's scorer, or first in a composition) the repeat passes' scores, formed
-  once per sample and chunk size (``memo``) however many cells use them.
+  """What ``compress`` needs for ``method`` on ``cache`` (``[L, 1, K, S]``, prefilled with the
+  token ids ``ctx``): its prefill hook's share of ``obs_joint`` (``hooks`` lists the hooks that
+  prefill ran, in order), and for KVzip (alone, as AdaKV's scorer, or first in a composition)
+  the repeat passes' scores, formed once per sample and chunk size (``memo``) however many
+  cells use them.
 
   Returns ``(observations, seconds of the repeat passes)`` (0 for other methods); every cell
   that uses the repeats is charged their seconds, as it would be alone."""
