@@ -57,7 +57,9 @@ flags.DEFINE_integer("batch_cells", 8,
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
 
 
-def _done(path):
+def _done(path, haystack):
+  """Keys of the rows already in ``path`` for this ``haystack`` (rows of the other filler are
+  other samples: a run with ``--haystack=docs`` into a file of noise rows must not skip)."""
   if not os.path.exists(path):
     return set()
   keys = set()
@@ -65,6 +67,8 @@ def _done(path):
     for line in f:
       if line.strip():
         r = json.loads(line)
+        if aggregate.haystack(r) not in (None, haystack):
+          continue
         keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
                   r.get("prefill_mode", "after")))
   return keys
@@ -106,7 +110,7 @@ def main(argv):
                            f"{lm.config.max_position_embeddings} tokens with the question and "
                            f"--max_new_tokens={FLAGS.max_new_tokens}: use --lengths<={room}")
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
-  done = _done(FLAGS.out)
+  done = _done(FLAGS.out, FLAGS.haystack)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",
@@ -142,7 +146,7 @@ def main(argv):
         r.update({"length": n, "git": rev, "time": time.time(), "config": config})
         f.write(json.dumps(r) + "\n")
       f.flush()
-  table = aggregate.cells(aggregate.read_rows([FLAGS.out]))
+  table = aggregate.cells(aggregate.unique_rows(aggregate.read_rows([FLAGS.out]))[0])
   for c in table:
     key = "ppl" if c["task"] == "perplexity" else "score"
     s = c[key]

@@ -20,7 +20,10 @@ def main(argv):
   missing = [p for p in FLAGS.inputs if not os.path.exists(p)]
   if missing:
     raise app.UsageError(f"no such results file(s): {missing}; run experiments.evaluate first")
-  rows = aggregate.read_rows(FLAGS.inputs)
+  rows, repeats = aggregate.unique_rows(aggregate.read_rows(FLAGS.inputs))
+  if repeats:
+    print(f"{repeats} repeated rows (the same cell and sample in more than one place) counted "
+          "once: the last one read")
   cells = aggregate.cells(rows)
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   md = report.leaderboard(cells)

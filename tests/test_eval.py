@@ -310,3 +310,43 @@ def test_score_plot_accepts_a_bound_a_rounding_error_past_the_mean(tmp_path):
            (("full", 1.0), ("tova", 0.75), ("tova", 0.5))]
   report.plot_score_vs_ratio(cells, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def _row(method, sample, score, haystack=None, task="niah_single"):
+  r = {"task": task, "length": 1024, "protocol": "query_agnostic", "method": method,
+       "ratio": 1.0 if method == "full" else 0.5, "sample": sample, "score": score,
+       "cache_bytes": 1, "full_bytes": 2}
+  if haystack:
+    r["config"] = {"haystack": haystack}
+  return r
+
+
+def test_merged_files_count_each_sample_once():
+  """Two evaluations' files both hold ``full`` rows of the same samples: one n, not two."""
+  a = [_row("full", s, 1.0) for s in range(3)] + [_row("tova", s, 1.0) for s in range(3)]
+  b = [_row("full", s, 1.0, "noise") for s in range(3)] + [_row("kvzip", s, 0.0)
+                                                          for s in range(3)]
+  rows, repeats = aggregate.unique_rows(a + b)
+  assert repeats == 3 and len(rows) == 9
+  n = {c["method"]: c["score"]["n"] for c in aggregate.cells(rows)}
+  assert n == {"full": 3, "tova": 3, "kvzip": 3}
+  # The same samples on another haystack are other measurements, in other cells.
+  docs = [_row("full", s, 0.0, "docs") for s in range(3)]
+  rows, repeats = aggregate.unique_rows(a + docs)
+  assert repeats == 0
+  cells = {(c["task"], c["method"]): c["score"] for c in aggregate.cells(rows)}
+  assert cells[("niah_single", "full")]["mean"] == 1.0
+  assert cells[("niah_single [docs haystack]", "full")]["mean"] == 0.0
+  assert "### niah_single [docs haystack], 1024 tokens" in report.leaderboard(
+      aggregate.cells(rows))
+
+
+def test_resume_skips_only_rows_of_the_same_haystack(tmp_path):
+  from experiments.evaluate import _done  # pylint: disable=g-import-not-at-top
+  p = tmp_path / "rows.jsonl"
+  rows = [_row("full", 0, 1.0), _row("full", 1, 1.0, "docs"),
+          _row("full", 2, 1.0, task="perplexity")]
+  p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  samples = lambda done: sorted(k[3] for k in done)
+  assert samples(_done(str(p), "noise")) == [0, 2]
+  assert samples(_done(str(p), "docs")) == [1, 2]

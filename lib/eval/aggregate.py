@@ -24,6 +24,12 @@ def label(row: dict) -> str:
   return row["method"]
 
 
+def task_label(row: dict) -> str:
+  """``niah_single`` (noise haystack, the default) or ``niah_single [docs haystack]``."""
+  h = haystack(row)
+  return row["task"] if h in (None, "noise") else f"{row['task']} [{h} haystack]"
+
+
 def read_rows(paths) -> list[dict]:
   """Every result row (one JSON object per line) of the JSONL files ``paths``, in order."""
   rows = []
@@ -33,13 +39,40 @@ def read_rows(paths) -> list[dict]:
   return rows
 
 
+def sample_key(row: dict) -> tuple:
+  """What makes a row one measurement: its cell, its sample (the task seed) and haystack."""
+  return (tuple(label(row) if k == "method" else row.get(k) for k in CELL_KEYS)
+          + (row.get("sample"), haystack(row)))
+
+
+def haystack(row: dict) -> str | None:
+  """The needle filler a row's sample was built on (``noise`` for rows that predate the
+  flag); None for perplexity rows, whose text does not depend on it."""
+  if row.get("task") == "perplexity":
+    return None
+  return row.get("config", {}).get("haystack", "noise")
+
+
+def unique_rows(rows: list[dict]) -> tuple[list[dict], int]:
+  """``rows`` with each measurement once (the last row of each ``sample_key`` wins), and how
+  many repeats were dropped. Files merged in one report often share rows (every evaluation
+  writes its own ``full`` rows for the same samples); counting them twice would double a
+  cell's n and narrow its interval for no new evidence."""
+  last = {sample_key(r): i for i, r in enumerate(rows)}
+  keep = sorted(last.values())
+  return [rows[i] for i in keep], len(rows) - len(keep)
+
+
 def cells(rows: list[dict]) -> list[dict]:
   """Groups rows by (task, length, protocol, method label, ratio) and summarises each metric.
 
-  A cell's ``method`` is ``label(row)``: the two prefill modes of one method are two cells."""
+  A cell's ``method`` is ``label(row)``: the two prefill modes of one method are two cells;
+  its ``task`` is ``task_label(row)``: needles in the docs haystack are other cells than in
+  the noise one."""
   groups = collections.defaultdict(list)
   for r in rows:
-    groups[tuple(label(r) if k == "method" else r.get(k) for k in CELL_KEYS)].append(r)
+    groups[tuple(label(r) if k == "method" else task_label(r) if k == "task" else r.get(k)
+                 for k in CELL_KEYS)].append(r)
   out = []
   for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
     cell = dict(zip(CELL_KEYS, key))

@@ -54,6 +54,14 @@ def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   panels = sorted({(c["task"], c["length"], c["protocol"]) for c in cells}, key=str)
+  names = sorted({c["method"] for c in cells} - {"full"})
+  # One colour and marker per method, the same in every panel, and one legend beside the
+  # panels: with more than ten methods the default cycle repeats colours, and a legend inside
+  # a panel hides its lines.
+  colours = plt.get_cmap("tab20")
+  markers = "osD^v<>ph*"
+  style = {n: dict(color=colours(i % 20), marker=markers[i % len(markers)])
+           for i, n in enumerate(names)}
   fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
   for ax, key in zip(axes[0], panels):
     cs = [c for c in cells if (c["task"], c["length"], c["protocol"]) == key]
@@ -69,17 +77,23 @@ def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
       # Clipped at 0: a Wilson bound equal to the mean (0 % or 100 %) can sit a rounding
       # error past it, and matplotlib refuses negative error bars.
       err = [np.maximum(y - lo, 0.0), np.maximum(hi - y, 0.0)]
-      ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+      ax.errorbar(x, y, yerr=err, capsize=3, label=name, **style[name])
     if full is not None:
       ax.axhline(full[metric_k]["mean"], color="k", ls="--", lw=1, label="full cache")
     ax.set_xlabel("fraction of KV cache kept")
     ax.set_ylabel(metric_k)
     ax.set_title(f"{key[0]}, {key[1]} tok, {key[2]}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+  legend = {}
+  for ax in axes[0]:
+    for h, l in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(l, h)
+  order = (["full cache"] if "full cache" in legend else []) + [n for n in names if n in legend]
+  fig.legend([legend[l] for l in order], order, loc="center left", bbox_to_anchor=(1.0, 0.5),
+             fontsize=8)
   fig.tight_layout()
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  fig.savefig(path, dpi=110)
+  fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
   return path
 
