@@ -18,6 +18,7 @@ import numpy as np
 
 from lib import generate as gen
 from lib import methods
+from lib import protocol
 from lib import sharding
 from lib.cache import KVCache
 from lib.rope import RopeConfig
@@ -79,7 +80,50 @@ def run(out: str, mesh_spec: str):
     if mesh is not None:  # the cache really is laid out on the mesh
       results[f"{key}/key_shards"] = np.asarray(
           len(final.keys.sharding.device_set) if hasattr(final.keys, "sharding") else 1)
+  if mesh_spec in KVZIP_MESHES:
+    results.update(run_kvzip(mesh))
   np.savez(out, **results)
+
+
+# KVzip reconstructs one context at a time (batch 1), so it cannot split rows: it runs where
+# the model axis splits every kv head (8 kv heads on 8 shards) and on one device.
+KVZIP_MESHES = ("one", "data:1,model:8")
+
+
+def run_kvzip(mesh) -> dict:
+  """KVzip's repeat scores, its compressed cache and 32 greedy tokens from it, ``mesh`` or one
+  device (None): a tiny model with 8 kv heads and one 70-token context."""
+  cfg = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=16, num_kv_heads=8, head_dim=32,
+                    rope=RopeConfig(head_dim=32), max_position_embeddings=512)
+  params = jax.tree.map(lambda x: x * 3.0, init_params(cfg, jax.random.PRNGKey(0)))
+  apply_fn = make_apply_fn(cfg, attn_block_size=16)
+  context = np.random.RandomState(1).randint(1, 96, 70).tolist()
+  if mesh is not None:
+    params = sharding.shard_params(params, cfg, mesh)
+  tokens, lengths = gen.pad_batch([context], 16)
+  cache = KVCache.init(num_layers=2, batch=1, kv_heads=8, capacity=tokens.shape[1],
+                       head_dim=32)
+  tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+  if mesh is not None:
+    cache = sharding.shard_cache(cache, mesh)
+    tokens, lengths = sharding.replicated((tokens, lengths), mesh)
+  first, cache, _ = gen.prefill(params, tokens, lengths, cache, apply_fn=apply_fn,
+                                chunk_size=16)
+  # Stand-in prompt ids for the repeat instruction (the tiny vocabulary has no chat template).
+  obs = protocol.reconstruction_scores(params, apply_fn, cache, context,
+                                       ([5, 6, 7], [8, 9], [10]), chunk=32, chunk_size=16,
+                                       block=16)
+  small = methods.compress(methods.make("kvzip", ratio=0.5), cache, obs, extra=STEPS + 8)
+  if mesh is not None:
+    small = sharding.shard_cache(small, mesh)
+  toks, _, final = gen.decode_loop(params, small, first, jax.random.PRNGKey(0),
+                                   apply_fn=apply_fn, max_new_tokens=STEPS)
+  out = {"kvzip/scores": np.asarray(obs["scores"]), "kvzip/tokens": np.asarray(toks),
+         "kvzip/final_keys": np.asarray(final.keys)}
+  if mesh is not None:
+    out["kvzip/key_shards"] = np.asarray(len(final.keys.sharding.device_set))
+  return out
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def test_prefill_compress_decode_match_one_device(runs, mesh):
   got = by_mesh[mesh]
   assert "snapkv/tokens" in got
   for key, want in one.items():
-    if key not in got:  # a method this mesh does not run (sharded_run.ONLY)
-      assert mesh != "data:4,model:2", key  # the mesh that runs every method
+    if key not in got:  # a method this mesh does not run (sharded_run.ONLY, KVZIP_MESHES)
+      assert mesh != "data:4,model:2" or key.startswith("kvzip/"), key  # runs every other one
       continue
     if key.endswith("/tokens"):
       np.testing.assert_array_equal(got[key], want, err_msg=f"{mesh} {key}")
@@ -55,6 +55,22 @@ def test_prefill_compress_decode_match_one_device(runs, mesh):
     assert "streaming_llm_xkv/coef_shard_rows" in got
   if "streaming_llm_xkv/coef_shard_rows" in got:
     assert int(got["streaming_llm_xkv/coef_shard_rows"]) == 8 // data  # xKV factors by row
+
+
+def test_kvzip_on_the_model_axis_matches_one_device(runs):
+  """KVzip's repeats (extra prefill passes on copies of the cache) on 8 model shards: the same
+  scores (1e-5), cache after 32 steps (1e-5) and greedy tokens as one device, and the cache
+  really split 8 ways."""
+  one, by_mesh, _ = runs
+  got = by_mesh["data:1,model:8"]
+  assert one["kvzip/scores"].shape == (2, 1, 8, 80)  # [L, B, K, S]
+  assert (one["kvzip/scores"][..., :70] > 0).mean() > 0.9  # the context is scored
+  np.testing.assert_allclose(got["kvzip/scores"], one["kvzip/scores"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got["kvzip/final_keys"], one["kvzip/final_keys"], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(got["kvzip/tokens"], one["kvzip/tokens"])
+  assert len(np.unique(one["kvzip/tokens"])) > 8
+  assert int(got["kvzip/key_shards"]) == 8
 
 
 def test_heads_that_do_not_divide_are_replicated_with_a_reason(runs):
