@@ -18,6 +18,7 @@ from lib.methods.expected_attention import ExpectedAttention
 from lib.methods.kivi import KIVI, KIVI4
 from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
 from lib.methods.kvzip import KVzip
+from lib.methods.kvzip_heads import KVzipHeads
 from lib.methods.matryoshka import MatryoshkaKV, MatryoshkaPCA
 from lib.methods.minicache import MiniCache
 from lib.methods.think import ThinK
@@ -34,6 +35,7 @@ REGISTRY: dict[str, type[Method]] = {
     "adakv": AdaKV,
     "expected_attention": ExpectedAttention,
     "kvzip": KVzip,
+    "kvzip_heads": KVzipHeads,
     "kivi": KIVI,
     "kivi4": KIVI4,
     "kvquant": KVQuant,

@@ -1,0 +1,95 @@
+r"""Calibrate ``kvzip_heads``: one KVzip score per (layer, kv head), from real text.
+
+  python -m experiments.calibrate_kvzip_heads --model=smollm2-135m --length=2048 --samples=4 \
+      --out=results/kvzip_heads/smollm2-135m.json
+
+Each sample is a stretch of the stdlib docs (not an evaluation task: the table must not know
+the needles), put in the chat template as the user's message, prefilled; KVzip's repeats
+(``lib.protocol.reconstruction_scores``) score every cached pair, and a head's score is the
+largest over its context slots (sinks and the template's prefix left out). The table is the
+mean over samples. Writes JSON with the scores ``[L][K]``, the model's fingerprint and the
+per-sample tables; ~1-2 prefills per sample.
+"""
+
+import json
+import os
+import random
+import time
+
+from absl import app, flags
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+import models
+from lib.data.text import stdlib_docs, text_of_tokens
+from lib.eval.runner import prompt_pieces, reconstruction_prompts
+from lib.eval.tasks import Sample
+from lib.protocol import prefill_context, reconstruction_scores
+from lib.provenance import git_rev
+from lib.quant.kvquant_calibrate import model_fingerprint
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
+flags.DEFINE_integer("length", 2048, "Context tokens per calibration sample.")
+flags.DEFINE_integer("samples", 4, "Calibration samples (stretches of the stdlib docs).")
+flags.DEFINE_integer("chunk", 2048, "KVzip repeat chunk (tokens).")
+flags.DEFINE_integer("sinks", 4, "Leading slots left out of each head's max.")
+flags.DEFINE_integer("seed", 0, "Where in the docs the samples start.")
+flags.DEFINE_string("out", "results/kvzip_heads/smollm2-135m.json", "Table (JSON).")
+
+
+def head_table(scores: np.ndarray, length: int, skip: int) -> np.ndarray:
+  """``scores [L, 1, K, S]`` repeat scores -> ``[L, K]``: each head's largest over the context
+  slots ``skip .. length - 1``."""
+  if not 0 <= skip < length:
+    raise ValueError(f"nothing to score: {skip} leading slots skipped of {length}")
+  return scores[:, 0, :, skip:length].max(-1)
+
+
+def main(argv):
+  del argv
+  if FLAGS.samples < 1 or FLAGS.length < 64:
+    raise app.UsageError("--samples must be >= 1 and --length >= 64 tokens")
+  lm = models.load(FLAGS.model, progress=False)
+  c = lm.config
+  room = c.max_position_embeddings - FLAGS.length
+  if room < min(FLAGS.chunk, FLAGS.length) + 64:
+    raise app.UsageError(f"--length={FLAGS.length} leaves no room for the repeats in the "
+                         f"model's {c.max_position_embeddings} positions: lower --length")
+  rng = random.Random(f"kvzip_heads:{FLAGS.seed}")
+  docs = len(stdlib_docs())
+  tables, t0 = [], time.time()
+  for _ in tqdm(range(FLAGS.samples), desc="calibration samples"):
+    ids = text_of_tokens(lm.tokenizer, FLAGS.length, offset_chars=rng.randrange(0, docs // 2))
+    text = lm.tokenizer.decode(ids)
+    ctx, _ = prompt_pieces(lm.tokenizer, Sample("calibration", text, "", []), "query_agnostic")
+    ctx = ctx[:FLAGS.length]
+    cache, _, _ = prefill_context(lm.params, lm.apply_fn, [ctx], num_layers=c.num_layers,
+                                  kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                                  block=lm.attn_block_size)
+    prompts, prefix = reconstruction_prompts(lm.tokenizer, ctx)
+    out = reconstruction_scores(lm.params, lm.apply_fn, cache, ctx, prompts, chunk=FLAGS.chunk,
+                                prefix=prefix, max_context=c.max_position_embeddings,
+                                block=lm.attn_block_size)
+    scores = np.asarray(jax.device_get(out["scores"]))
+    tables.append(head_table(scores, len(ctx), max(FLAGS.sinks, prefix)))
+  table = np.mean(tables, 0)
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  result = {"model": FLAGS.model, "fingerprint": model_fingerprint(c, lm.params),
+            "scores": table.round(6).tolist(), "per_sample": [t.round(6).tolist() for t in tables],
+            "length": FLAGS.length, "samples": FLAGS.samples, "chunk": FLAGS.chunk,
+            "pooling": "max over context slots, mean over samples", "text": "stdlib docs",
+            "seconds": round(time.time() - t0, 1), "git": git_rev(),
+            "command": "python -m experiments.calibrate_kvzip_heads " + " ".join(
+                f"--{k}={FLAGS[k].value}" for k in ("model", "length", "samples", "chunk",
+                                                    "sinks", "seed", "out"))}
+  with open(FLAGS.out, "w") as f:
+    json.dump(result, f, indent=1)
+  order = np.argsort(-table.reshape(-1))
+  print(f"wrote {FLAGS.out}: {table.shape[0]} layers x {table.shape[1]} kv heads; best heads "
+        f"(layer, head): {[divmod(int(i), table.shape[1]) for i in order[:8]]}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,124 @@
+"""KVzip's context-independent variant (Kim et al. 2025, arXiv 2505.23416): whole heads keep
+the context or drop it, chosen once per model from KVzip's repeat scores, so compressing costs
+nothing at run time.
+
+Offline, ``experiments/calibrate_kvzip_heads.py`` runs KVzip's repeats (``lib.protocol.
+reconstruction_scores``) on real text (the stdlib docs, not an evaluation task) and gives each
+(layer, kv head) one score: the largest repeat score it gives any context slot, averaged over
+the calibration samples. At run time the heads are ranked by that table across all layers; the
+best keep their whole context, the others only the first ``sinks`` slots (and the template's
+prefix, when the protocol names it) and the ``window`` most recent, and one head at the
+boundary takes what budget is left as a longer window. The total is the uniform budget's
+(``ratio`` of every head's context), so bytes are comparable with every other method.
+
+Choices (the paper's head-level mode is DuoAttention-style; what follows is ours where the
+paper or its code did not say, or was not read):
+  * head score = max over context slots of the pair scores [recall: the paper pools the
+    pair-level scores along the sequence; max chosen here], mean over samples; the first
+    ``sinks`` slots and the template's prefix are left out of the max (every head attends to
+    its sinks, which would rank nothing).
+  * heads dropping the context keep ``sinks`` + ``window`` slots (DuoAttention's streaming
+    heads), not nothing (the KVzip code's head mode keeps only the system prompt).
+  * budgets differ per head, so the cache is ragged: paged by default (``Ragged``), bytes from
+    the leaves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from lib.cache import KVCache
+from lib.methods.base import Method, forced
+from lib.methods.budgets import Ragged
+
+DEFAULT_TABLE = os.path.normpath(os.path.join(
+    os.path.dirname(__file__), "..", "..", "results", "kvzip_heads", "smollm2-135m.json"))
+CALIBRATE = "python -m experiments.calibrate_kvzip_heads --model=<model> --out=<table.json>"
+
+
+def load_table(path: str) -> dict:
+  """The calibration file: ``{"scores": [L][K], "fingerprint": str, "model": str, ...}``
+  (read again when the file changes)."""
+  if not os.path.exists(path):
+    raise ValueError(f"kvzip_heads: no head table at {path}: make one with {CALIBRATE} and pass "
+                     "--method=kvzip_heads:table=<table.json>")
+  st = os.stat(path)
+  return _read(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read(path: str, mtime_ns: int, size: int) -> dict:
+  del mtime_ns, size  # the cache's key: a rewritten file is read again
+  try:
+    with open(path) as f:
+      t = json.load(f)
+    np.asarray(t["scores"], np.float32).reshape(len(t["scores"]), -1)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f"kvzip_heads: {path} is not a head table ({e}): remake it with "
+                     f"{CALIBRATE}") from e
+  return t
+
+
+@dataclasses.dataclass(frozen=True)
+class KVzipHeads(Ragged, Method):
+  """Whole heads keep their context (the best by a calibrated ``table`` of KVzip head scores,
+  ``[L, K]``), the others ``sinks`` + ``window`` slots; see the module docstring."""
+
+  table: str = DEFAULT_TABLE
+  sinks: int = 4
+  window: int = 32
+  name = "kvzip_heads"
+
+  def __post_init__(self):
+    super().__post_init__()
+    if self.sinks < 0 or self.window < 0:
+      raise ValueError(f"kvzip_heads: sinks and window are slot counts >= 0, got "
+                       f"{self.sinks} and {self.window}")
+
+  def head_table(self, num_layers: int, kv_heads: int) -> np.ndarray:
+    """``[L, K]`` float32 head scores, checked against the cache's shape."""
+    t = np.asarray(load_table(self.table)["scores"], np.float32)
+    if t.shape != (num_layers, kv_heads):
+      raise ValueError(f"kvzip_heads: the table {self.table} has {t.shape} (layers, kv heads) "
+                       f"but the cache has {(num_layers, kv_heads)}: it was made for another "
+                       f"model; make one for this model with {CALIBRATE}")
+    return t
+
+  def check_for(self, config, params, what: str = "the model") -> None:
+    """Raises a clear error when the table was calibrated on another model."""
+    from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
+    self.head_table(config.num_layers, config.num_kv_heads)
+    want = load_table(self.table).get("fingerprint")
+    if want is not None and want != model_fingerprint(config, params):
+      raise ValueError(f"kvzip_heads: the table {self.table} was calibrated on another model "
+                       f"({load_table(self.table).get('model')}) than {what}: make one with "
+                       f"{CALIBRATE}")
+
+  def scores(self, cache: KVCache, obs=None):
+    """``[L, B, K, S]``: sinks (and the template prefix, ``obs["prefix"]`` where given) forced,
+    then the most recent first; a head's budget decides how far back it reaches."""
+    n_sink = jnp.asarray(self.sinks)
+    if isinstance(obs, dict) and "prefix" in obs:
+      n_sink = jnp.maximum(n_sink, obs["prefix"])[None, :, None, None]
+    keep = (cache.positions < n_sink) & (cache.positions >= 0)
+    return jnp.where(keep, forced(cache.positions), cache.positions.astype(jnp.float32))
+
+  def budgets(self, cache: KVCache, obs, kept) -> jnp.ndarray:
+    """``[L, B, K]``: the context for the best heads, ``sinks + window`` for the others, one
+    boundary head in between; their sum is ``kept``'s (the uniform budgets') per row."""
+    n_l, _, n_k = cache.lengths.shape
+    order = np.argsort(-self.head_table(n_l, n_k).reshape(-1), kind="stable")  # best first
+    lengths = cache.lengths.astype(jnp.int32)  # [L, B, K]
+    base = jnp.minimum(self.sinks + self.window, lengths)
+    spare = jnp.maximum(kept.astype(jnp.int32) - base, 0).sum((0, 2))  # [B]: beyond the base
+    room = jnp.moveaxis(lengths - base, 1, 0).reshape(lengths.shape[1], -1)[:, order]  # [B, LK]
+    before = jnp.cumsum(room, axis=1) - room
+    extra = jnp.clip(spare[:, None] - before, 0, room)  # in rank order
+    extra = jnp.zeros_like(extra).at[:, order].set(extra).reshape(-1, n_l, n_k)
+    return base + jnp.moveaxis(extra, 0, 1)
