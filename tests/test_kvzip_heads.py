@@ -89,3 +89,25 @@ def test_head_table_is_the_max_past_the_skipped_slots():
   assert t[0, 0] == 0.0
   with pytest.raises(ValueError, match="nothing to score"):
     head_table(s, 4, 4)
+
+
+def test_compressing_while_prefilling_keeps_the_same_slots(tiny, tmp_path):
+  """The budgets depend on the lengths and the table only, and the slots on positions, so the
+  chunk-by-chunk selection (``lib.online``) keeps exactly what compressing after prefill
+  keeps, in every layer, row and head."""
+  from test_online import _offline, _online  # pylint: disable=g-import-not-at-top
+  c = tiny.config
+  table = np.arange(c.num_layers * c.num_kv_heads)[::-1].reshape(c.num_layers, c.num_kv_heads)
+  m = methods.make(f"kvzip_heads:table={_table(tmp_path, table)}:window=4:layout=padded",
+                   ratio=0.25)
+  rng = np.random.RandomState(5)
+  prompts = [rng.randint(0, 160, size=n).tolist() for n in (61, 37)]
+  _, online, kept = _online(tiny, prompts, m, 8)
+  _, offline, _ = _offline(tiny, prompts, m, 8)
+  np.testing.assert_array_equal(np.asarray(online.lengths), kept)
+  np.testing.assert_array_equal(np.asarray(offline.lengths), kept)
+  assert len(np.unique(kept[:, 0])) > 1  # ragged: whole heads vs sinks + window
+  for l, b, k in np.ndindex(*kept.shape):
+    n = kept[l, b, k]
+    np.testing.assert_array_equal(np.sort(np.asarray(online.positions)[l, b, k, :n]),
+                                  np.sort(np.asarray(offline.positions)[l, b, k, :n]))

@@ -109,16 +109,19 @@ class KVzipHeads(Ragged, Method):
     keep = (cache.positions < n_sink) & (cache.positions >= 0)
     return jnp.where(keep, forced(cache.positions), cache.positions.astype(jnp.float32))
 
-  def budgets(self, cache: KVCache, obs, kept) -> jnp.ndarray:
-    """``[L, B, K]``: the context for the best heads, ``sinks + window`` for the others, one
-    boundary head in between; their sum is ``kept``'s (the uniform budgets') per row."""
-    n_l, _, n_k = cache.lengths.shape
+  def kept(self, lengths: np.ndarray) -> np.ndarray:
+    """``lengths [L, B, K]`` -> budgets ``[L, B, K]``: the context for the best heads,
+    ``sinks + window`` for the others, one boundary head in between; per row they sum to the
+    uniform budgets' total (``ratio`` or ``budget`` of every head). They depend on the lengths
+    and the table only, so compressing while prefilling (``lib.online``) uses them as they are."""
+    uniform = super().kept(lengths)
+    n_l, n_b, n_k = lengths.shape
     order = np.argsort(-self.head_table(n_l, n_k).reshape(-1), kind="stable")  # best first
-    lengths = cache.lengths.astype(jnp.int32)  # [L, B, K]
-    base = jnp.minimum(self.sinks + self.window, lengths)
-    spare = jnp.maximum(kept.astype(jnp.int32) - base, 0).sum((0, 2))  # [B]: beyond the base
-    room = jnp.moveaxis(lengths - base, 1, 0).reshape(lengths.shape[1], -1)[:, order]  # [B, LK]
-    before = jnp.cumsum(room, axis=1) - room
-    extra = jnp.clip(spare[:, None] - before, 0, room)  # in rank order
-    extra = jnp.zeros_like(extra).at[:, order].set(extra).reshape(-1, n_l, n_k)
-    return base + jnp.moveaxis(extra, 0, 1)
+    base = np.minimum(self.sinks + self.window, lengths)
+    spare = np.maximum(uniform - base, 0).sum((0, 2))  # [B]: budget beyond the base
+    room = np.moveaxis(lengths - base, 1, 0).reshape(n_b, -1)[:, order]  # [B, L*K] rank order
+    before = np.cumsum(room, axis=1) - room
+    extra_ranked = np.clip(spare[:, None] - before, 0, room)
+    extra = np.zeros_like(extra_ranked)
+    extra[:, order] = extra_ranked
+    return (base + np.moveaxis(extra.reshape(n_b, n_l, n_k), 0, 1)).astype(np.int32)
