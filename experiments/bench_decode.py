@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib.device_peaks import peak_gb_s
 from lib.provenance import git_rev, write_result
 from lib.quant import uniform
 from pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
@@ -56,22 +57,6 @@ flags.DEFINE_list("kernel_dot_dtypes", ["float32"], "Operand dtypes of the kerne
                   "paths q*_pallas..._bf16).")
 flags.DEFINE_float("peak_gb_s", 0.0, "Peak memory bandwidth of the device in GB/s (0: from "
                    "PEAK_GB_S by device kind; none on CPU).")
-
-# Vendor peak HBM bandwidth (GB/s) by a substring of ``device_kind``, most specific first.
-PEAK_GB_S = (("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0), ("H200", 4800.0),
-             ("A100-SXM4-80GB", 2039.0), ("A100-PCIE-80GB", 1935.0), ("A100", 1555.0),
-             ("L4", 300.0), ("TPU v4", 1200.0), ("TPU v5 lite", 819.0), ("TPU v5e", 819.0),
-             ("TPU v5p", 2765.0), ("TPU v5", 2765.0), ("TPU v6 lite", 1640.0),
-             ("TPU v6e", 1640.0))
-
-
-def peak_gb_s(device_kind: str, override: float = 0.0) -> float | None:
-  """Peak memory bandwidth (GB/s) of a device kind: ``override`` if set, else the first
-  ``PEAK_GB_S`` entry whose name occurs in it, else None (CPU, unknown devices)."""
-  if override > 0:
-    return override
-  return next((v for name, v in PEAK_GB_S if name in device_kind), None)
-
 
 @jax.jit
 def full_attention(q, k, v, n):

@@ -27,6 +27,7 @@ from lib.eval.runner import prompt_pieces, reconstruction_prompts
 from lib.eval.tasks import Sample
 from lib.protocol import prefill_context, reconstruction_scores
 from lib.provenance import git_rev
+from lib.methods.kvzip_heads import table_from_scores
 from lib.quant.kvquant_calibrate import model_fingerprint
 
 FLAGS = flags.FLAGS
@@ -37,14 +38,6 @@ flags.DEFINE_integer("chunk", 2048, "KVzip repeat chunk (tokens).")
 flags.DEFINE_integer("sinks", 4, "Leading slots left out of each head's max.")
 flags.DEFINE_integer("seed", 0, "Where in the docs the samples start.")
 flags.DEFINE_string("out", "results/kvzip_heads/smollm2-135m.json", "Table (JSON).")
-
-
-def head_table(scores: np.ndarray, length: int, skip: int) -> np.ndarray:
-  """``scores [L, 1, K, S]`` repeat scores -> ``[L, K]``: each head's largest over the context
-  slots ``skip .. length - 1``."""
-  if not 0 <= skip < length:
-    raise ValueError(f"nothing to score: {skip} leading slots skipped of {length}")
-  return scores[:, 0, :, skip:length].max(-1)
 
 
 def main(argv):
@@ -73,7 +66,7 @@ def main(argv):
                                 prefix=prefix, max_context=c.max_position_embeddings,
                                 block=lm.attn_block_size)
     scores = np.asarray(jax.device_get(out["scores"]))
-    tables.append(head_table(scores, len(ctx), max(FLAGS.sinks, prefix)))
+    tables.append(table_from_scores(scores, len(ctx), max(FLAGS.sinks, prefix)))
   table = np.mean(tables, 0)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   result = {"model": FLAGS.model, "fingerprint": model_fingerprint(c, lm.params),

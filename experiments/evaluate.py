@@ -57,23 +57,6 @@ flags.DEFINE_integer("batch_cells", 8,
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
 
 
-def _done(path, haystack):
-  """Keys of the rows already in ``path`` for this ``haystack`` (rows of the other filler are
-  other samples: a run with ``--haystack=docs`` into a file of noise rows must not skip)."""
-  if not os.path.exists(path):
-    return set()
-  keys = set()
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        r = json.loads(line)
-        if aggregate.haystack(r) not in (None, haystack):
-          continue
-        keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
-                  r.get("prefill_mode", "after")))
-  return keys
-
-
 def main(argv):
   del argv
   distributed.initialize_from_flags()
@@ -110,7 +93,7 @@ def main(argv):
                            f"{lm.config.max_position_embeddings} tokens with the question and "
                            f"--max_new_tokens={FLAGS.max_new_tokens}: use --lengths<={room}")
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
-  done = _done(FLAGS.out, FLAGS.haystack)
+  done = aggregate.done_keys(FLAGS.out, FLAGS.haystack)
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",

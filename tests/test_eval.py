@@ -342,11 +342,10 @@ def test_merged_files_count_each_sample_once():
 
 
 def test_resume_skips_only_rows_of_the_same_haystack(tmp_path):
-  from experiments.evaluate import _done  # pylint: disable=g-import-not-at-top
   p = tmp_path / "rows.jsonl"
   rows = [_row("full", 0, 1.0), _row("full", 1, 1.0, "docs"),
           _row("full", 2, 1.0, task="perplexity")]
   p.write_text("".join(json.dumps(r) + "\n" for r in rows))
   samples = lambda done: sorted(k[3] for k in done)
-  assert samples(_done(str(p), "noise")) == [0, 2]
-  assert samples(_done(str(p), "docs")) == [1, 2]
+  assert samples(aggregate.done_keys(str(p), "noise")) == [0, 2]
+  assert samples(aggregate.done_keys(str(p), "docs")) == [1, 2]

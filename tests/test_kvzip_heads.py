@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import models
-from experiments.calibrate_kvzip_heads import head_table
+from lib.methods.kvzip_heads import table_from_scores
 from lib import methods
 from lib.paged import PagedStore
 from test_methods import _prefill
@@ -84,11 +84,11 @@ def test_head_table_is_the_max_past_the_skipped_slots():
   s[1, 0, 2, 5] = 0.7
   s[0, 0, 1, 8] = 0.4
   s[0, 0, 1, 9] = 5.0  # past the context's length: left out
-  t = head_table(s, 9, 1)
+  t = table_from_scores(s, 9, 1)
   assert t.shape == (2, 3) and t[1, 2] == np.float32(0.7) and t[0, 1] == np.float32(0.4)
   assert t[0, 0] == 0.0
   with pytest.raises(ValueError, match="nothing to score"):
-    head_table(s, 4, 4)
+    table_from_scores(s, 4, 4)
 
 
 def test_compressing_while_prefilling_keeps_the_same_slots(tiny, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 
 from lib.eval.metrics import mean_ci
 
@@ -86,3 +87,20 @@ def cells(rows: list[dict]) -> list[dict]:
     cell["git"] = sorted({r.get("git") for r in rs if r.get("git")})
     out.append(cell)
   return out
+
+
+def done_keys(path: str, filler: str | None) -> set:
+  """Keys of the rows already in ``path`` for this ``filler`` (rows of the other filler are
+  other samples: a run with ``--haystack=docs`` into a file of noise rows must not skip)."""
+  if not os.path.exists(path):
+    return set()
+  keys = set()
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        r = json.loads(line)
+        if haystack(r) not in (None, filler):
+          continue
+        keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
+                  r.get("prefill_mode", "after")))
+  return keys

@@ -42,6 +42,14 @@ DEFAULT_TABLE = os.path.normpath(os.path.join(
 CALIBRATE = "python -m experiments.calibrate_kvzip_heads --model=<model> --out=<table.json>"
 
 
+def table_from_scores(scores: np.ndarray, length: int, skip: int) -> np.ndarray:
+  """``scores [L, 1, K, S]`` repeat scores -> ``[L, K]``: each head's largest over the context
+  slots ``skip .. length - 1``."""
+  if not 0 <= skip < length:
+    raise ValueError(f"nothing to score: {skip} leading slots skipped of {length}")
+  return scores[:, 0, :, skip:length].max(-1)
+
+
 def load_table(path: str) -> dict:
   """The calibration file: ``{"scores": [L][K], "fingerprint": str, "model": str, ...}``
   (read again when the file changes)."""
