@@ -25,9 +25,9 @@ import models
 from lib.data.text import stdlib_docs, text_of_tokens
 from lib.eval.runner import prompt_pieces, reconstruction_prompts
 from lib.eval.tasks import Sample
+from lib.methods.kvzip_heads import table_from_scores
 from lib.protocol import prefill_context, reconstruction_scores
 from lib.provenance import git_rev
-from lib.methods.kvzip_heads import table_from_scores
 from lib.quant.kvquant_calibrate import model_fingerprint
 
 FLAGS = flags.FLAGS
