@@ -7,8 +7,9 @@
 # PART: kernels (the Pallas kernels' tests compiled, then the decode kernels' benchmarks: at most
 # 8 min), models (kvlab vs kvpress and paged decode on the default model's twin: about 4 min),
 # overhead (the column-sum kernels' tests compiled, then every method's observe + compress
-# overhead at 4k on the twin, h2o / keyformer with each column-sum path; the kernels timed alone:
-# about 5 min) or all (the default; more than one call of the device tool allows, so name a part).
+# overhead at 4k on the twin, h2o / keyformer with each column-sum path, kvzip and kvzip_heads
+# (a head table calibrated on the twin first); the kernels timed alone: about 5 min before the
+# kvzip steps were added, which have their own limits of 3 + 5 min) or all (the default; more than one call of the device tool allows, so name a part).
 #
 # Needs on that machine: python3 with jax[cuda], flax, optax, orbax, torch (CUDA), pytest and
 # hypothesis; what it lacks travels as wheels in .whl/ (kvpress 0.5.5 and the transformers /
@@ -118,4 +119,11 @@ if [ "$PART" = overhead ] || [ "$PART" = all ]; then
   step compress_ownpass 60 python3 -m experiments.bench_compress --model=$TWIN \
     --method=h2o,keyformer --length=4096 --reps=30 --dtype=bfloat16 --column_sums=own \
     --out="$OUT_DIR/bench_compress_ownpass_gpu.json"
+  # 5. KVzip (its repeat passes are its compress) and kvzip_heads at 4k, beside knorm. A head
+  #    table records its model's fingerprint, so the twin gets its own first (2 samples, 2k).
+  step kvzip_table 180 python3 -m experiments.calibrate_kvzip_heads --model=$TWIN --samples=2 \
+    --out="$LOG_DIR/kvzip_heads_twin.json"
+  step compress_kvzip 300 python3 -m experiments.bench_compress --model=$TWIN \
+    --method=kvzip,kvzip_heads:table=$LOG_DIR/kvzip_heads_twin.json,knorm --length=4096 \
+    --reps=10 --dtype=bfloat16 --out="$OUT_DIR/bench_compress_kvzip_gpu.json"
 fi
