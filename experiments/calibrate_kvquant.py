@@ -8,6 +8,10 @@ Calibration text is real prose from the second half of the offline stdlib docume
 The result is an orbax checkpoint directory (arrays + JSON metadata with the model's
 fingerprint) that ``methods.make("kvquant", calibration=...)`` reads. A killed run restarts
 from scratch (a calibration takes minutes; the Fisher pass dominates).
+
+Without ``--out`` it writes ``runs/calibration/kvquant_<model>`` (the committed
+``results/calibration/...`` only when ``--out`` names it). An existing calibration of another
+model or other settings is not replaced unless ``--overwrite`` is given.
 """
 
 import json
@@ -18,9 +22,10 @@ from absl import app, flags, logging
 import jax
 
 import models
-from lib import distributed, sharding
+from lib import distributed, outputs, saved_arrays, sharding
 from lib.data.text import stdlib_docs, text_of_tokens
 from lib.quant import kvquant_calibrate as calib
+from models import registry
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -32,7 +37,14 @@ flags.DEFINE_list("qnorm_bits", ["2"], "Widths whose LUT gets Q-Norm.")
 flags.DEFINE_float("outlier_fraction", 0.01, "Fraction of values kept sparse (KVQuant: 1 %).")
 flags.DEFINE_integer("kmeans_iters", 50, "Lloyd iterations (sklearn max_iter in KVQuant).")
 flags.DEFINE_integer("max_points", 1 << 20, "k-means points per layer (uniform subsample).")
-flags.DEFINE_string("out", "results/calibration/kvquant_smollm2-135m", "Output directory.")
+flags.DEFINE_string("out", "", "Output directory (default: runs/calibration/kvquant_<model>).")
+flags.DEFINE_bool("overwrite", False, "Replace an --out calibrated for another model or with "
+                  "other settings.")
+
+# identity setting (flag name) -> its key in the calibration's meta
+_SETTINGS = {"bits": "bits", "qnorm_bits": "qnorm_bits", "outlier_fraction": "outlier_fraction",
+             "num_samples": "n_samples", "seqlen": "seqlen", "kmeans_iters": "kmeans_iters",
+             "max_points": "max_points"}
 
 
 def calibration_samples(tokenizer, num_samples: int, seqlen: int) -> list[list[int]]:
@@ -42,12 +54,33 @@ def calibration_samples(tokenizer, num_samples: int, seqlen: int) -> list[list[i
   return [ids[i * seqlen:(i + 1) * seqlen] for i in range(num_samples)]
 
 
+def stored_identity(path: str) -> dict | None:
+  """The identity of the calibration at ``path`` (None: not a calibration)."""
+  meta = saved_arrays.read_meta(path)
+  if not meta or meta.get("format") != calib.FORMAT:
+    return None
+  return outputs.identity(meta.get("model", ""), meta.get("source", ""), meta.get("fingerprint"),
+                          **{k: meta.get(m) for k, m in _SETTINGS.items()})
+
+
 def main(argv):
   del argv
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   bits = [int(b) for b in FLAGS.bits]
+  out = FLAGS.out or outputs.default_out("calibration", "kvquant_" + registry.slug(FLAGS.model))
   lm = models.load(FLAGS.model, progress=True)
+  ident = outputs.identity(FLAGS.model, lm.source, lm.fingerprint, bits=bits,
+                           qnorm_bits=[int(b) for b in FLAGS.qnorm_bits],
+                           outlier_fraction=FLAGS.outlier_fraction, num_samples=FLAGS.num_samples,
+                           seqlen=FLAGS.seqlen, kmeans_iters=FLAGS.kmeans_iters,
+                           max_points=FLAGS.max_points)
+  if not outputs.is_empty(out):
+    try:
+      outputs.check_replace(out, stored_identity(out), ident, what="KVQuant calibration",
+                            overwrite=FLAGS.overwrite)
+    except ValueError as e:
+      raise app.UsageError(f"--out: {e}") from e
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
   if FLAGS.seqlen > lm.config.max_position_embeddings:
     raise app.UsageError(f"--seqlen={FLAGS.seqlen} exceeds the model's context of "
@@ -58,7 +91,7 @@ def main(argv):
                         outlier_fraction=FLAGS.outlier_fraction, iters=FLAGS.kmeans_iters,
                         max_points=FLAGS.max_points, model_name=FLAGS.model)
   cal.meta["seconds"] = round(time.time() - t0, 1)
-  path = calib.save(cal, FLAGS.out)  # orbax: every process takes part in the write
+  path = calib.save(cal, out)  # orbax: every process takes part in the write
   print(f"wrote {path} in {cal.meta['seconds']} s")
   for b in bits:
     print(f"{b}-bit key LUT of layer 0: {cal.lut('k', b)[0].round(3).tolist()}")

@@ -9,6 +9,10 @@ the needles), put in the chat template as the user's message, prefilled; KVzip's
 largest over its context slots (sinks and the template's prefix left out). The table is the
 mean over samples. Writes JSON with the scores ``[L][K]``, the model's fingerprint and the
 per-sample tables; ~1-2 prefills per sample.
+
+Without ``--out`` it writes ``runs/kvzip_heads/<model>.json`` (the committed
+``results/kvzip_heads/`` only when ``--out`` names it). An existing table of another model or
+other settings is not replaced unless ``--overwrite`` is given.
 """
 
 import json
@@ -22,13 +26,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import models
+from lib import outputs
 from lib.data.text import stdlib_docs, text_of_tokens
 from lib.eval.runner import prompt_pieces, reconstruction_prompts
 from lib.eval.tasks import Sample
 from lib.methods.kvzip_heads import table_from_scores
 from lib.protocol import prefill_context, reconstruction_scores
 from lib.provenance import git_rev
-from lib.quant.kvquant_calibrate import model_fingerprint
+from models import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
@@ -37,15 +42,37 @@ flags.DEFINE_integer("samples", 4, "Calibration samples (stretches of the stdlib
 flags.DEFINE_integer("chunk", 2048, "KVzip repeat chunk (tokens).")
 flags.DEFINE_integer("sinks", 4, "Leading slots left out of each head's max.")
 flags.DEFINE_integer("seed", 0, "Where in the docs the samples start.")
-flags.DEFINE_string("out", "results/kvzip_heads/smollm2-135m.json", "Table (JSON).")
+flags.DEFINE_string("out", "", "Table (JSON; default: runs/kvzip_heads/<model>.json).")
+flags.DEFINE_bool("overwrite", False, "Replace an --out table made for another model or with "
+                  "other settings.")
+
+_SETTINGS = ("length", "samples", "chunk", "sinks", "seed")
+
+
+def stored_identity(path: str) -> dict | None:
+  """The identity of the head table at ``path`` (None: not a table)."""
+  t = outputs.read_json(path)
+  if t is None or "scores" not in t:
+    return None
+  return outputs.identity(t.get("model", ""), t.get("source", ""), t.get("fingerprint"),
+                          **{k: t.get(k) for k in _SETTINGS})
 
 
 def main(argv):
   del argv
   if FLAGS.samples < 1 or FLAGS.length < 64:
     raise app.UsageError("--samples must be >= 1 and --length >= 64 tokens")
+  path = FLAGS.out or outputs.default_out("kvzip_heads", registry.slug(FLAGS.model) + ".json")
   lm = models.load(FLAGS.model, progress=False)
   c = lm.config
+  settings = {k: FLAGS[k].value for k in _SETTINGS}
+  ident = outputs.identity(FLAGS.model, lm.source, lm.fingerprint, **settings)
+  if not outputs.is_empty(path):
+    try:
+      outputs.check_replace(path, stored_identity(path), ident, what="kvzip_heads table",
+                            overwrite=FLAGS.overwrite)
+    except ValueError as e:
+      raise app.UsageError(f"--out: {e}") from e
   room = c.max_position_embeddings - FLAGS.length
   if room < min(FLAGS.chunk, FLAGS.length) + 64:
     raise app.UsageError(f"--length={FLAGS.length} leaves no room for the repeats in the "
@@ -68,19 +95,18 @@ def main(argv):
     scores = np.asarray(jax.device_get(out["scores"]))
     tables.append(table_from_scores(scores, len(ctx), max(FLAGS.sinks, prefix)))
   table = np.mean(tables, 0)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  result = {"model": FLAGS.model, "fingerprint": model_fingerprint(c, lm.params),
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  result = {"model": FLAGS.model, "source": lm.source, "fingerprint": lm.fingerprint,
             "scores": table.round(6).tolist(), "per_sample": [t.round(6).tolist() for t in tables],
-            "length": FLAGS.length, "samples": FLAGS.samples, "chunk": FLAGS.chunk,
+            **settings,
             "pooling": "max over context slots, mean over samples", "text": "stdlib docs",
             "seconds": round(time.time() - t0, 1), "git": git_rev(),
             "command": "python -m experiments.calibrate_kvzip_heads " + " ".join(
-                f"--{k}={FLAGS[k].value}" for k in ("model", "length", "samples", "chunk",
-                                                    "sinks", "seed", "out"))}
-  with open(FLAGS.out, "w") as f:
+                f"--{k}={FLAGS[k].value}" for k in ("model", *_SETTINGS)) + f" --out={path}"}
+  with open(path, "w") as f:
     json.dump(result, f, indent=1)
   order = np.argsort(-table.reshape(-1))
-  print(f"wrote {FLAGS.out}: {table.shape[0]} layers x {table.shape[1]} kv heads; best heads "
+  print(f"wrote {path}: {table.shape[0]} layers x {table.shape[1]} kv heads; best heads "
         f"(layer, head): {[divmod(int(i), table.shape[1]) for i in order[:8]]}")
 
 

@@ -8,9 +8,15 @@ calibration); perplexity is the perplexity task of ``experiments.evaluate`` (a c
 scored after a prefix, from the first half), for the original and the converted model. No LoRA
 recovery fine-tuning. ``--save_dir`` also writes the converted model as an HF checkpoint
 directory that ``--model=DIR`` loads.
+
+Without ``--out`` the result goes to ``runs/kv_heads/<model>_kv<N>.json`` (the committed
+``results/`` only when ``--out`` names it). A result or ``--save_dir`` made from another model
+or with other settings is not replaced unless ``--overwrite`` is given.
 """
 
 import dataclasses
+import json
+import os
 import time
 
 from absl import app, flags
@@ -18,11 +24,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import models
+from lib import outputs
 from lib.data.text import stdlib_docs, text_of_tokens
 from lib.eval.runner import run_perplexity
 from lib.eval.tasks import perplexity_tokens
 from lib.lowrank import kv_heads as kvh
 from lib.provenance import write_result
+from models import registry
 from models.decoder import make_apply_fn
 
 FLAGS = flags.FLAGS
@@ -33,8 +41,36 @@ flags.DEFINE_integer("seqlen", 512, "Tokens per calibration sample.")
 flags.DEFINE_integer("eval_samples", 4, "Perplexity samples (seeds 0..n-1).")
 flags.DEFINE_integer("eval_tokens", 512, "Prefix tokens of each perplexity sample.")
 flags.DEFINE_integer("continuation", 256, "Tokens scored after the prefix.")
-flags.DEFINE_string("out", "results/kv_heads_smollm2.json", "Result JSON.")
+flags.DEFINE_string("out", "", "Result JSON (default: runs/kv_heads/<model>_kv<N>.json).")
 flags.DEFINE_string("save_dir", "", "If set, the converted checkpoint is written here.")
+flags.DEFINE_bool("overwrite", False, "Replace an --out or --save_dir made from another model "
+                  "or with other settings.")
+
+_CONVERSION = ("kv_heads", "num_samples", "seqlen")  # what shapes the converted weights
+_SETTINGS = _CONVERSION + ("eval_samples", "eval_tokens", "continuation")
+IDENTITY_FILE = "kvlab_conversion.json"  # in --save_dir: what made the checkpoint
+
+
+def _check_outputs(lm, out: str) -> tuple[dict, dict]:
+  """The identities of the result and of the converted checkpoint; raises a usage error when
+  ``out`` or ``--save_dir`` holds one made otherwise."""
+  ident = outputs.identity(FLAGS.model, lm.source, lm.fingerprint,
+                           **{k: FLAGS[k].value for k in _SETTINGS})
+  conv = outputs.identity(FLAGS.model, lm.source, lm.fingerprint,
+                          **{k: FLAGS[k].value for k in _CONVERSION})
+  checks = [("--out", out, "kv_heads result", lambda p: (outputs.read_json(p) or {}).get("run"),
+             ident)]
+  if FLAGS.save_dir:
+    checks.append(("--save_dir", FLAGS.save_dir, "converted checkpoint",
+                   lambda p: outputs.read_json(os.path.join(p, IDENTITY_FILE)), conv))
+  for flag, path, what, read, new in checks:
+    if not outputs.is_empty(path):
+      try:
+        outputs.check_replace(path, read(path), new, what=what, overwrite=FLAGS.overwrite,
+                              flag=flag)
+      except ValueError as e:
+        raise app.UsageError(f"{flag}: {e}") from e
+  return ident, conv
 
 
 def calibration_samples(tokenizer, num_samples: int, seqlen: int) -> list[list[int]]:
@@ -54,8 +90,11 @@ def perplexity(lm, samples) -> dict:
 
 def main(argv):
   del argv
+  out = FLAGS.out or outputs.default_out(
+      "kv_heads", f"{registry.slug(FLAGS.model)}_kv{FLAGS.kv_heads}.json")
   lm = models.load(FLAGS.model, progress=True)
   c = lm.config
+  ident, conv_ident = _check_outputs(lm, out)
   try:
     kvh.check_kv_heads(c, FLAGS.kv_heads)
   except ValueError as e:
@@ -76,7 +115,8 @@ def main(argv):
            for s in range(FLAGS.eval_samples)]
   orig, new = perplexity(lm, evals), perplexity(conv, evals)
   result = {
-      "model": FLAGS.model, "kv_heads_before": c.num_kv_heads, "kv_heads_after": cfg.num_kv_heads,
+      "model": FLAGS.model, "source": lm.source, "fingerprint": lm.fingerprint, "run": ident,
+      "kv_heads_before": c.num_kv_heads, "kv_heads_after": cfg.num_kv_heads,
       "num_heads": c.num_heads, "head_dim": c.head_dim, "num_layers": c.num_layers,
       "calibration": {"num_samples": FLAGS.num_samples, "seqlen": FLAGS.seqlen,
                       "text": "stdlib docs, second half"},
@@ -89,7 +129,9 @@ def main(argv):
   }
   if FLAGS.save_dir:
     result["saved_to"] = kvh.save_converted(conv, FLAGS.save_dir)
-  write_result(FLAGS.out, result)
+    with open(os.path.join(FLAGS.save_dir, IDENTITY_FILE), "w") as f:
+      json.dump(conv_ident, f, indent=1)
+  write_result(out, result)
   print(f"{FLAGS.model}: kv heads {c.num_kv_heads} -> {cfg.num_kv_heads}; perplexity "
         f"{orig['ppl']:.3f} -> {new['ppl']:.3f}; K/V bytes per token "
         f"{result['original']['kv_bytes_per_token']} -> "

@@ -9,27 +9,31 @@ git revision; a killed run resumes where it stopped (finished rows are skipped).
 printed at the end (``experiments.report`` writes markdown and plots from the same file).
 """
 
-import json
+import contextlib
 import os
+import sys
 import time
 
 from absl import app, flags, logging
 import jax
+import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 import models
-from lib import distributed, sharding
+from lib import distributed, flag_checks, jsonl, sharding
 from lib import methods
-from lib.eval import aggregate
+from lib.eval import aggregate, identity
 from lib.eval.runner import PROTOCOLS, prefill_modes, run_perplexity, run_sample
 from lib.eval.tasks import TASKS, make_sample, perplexity_tokens
 from lib.online import split_online
 from lib.online_quantized import check_quantizable_each_chunk
 from lib.provenance import git_rev
+from lib.quant.kvquant_calibrate import model_fingerprint
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype.")
 flags.DEFINE_list("method", ["snapkv", "streaming_llm", "knorm", "tova"],
                   "Method specs (registry names; 'a+b' composes).")
 flags.DEFINE_list("ratio", ["0.25", "0.5", "0.75"], "Fractions of the cache kept.")
@@ -55,6 +59,72 @@ flags.DEFINE_integer("batch_cells", 8,
                      "Cells (method x ratio) whose compressed caches are answered together as "
                      "one batch (plain-cache methods only; 1 = every cell alone).")
 flags.DEFINE_string("out", "results/eval.jsonl", "Per-sample rows (appended; resumable).")
+flags.DEFINE_bool("append_run", False,
+                  "--out holds rows of another run (model, dtype, commit or a flag that shapes "
+                  "a row differs): add this run's rows beside them instead of refusing.")
+
+flag_checks.float_list("ratio", low=0.0, high=1.0, low_open=True)
+flag_checks.choice_list("task", TASKS)
+flag_checks.int_list("lengths", minimum=1)
+flag_checks.float_list("depths", low=0.0, high=1.0, example="0,0.5,1", allow_empty=True,
+                       unique=False)
+flag_checks.at_least("num_samples", 1)
+flag_checks.at_least("seed", 0)
+flag_checks.at_least("max_new_tokens", 1, why="the answer needs a token")
+flag_checks.at_least("continuation", 2, why="perplexity scores next tokens of the continuation")
+flag_checks.at_least("chunk_size", 8)
+flag_checks.at_least("batch_cells", 1)
+flag_checks.method_specs("method", "ratio")
+
+# 64 tokens for the question and chat template around a context.
+_QUESTION_ROOM = 64
+
+
+def _check_fits_model(lm) -> None:
+  """Lengths and answer length against the model's context, before anything runs."""
+  limit = lm.config.max_position_embeddings
+  if FLAGS.max_new_tokens >= limit - _QUESTION_ROOM:
+    raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} leaves no room for a "
+                         f"context in the model's {limit} tokens: use --max_new_tokens<="
+                         f"{limit // 4}")
+  room = limit - _QUESTION_ROOM - FLAGS.max_new_tokens
+  for n in (int(x) for x in FLAGS.lengths):
+    if "perplexity" in FLAGS.task and n + FLAGS.continuation > limit:
+      raise app.UsageError(f"--lengths={n} with --continuation={FLAGS.continuation} does not "
+                           f"fit the model's context of {limit} tokens: use --lengths<="
+                           f"{limit - FLAGS.continuation}")
+    if n > room:
+      raise app.UsageError(f"--lengths={n} does not fit the model's context of {limit} tokens "
+                           f"with the question and --max_new_tokens={FLAGS.max_new_tokens}: "
+                           f"use --lengths<={room}")
+
+
+def _check_samples(lm, count) -> None:
+  """Builds each (task, length)'s first sample: a length too short for its needles, or a
+  perplexity text shorter than asked, fails here rather than after a model's worth of work."""
+  for task in FLAGS.task:
+    for n in (int(x) for x in FLAGS.lengths):
+      try:
+        if task == "perplexity":
+          prefix, cont = perplexity_tokens(lm.tokenizer, n, FLAGS.seed, FLAGS.continuation)
+          if len(prefix) != n or len(cont) != FLAGS.continuation:
+            raise ValueError(f"the offline text yields {len(prefix)} + {len(cont)} tokens, "
+                             f"not {n} + {FLAGS.continuation}")
+        else:
+          make_sample(task, n, FLAGS.seed, count, haystack=FLAGS.haystack,
+                      depth=float(FLAGS.depths[0]) if FLAGS.depths else None)
+      except ValueError as e:
+        raise app.UsageError(f"--task={task} --lengths={n}: {e}") from e
+
+
+def _identity(lm) -> dict:
+  """Everything that shapes a row besides its cell and sample (``lib.eval.identity``)."""
+  return identity.identity(
+      model=FLAGS.model, model_fingerprint=model_fingerprint(lm.config, lm.params),
+      dtype=FLAGS.dtype, git=git_rev(), protocol=FLAGS.protocol, haystack=FLAGS.haystack,
+      depths=[float(d) for d in FLAGS.depths], max_new_tokens=FLAGS.max_new_tokens,
+      continuation=FLAGS.continuation, chunk_size=FLAGS.chunk_size,
+      attn_block_size=lm.attn_block_size, batch_cells=FLAGS.batch_cells)
 
 
 def main(argv):
@@ -79,36 +149,54 @@ def main(argv):
           check_quantizable_each_chunk(evict, quantizers)
       except ValueError as e:
         raise app.UsageError(f"--method={spec}: {e}") from e
-  lm = models.load(FLAGS.model, progress=False)
+  try:  # a torn or foreign file is refused before the model loads
+    old_rows = jsonl.read(FLAGS.out) if os.path.exists(FLAGS.out) else []
+  except ValueError as e:
+    raise app.UsageError(f"--out: {e}") from e
+  print(f"loading {FLAGS.model} ...", file=sys.stderr, flush=True)
+  dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
+  lm = models.load(FLAGS.model, dtype=dtype, progress=False)
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
+  what = f"{FLAGS.model} ({lm.source})"
   for spec, _, m in cells:
     try:
-      methods.check_for_model(m, lm.config, lm.params, FLAGS.model)
+      methods.check_for_model(m, lm.config, lm.params, what)
     except (ValueError, FileNotFoundError) as e:
       raise app.UsageError(f"--method={spec}: {e}") from e
-  for n in lengths:  # 64 tokens for the question and chat template, then the answer
-    room = lm.config.max_position_embeddings - 64 - FLAGS.max_new_tokens
-    if n > room:
-      raise app.UsageError(f"--lengths={n} does not fit the model's context of "
-                           f"{lm.config.max_position_embeddings} tokens with the question and "
-                           f"--max_new_tokens={FLAGS.max_new_tokens}: use --lengths<={room}")
+  _check_fits_model(lm)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
-  done = aggregate.done_keys(FLAGS.out, FLAGS.haystack)
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  _check_samples(lm, count)
+  ident = _identity(lm)
+  rid = identity.run_id(ident)
+  try:
+    same = identity.check_resume(old_rows, ident, FLAGS.out, append_run=FLAGS.append_run)
+  except identity.MixedRunsError as e:
+    raise app.UsageError(str(e)) from e
+  done = {aggregate.row_key(r) for r in same}
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",
                                         "max_new_tokens", "compress_during_prefill", "batch_cells",
-                                        "chunk_size", "quantize_each_chunk")}
-  rev = git_rev()
+                                        "chunk_size", "quantize_each_chunk", "dtype")}
   jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
           for i in range(FLAGS.num_samples)]
-  # multi-host: every process computes, process 0 writes
-  with open(FLAGS.out if jax.process_index() == 0 else os.devnull, "a") as f:
-    for task, n, seed in tqdm(jobs, desc="samples"):
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  # multi-host: every process computes, process 0 writes (under an exclusive lock: a second
+  # writer to the same file is refused instead of duplicating rows)
+  writer = (jsonl.appender(FLAGS.out, fix="wait for it to finish, or pass another --out")
+            if jax.process_index() == 0
+            else contextlib.nullcontext(None))
+  try:
+    f = writer.__enter__()
+  except jsonl.LockedError as e:
+    raise app.UsageError(f"--out: {e}") from e
+  try:
+    bar = tqdm(jobs, desc="samples", unit="sample")
+    for task, n, seed in bar:
       protocol = "prefix" if task == "perplexity" else FLAGS.protocol
       want = [(s, r, m) for s, r, _ in cells for m in modes] + [("full", 1.0, "after")]
       if all((task, n, protocol, seed) + w in done for w in want):
         continue
+      bar.set_postfix_str(f"{task} {n} tok, sample {seed}")
       todo = [c for c in cells
               if any((task, n, protocol, seed, c[0], c[1], m) not in done for m in modes)]
       if task == "perplexity":
@@ -123,12 +211,16 @@ def main(argv):
                           batch_cells=FLAGS.batch_cells,
                           quantize_each_chunk=FLAGS.quantize_each_chunk)
       for r in rows:
-        if (task, n, protocol, seed, r["method"], r["ratio"],
-            r.get("prefill_mode", "after")) in done:
+        r.update({"length": n})
+        if aggregate.row_key(r) in done:
           continue
-        r.update({"length": n, "git": rev, "time": time.time(), "config": config})
-        f.write(json.dumps(r) + "\n")
-      f.flush()
+        r.update({"git": ident["git"], "time": time.time(), "config": config, "run": rid,
+                  "identity": ident})
+        if f is not None:
+          f.write(r)
+        done.add(aggregate.row_key(r))
+  finally:
+    writer.__exit__(None, None, None)
   table = aggregate.cells(aggregate.unique_rows(aggregate.read_rows([FLAGS.out]))[0])
   for c in table:
     key = "ppl" if c["task"] == "perplexity" else "score"

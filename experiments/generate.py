@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 import models
-from lib import distributed, sharding
+from lib import distributed, flag_checks, sharding
 from lib import generate as gen
 from lib import methods
 from lib.eval.runner import method_observations
@@ -38,6 +38,17 @@ flags.DEFINE_string("method", None, "Compress the prompt's cache before decoding
 flags.DEFINE_float("ratio", 0.5, "Fraction of the prompt's cache kept (with --method).")
 flags.DEFINE_bool("stream", False, "Print tokens as they are decoded (Python loop of jitted "
                   "decode steps; slower than the fused loop).")
+
+flag_checks.utf8_text("prompt")
+flag_checks.at_least("max_new_tokens", 1, why="there is nothing to generate otherwise")
+flag_checks.at_least("chunk_size", 8)
+flag_checks.at_least("top_k", 0)
+flag_checks.at_least("seed", 0)
+flags.register_validator("ratio", lambda r: 0.0 < r <= 1.0,
+                         "must be in (0, 1]: the fraction of the prompt's cache kept")
+flags.register_validator("temperature", lambda t: t >= 0.0, "must be >= 0 (0 = greedy)")
+flags.register_validator("top_p", lambda p: 0.0 < p <= 1.0, "must be in (0, 1] (1 = off)")
+flag_checks.method_specs("method", "ratio", optional=True)
 
 
 def _stream(m, ids, sampling):
@@ -74,11 +85,16 @@ def main(argv):
   distributed.initialize_from_flags()
   dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
   t = time.perf_counter()
+  if not FLAGS.prompt:
+    raise app.UsageError("--prompt is empty: give the text to answer")
   m = models.load(FLAGS.model, dtype=dtype)
   m, _ = sharding.place_model(m, FLAGS.mesh)
   load_s = time.perf_counter() - t
-  if not FLAGS.prompt:
-    raise app.UsageError("--prompt is empty: give the text to answer")
+  limit = m.config.max_position_embeddings
+  if FLAGS.max_new_tokens >= limit:
+    raise app.UsageError(f"--max_new_tokens={FLAGS.max_new_tokens} is not below the model's "
+                         f"context of {limit} tokens (prompt and answer share it): use "
+                         f"--max_new_tokens<={limit // 2}")
   if FLAGS.chat and m.tokenizer.chat_template:
     ids = m.tokenizer.encode_chat(FLAGS.prompt, system=FLAGS.system)
   else:
@@ -88,7 +104,7 @@ def main(argv):
         f"{FLAGS.dtype}); loaded in {load_s:.1f}s; prompt: {len(ids)} tokens", file=sys.stderr)
   if FLAGS.method:
     method = methods.make(FLAGS.method, ratio=FLAGS.ratio)
-    methods.check_for_model(method, m.config, m.params, FLAGS.model)
+    methods.check_for_model(method, m.config, m.params, f"{FLAGS.model} ({m.source})")
     c = m.config
     gen.check_context([len(ids)], FLAGS.max_new_tokens, c.max_position_embeddings)
     # The prompt minus its last token is compressed; the last token is then fed to start
@@ -98,7 +114,7 @@ def main(argv):
         head_dim=c.head_dim, dtype=m.dtype, observe=method.observe, chunk_size=FLAGS.chunk_size)
     obs, _ = method_observations(m, method, cache, ids[:-1], (obs,), (method.observe,),
                                  FLAGS.chunk_size)  # KVzip's repeat passes, where it has them
-    full_bytes = cache.nbytes
+    full_bytes = cache.trimmed().nbytes  # as the compressed cache's: no padding past the prompt
     evicting = hasattr(method, "update")
     small, kept, _ = compress_for(method, cache, obs, 9 if evicting else 8 + FLAGS.max_new_tokens)
     answers, decode_s = ask(m.params, m.apply_fn, small, [ids[-1:]],
@@ -106,9 +122,19 @@ def main(argv):
                             method=method)
     out = answers[0]
     n = len(out)
-    print(m.tokenizer.decode(out))
-    print(f"[{FLAGS.method} kept {FLAGS.ratio:g}: cache {kept / 1e6:.2f} MB vs full "
+    text = m.tokenizer.decode(out)
+    print(text)
+    frac = methods.kept_fraction(method)
+    nominal = "" if frac is None or abs(frac - FLAGS.ratio) < 1e-9 else (
+        f" (nominal kept fraction {frac:.3g}: methods.kept_fraction)")
+    print(f"[{FLAGS.method} kept {FLAGS.ratio:g}{nominal}: cache {kept / 1e6:.2f} MB vs full "
           f"{full_bytes / 1e6:.2f} MB, from the leaves]", file=sys.stderr)
+    warning = methods.size_warning(FLAGS.method, kept, full_bytes, len(ids) - 1)
+    if warning:
+      print(f"warning: {warning}", file=sys.stderr)
+    if not text.strip():
+      print(f"warning: {FLAGS.method}: the answer is empty (the model stopped at once); run "
+            "without --method to compare", file=sys.stderr)
   elif FLAGS.stream:
     out, prefill_s, decode_s = _stream(m, ids, sampling)
     n = len(out)

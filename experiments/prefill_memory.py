@@ -8,9 +8,9 @@ cache exists first) or, with ``--compress_during_prefill``, after every chunk (t
 holds more than budget + one chunk). Run one mode per process: ``ru_maxrss`` is a high-water mark.
 
 ``--batch=B`` prefills B prompts of different lengths (``length``, ``length - 64``, ...). Under a
-memory limit (``prlimit --as=...``, a cgroup, ``KVLAB_MEMORY_LIMIT_GIB`` or an accelerator's
-memory) a cache that does not fit stops before the prefill with one clear error (exit code 2,
-and a JSON line with ``"error"``).
+memory limit (``prlimit --as=...``, a cgroup, the available RAM or ``KVLAB_MEMORY_LIMIT_GIB``
+in its place, or an accelerator's memory) a cache that does not fit stops before the prefill
+with one clear error (exit code 2, and a JSON line with ``"error"``).
 """
 
 import json

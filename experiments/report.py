@@ -21,6 +21,10 @@ def main(argv):
   if missing:
     raise app.UsageError(f"no such results file(s): {missing}; run experiments.evaluate first")
   rows, repeats = aggregate.unique_rows(aggregate.read_rows(FLAGS.inputs))
+  if not rows:
+    raise app.UsageError(f"no rows in {', '.join(FLAGS.inputs)}: nothing to report (an "
+                         "evaluation with --num_samples=0, or one stopped before its first "
+                         "sample, writes none); run experiments.evaluate with --num_samples>0")
   if repeats:
     print(f"{repeats} repeated rows (the same cell and sample in more than one place) counted "
           "once: the last one read")

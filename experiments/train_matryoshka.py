@@ -3,7 +3,11 @@ r"""Trains MatryoshkaKV projections for a model: PCA start, Matryoshka distillat
   python -m experiments.train_matryoshka --model=smollm2-135m --steps=300 \
       --out=results/matryoshka/smollm2-135m            # rerun the same command after a kill
 
-Writes, under ``--out``:
+Writes, under ``--out`` (default ``runs/matryoshka/<model>``; the committed ``results/`` only
+when ``--out`` names them):
+* ``run.json``  the run's identity: the model (name, source, fingerprint) and every setting that
+  shapes the training. A rerun resumes only under the same identity; any changed setting is
+  refused, listed (``--overwrite`` discards the old run and starts over);
 * ``pca/``      the PCA projections (orbax; ``methods.make("matryoshka_pca")`` reads them);
 * ``train/``    the resumable training state (orbax ``CheckpointManager``, every
   ``--save_every`` steps) and ``metrics.jsonl`` (one row per step);
@@ -19,6 +23,7 @@ over devices (the same launcher runs on a TPU pod with the coordinator flags).
 
 import json
 import os
+import shutil
 import time
 
 from absl import app, flags, logging
@@ -26,17 +31,19 @@ import jax
 import numpy as np
 
 import models
-from lib import distributed, sharding
+from lib import distributed, outputs, sharding
 from lib.data.text import stdlib_docs, text_of_tokens
 from lib.lowrank import matryoshka as mk
 from lib.lowrank import matryoshka_search as ms
 from lib.lowrank import matryoshka_train as mt
-from lib.quant.kvquant_calibrate import model_fingerprint
+from models import registry
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
-flags.DEFINE_string("out", "results/matryoshka/smollm2-135m", "Output directory.")
+flags.DEFINE_string("out", "", "Output directory (default: runs/matryoshka/<model>).")
+flags.DEFINE_bool("overwrite", False, "Discard a run under --out made for another model or with "
+                  "other settings, and start over.")
 flags.DEFINE_integer("num_calib", 16, "PCA calibration windows.")
 flags.DEFINE_integer("calib_seqlen", 512, "Tokens per PCA window.")
 flags.DEFINE_integer("pool_tokens", 65536, "Training text tokens (windows drawn at random).")
@@ -60,24 +67,75 @@ flags.DEFINE_integer("search_windows", 2, "Calibration windows of the search.")
 flags.DEFINE_integer("search_seqlen", 128, "Tokens per search window.")
 
 
+# Every flag that shapes the PCA start or the training (not: checkpoint interval, mesh, the
+# search and the evaluation, which every run redoes from the trained state).
+_SETTINGS = ("num_calib", "calib_seqlen", "pool_tokens", "steps", "batch", "seqlen", "lr",
+             "warmup", "kl_weight", "rank_step", "seed")
+_RUN_FILES = ("run.json", "pca", "train", "trained", "summary.json", "search_errors.npy")
+
+
+def start_run(out: str, ident: dict) -> None:
+  """Records ``ident`` in ``out/run.json``; raises a usage error when ``out`` holds a run of
+  another identity (or none recorded) unless ``--overwrite``, which removes that run first."""
+  run_file = os.path.join(out, "run.json")
+  if not outputs.is_empty(out):
+    try:
+      outputs.check_replace(out, outputs.read_json(run_file), ident, what="MatryoshkaKV run",
+                            overwrite=FLAGS.overwrite, resume=True)
+    except ValueError as e:
+      raise app.UsageError(f"--out: {e}") from e
+    old = outputs.read_json(run_file)
+    if FLAGS.overwrite and (old is None or outputs.changes(old, ident)) and not jax.process_index():
+      for name in _RUN_FILES:
+        p = os.path.join(out, name)
+        if os.path.isdir(p):
+          shutil.rmtree(p)
+        elif os.path.exists(p):
+          os.remove(p)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("train_matryoshka: old run removed")
+  if not jax.process_index():
+    os.makedirs(out, exist_ok=True)
+    with open(run_file, "w") as f:
+      json.dump(ident, f, indent=1)
+
+
 def main(argv):
   del argv
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
+  out = os.path.abspath(FLAGS.out or outputs.default_out("matryoshka",
+                                                         registry.slug(FLAGS.model)))
   lm = models.load(FLAGS.model, progress=True)
-  lm, mesh = sharding.place_model(lm, FLAGS.mesh)
-  if mesh is None and len(jax.devices()) > 1:
-    mesh = sharding.make_mesh("")
-  cfg = mt.TrainConfig(steps=FLAGS.steps, batch=FLAGS.batch, seqlen=FLAGS.seqlen, lr=FLAGS.lr,
-                       warmup=FLAGS.warmup, kl_weight=FLAGS.kl_weight,
-                       rank_step=FLAGS.rank_step, seed=FLAGS.seed, save_every=FLAGS.save_every)
+  try:
+    cfg = mt.TrainConfig(steps=FLAGS.steps, batch=FLAGS.batch, seqlen=FLAGS.seqlen, lr=FLAGS.lr,
+                         warmup=FLAGS.warmup, kl_weight=FLAGS.kl_weight,
+                         rank_step=FLAGS.rank_step, seed=FLAGS.seed,
+                         save_every=FLAGS.save_every)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   for n, what in ((FLAGS.seqlen, "--seqlen"), (FLAGS.calib_seqlen, "--calib_seqlen")):
     if n > lm.config.max_position_embeddings:
       raise app.UsageError(f"{what}={n} exceeds the model's context of "
                            f"{lm.config.max_position_embeddings} tokens")
+  if lm.config.head_dim % FLAGS.rank_step:
+    raise app.UsageError(f"--rank_step={FLAGS.rank_step} must divide the head dim "
+                         f"{lm.config.head_dim}")
+  if FLAGS.pool_tokens <= FLAGS.seqlen:
+    raise app.UsageError(f"--pool_tokens={FLAGS.pool_tokens} must exceed --seqlen="
+                         f"{FLAGS.seqlen}")
+  fp = lm.fingerprint  # before the params are spread over a mesh
+  lm, mesh = sharding.place_model(lm, FLAGS.mesh)
+  if mesh is None and len(jax.devices()) > 1:
+    mesh = sharding.make_mesh("")
+  if mesh is not None and cfg.batch % mesh.shape["data"]:
+    raise app.UsageError(f"--batch={cfg.batch} does not split over the mesh's data axis "
+                         f"({mesh.shape['data']}): use a multiple of it")
+  # checked and recorded once the flags are known to be usable (a refused start leaves none)
+  start_run(out, outputs.identity(FLAGS.model, lm.source, fp,
+                                  **{k: FLAGS[k].value for k in _SETTINGS}))
   text = stdlib_docs()
-  fp = model_fingerprint(lm.config, lm.params)
-  out = os.path.abspath(FLAGS.out)
   pca_dir = os.path.join(out, "pca")
   t0 = time.time()
   if os.path.isdir(pca_dir):  # a resumed run keeps the start it trained from
@@ -88,7 +146,7 @@ def main(argv):
                          offset_chars=len(text) // 2)
     samples = [ids[i * FLAGS.calib_seqlen:(i + 1) * FLAGS.calib_seqlen]
                for i in range(FLAGS.num_calib)]
-    pca = mk.pca(mk.kv_moments(lm, samples, progress=True), FLAGS.model, fp)
+    pca = mk.pca(mk.kv_moments(lm, samples, progress=True), FLAGS.model, fp, lm.source)
     mk.save(pca, pca_dir)
   pca_seconds = round(time.time() - t0, 1)
 
@@ -130,7 +188,8 @@ def main(argv):
       old = json.load(f)
     before_runs = old.get("runs", []) or [{"steps": old.get("steps_this_run"),
                                            "train_seconds": old.get("train_seconds_this_run")}]
-  summary = {"model": FLAGS.model, "model_fingerprint": fp, "train": cfg.__dict__,
+  summary = {"model": FLAGS.model, "source": lm.source, "model_fingerprint": fp,
+             "train": cfg.__dict__,
              "runs": before_runs + [{"steps": len(run), "train_seconds": train_seconds}],
              "pca_seconds": pca_seconds, "train_seconds_this_run": train_seconds,
              "steps_this_run": len(run), "search_seconds": search_seconds, "eval": evals,

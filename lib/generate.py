@@ -56,6 +56,11 @@ def pad_batch(prompts: Sequence[Sequence[int]], chunk_size: int, pad_id: int = 0
 def check_context(lengths, max_new_tokens: int, max_context: int | None):
   """Raises a clear error when prompt + generation would pass the model's context limit."""
   longest = int(np.max(lengths))
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if max_context is not None and max_new_tokens >= max_context:
+    raise ValueError(f"max_new_tokens={max_new_tokens} is not below the model's context limit "
+                     f"of {max_context} tokens, which the prompt shares: lower max_new_tokens")
   if max_context is not None and longest + max_new_tokens > max_context:
     raise ValueError(
         f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context "

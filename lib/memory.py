@@ -6,9 +6,12 @@ rather than as an allocator abort halfway through a long prompt. The limit is th
 * accelerator: the device's ``bytes_limit - bytes_in_use`` (``memory_stats``; on GPU this
   follows ``XLA_PYTHON_CLIENT_MEM_FRACTION``);
 * CPU: the address-space limit (``ulimit -v`` / ``prlimit --as``) minus the process's current
-  virtual size, the cgroup's ``memory.max`` minus its current usage, and
-  ``KVLAB_MEMORY_LIMIT_GIB`` (a soft cap of resident memory, for notebooks and demos) minus
-  the current resident size.
+  virtual size, the cgroup's ``memory.max`` minus its current usage, and the machine's
+  available physical memory (``MemAvailable`` of ``/proc/meminfo``: free RAM plus what the
+  kernel can reclaim, not counting swap: a cache is read whole on every step, so one paged out
+  to swap thrashes rather than runs). ``KVLAB_MEMORY_LIMIT_GIB`` (a cap of resident memory,
+  for notebooks and demos) minus the current resident size stands in for the physical limit
+  when set: set it above the RAM to use swap on purpose.
 
 Only the cache is checked (activations of one chunk are bounded and small next to it);
 ``margin`` leaves room for them.
@@ -43,6 +46,18 @@ def _read_int(path: str) -> int | None:
   return int(text) if text.isdigit() else None
 
 
+def available_bytes() -> int | None:
+  """The machine's available physical memory (``MemAvailable``), or None off Linux."""
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemAvailable:"):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    return None
+  return None
+
+
 def resident_bytes() -> int | None:
   """The process's current resident memory (``VmRSS``), or None off Linux."""
   kib = _proc_kib("VmRSS")
@@ -72,6 +87,9 @@ def headroom() -> tuple[int, str] | None:
   if env and rss is not None:
     lim = int(float(env) * 2**30)
     found.append((lim - rss * 1024, f"KVLAB_MEMORY_LIMIT_GIB={env}"))
+  elif not env and (avail := available_bytes()) is not None:
+    found.append((avail, "machine's available physical memory (MemAvailable, without swap; "
+                  "KVLAB_MEMORY_LIMIT_GIB overrides it)"))
   return min(found) if found else None
 
 
@@ -83,9 +101,10 @@ def check_fits(nbytes: int, what: str, fix: str, margin: float = 1.1) -> None:
     return
   free, source = room
   if nbytes * margin > free:
+    spare = f" ({nbytes * margin / 2**30:.2f} GiB with the margin)" if margin > 1 else ""
     raise MemoryError(
-        f"{what} needs {nbytes / 2**30:.2f} GiB but only {max(free, 0) / 2**30:.2f} GiB is "
-        f"left under the {source}; {fix}")
+        f"{what} needs {nbytes / 2**30:.2f} GiB{spare} but only {max(free, 0) / 2**30:.2f} GiB "
+        f"is left under the {source}; {fix}")
 
 
 @contextlib.contextmanager

@@ -30,7 +30,7 @@ import numpy as np
 from lib import generate as gen
 from lib.cache import KVCache, round_capacity
 from lib.memory import check_fits, explain_oom
-from lib.methods.base import select
+from lib.methods.base import select, warn
 from lib.paged import page_cache
 
 
@@ -44,6 +44,8 @@ def online_capacity(method, lengths: np.ndarray, chunk_size: int, num_layers: in
   """
   full = np.broadcast_to(np.asarray(lengths)[None, :, None], (num_layers, len(lengths), kv_heads))
   kept = method.kept(np.ascontiguousarray(full))
+  for note in getattr(method, "budget_notes", lambda *_: [])(full, kept):
+    warn(note)  # a window or sinks that fill the budget, as compress after prefill says
   top = int(kept.max())
   if padded is not None:
     top = max(top, int(method.kept(np.full((num_layers, 1, kv_heads), padded, np.int32)).max()))
@@ -83,11 +85,14 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
     if carried:  # H2O / Keyformer: this chunk's column sums add to the carried per-slot sums
       cache = cache.replace(scores=cache.scores + obs)
       stacked = cache.scores[None]
-    scores = method.scores(cache, stacked)
     # Budget so far: the final budget, but never more than what has been seen. Rows whose
     # prompt already ended saw nothing new: keep all they hold (no re-selection).
     now = jnp.minimum(kept, cache.lengths)
     now = jnp.where((n_valid > 0)[None, :, None], now, cache.lengths)
+    # SnapKV-style windows shrink where the budget so far does not exceed them (as after
+    # prefill), so the window never fills the whole budget and evicts the attention sinks.
+    scores = (method.scores(cache, stacked, kept=now)
+              if getattr(method, "scores_take_kept", False) else method.scores(cache, stacked))
     cache = select(cache, scores, now, capacity)
     return (cache, acc), logits
 

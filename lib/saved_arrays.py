@@ -3,7 +3,8 @@
 ``save(path, arrays, meta)`` writes it; ``load(path, fmt, what, how)`` reads it back with one
 clear error each for a missing directory, a damaged one and one of another format (``meta``
 must carry ``"format": fmt``). ``what`` names the contents in errors, ``how`` the command that
-re-creates them.
+re-creates them. ``read_meta(path)`` reads the metadata alone (launchers check what an output
+directory holds before replacing it).
 """
 
 from __future__ import annotations
@@ -44,3 +45,18 @@ def load(path: str, fmt: str, what: str, how: str) -> tuple[dict[str, Any], dict
                      f"{fmt!r})")
   as_np = lambda x: {k: as_np(v) for k, v in x.items()} if isinstance(x, dict) else np.asarray(x)
   return as_np(dict(got["arrays"])), meta
+
+
+def read_meta(path: str) -> dict | None:
+  """The JSON metadata of a directory written by ``save``, or None when ``path`` holds none."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(path)
+  if not os.path.isdir(os.path.join(path, "meta")):
+    return None
+  try:
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckpt:
+      got = ckpt.restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))
+  except Exception:  # pylint: disable=broad-except  # damaged or foreign: no metadata
+    return None
+  meta = got["meta"]
+  return dict(meta) if isinstance(meta, dict) else None

@@ -33,6 +33,13 @@ class LanguageModel:
   attn_block_size: int = 512
 
   @property
+  def fingerprint(self) -> str:
+    """``lib.fingerprint.model_fingerprint`` of config and params: every weight, as bfloat16
+    (a float32 and a bfloat16 load agree); computed once per params tree."""
+    from lib.fingerprint import model_fingerprint  # pylint: disable=g-import-not-at-top
+    return model_fingerprint(self.config, self.params)
+
+  @property
   def stop_tokens(self) -> tuple[int, ...]:
     ids = set(self.config.eos_token_ids)
     if self.tokenizer is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 from models.safetensors_loader import CheckpointError
 
@@ -36,3 +37,18 @@ def resolve(name_or_path: str) -> tuple[str, str]:
   raise CheckpointError(f"model {name_or_path!r} not found: give a named model "
                         f"({', '.join(NAMED_MODELS)}), an HF checkpoint directory "
                         "(config.json + *.safetensors) or a .gguf file")
+
+
+def slug(name_or_path: str) -> str:
+  """A file-name-safe name for a model's default outputs: a named model -> its name, a path ->
+  its base name without extension (``/ckpt/Qwen3-0.6B/`` -> ``Qwen3-0.6B``, ``x/m.Q4.gguf`` ->
+  ``m.Q4``); characters other than letters, digits, ``._-`` become ``_``."""
+  if name_or_path in NAMED_MODELS:
+    return name_or_path
+  base = os.path.basename(os.path.normpath(name_or_path))
+  if os.path.isfile(name_or_path) or base.endswith(".gguf"):
+    base = os.path.splitext(base)[0]
+  s = re.sub(r"[^A-Za-z0-9._-]", "_", base).strip(".")
+  if not s:
+    raise ValueError(f"cannot name outputs after the model {name_or_path!r}: pass --out")
+  return s

@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import sys
@@ -95,3 +96,23 @@ _LONG_FIRST = ("test_sharding.py", "test_matryoshka.py", "test_eval.py", "test_l
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(_LONG_FIRST)}
   items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))
+
+
+@pytest.fixture(scope="session")
+def chat_tiny(tmp_path_factory, default_model):
+  """Tiny random Llama with SmolLM2's vocabulary, tokenizer.json and chat template."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  d = tmp_path_factory.mktemp("chat_tiny")
+  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=2048,
+                                 tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+  torch.manual_seed(0)
+  transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
+  tok = default_model.tokenizer
+  tok._tok.save(str(d / "tokenizer.json"))  # pylint: disable=protected-access
+  json.dump({"chat_template": tok.chat_template, "bos_token": tok.bos_token,
+             "eos_token": tok.eos_token}, open(d / "tokenizer_config.json", "w"))
+  return str(d)

@@ -8,8 +8,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import transformers
 
 from lib.eval import aggregate, report
 from lib.eval.metrics import fidelity, mean_ci, string_match_all
@@ -17,23 +15,6 @@ from lib.eval.runner import prompt_pieces
 from lib.eval.tasks import TASKS, make_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def chat_tiny(tmp_path_factory, default_model):
-  """Tiny random Llama with SmolLM2's vocabulary, tokenizer.json and chat template."""
-  d = tmp_path_factory.mktemp("chat_tiny")
-  cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=4,
-                                 num_key_value_heads=2, max_position_embeddings=2048,
-                                 tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
-  torch.manual_seed(0)
-  transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)
-  tok = default_model.tokenizer
-  tok._tok.save(str(d / "tokenizer.json"))  # pylint: disable=protected-access
-  json.dump({"chat_template": tok.chat_template, "bos_token": tok.bos_token,
-             "eos_token": tok.eos_token}, open(d / "tokenizer_config.json", "w"))
-  return str(d)
 
 
 def test_tasks_are_deterministic_sized_and_hold_their_answers(default_model):
@@ -171,7 +152,7 @@ def test_kvzip_cells_repeat_the_context_after_the_chat_prefix(chat_tiny):
   assert head.endswith("user\n") and "system" in head and s.context[:20] not in head
   assert "Repeat the previous context" in lm.tokenizer.decode(first)
   assert "assistant" in lm.tokenizer.decode(suffix) and len(later) > len(first)
-  specs = ["kvzip", "kvzip:share=layer:chunk=100", "adakv:scorer=kvzip", "kvzip+knorm"]
+  specs = ["kvzip", "kvzip:share=layer:chunk=100", "adakv:scorer=kvzip", "kvzip:ratio=0.5+knorm"]
   cells = [(sp, 0.5, methods.make(sp, ratio=0.5)) for sp in specs]
   rows = run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=4)
   assert [r["method"] for r in rows] == ["full"] + specs
@@ -237,11 +218,11 @@ def test_quantize_each_chunk_rows_next_to_the_other_modes(chat_tiny):
 
 def test_compress_during_prefill_rejects_compositions(chat_tiny, tmp_path):
   cmd = [sys.executable, "-m", "experiments.evaluate", f"--model={chat_tiny}", "--lengths=200",
-         "--num_samples=1", "--method=knorm+snapkv", "--compress_during_prefill",
+         "--num_samples=1", "--method=knorm:ratio=0.5+snapkv", "--compress_during_prefill",
          f"--out={tmp_path / 'x.jsonl'}"]
   out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "one eviction method, optionally followed by" in out.stderr
-  cmd[cmd.index("--method=knorm+snapkv")] = "--method=snapkv+kvquant4"
+  cmd[cmd.index("--method=knorm:ratio=0.5+snapkv")] = "--method=snapkv+kvquant4"
   out = subprocess.run(cmd + ["--quantize_each_chunk"], cwd=ROOT, capture_output=True, text=True)
   assert out.returncode != 0 and "one KIVI quantizer" in out.stderr
   out = subprocess.run([c for c in cmd if c != "--compress_during_prefill"]

@@ -69,10 +69,15 @@ def test_table_errors(tiny, tmp_path):
   bad.write_text("{not json")
   with pytest.raises(ValueError, match="is not a head table"):
     methods.compress(methods.make(f"kvzip_heads:table={bad}", ratio=0.5), cache)
-  other = _table(tmp_path, np.ones((c.num_layers, c.num_kv_heads)), fingerprint="0" * 16,
+  other = _table(tmp_path, np.ones((c.num_layers, c.num_kv_heads)), fingerprint="w1-" + "0" * 20,
                  model="another")
-  with pytest.raises(ValueError, match="calibrated on another model \\(another\\)"):
+  with pytest.raises(ValueError, match="calibrated on another model \\(another, fingerprint"):
     methods.check_for_model(methods.make(f"kvzip_heads:table={other}", ratio=0.5), c,
+                            tiny.params)
+  old = _table(tmp_path, np.ones((c.num_layers, c.num_kv_heads)), fingerprint="0" * 16,
+               model="another")
+  with pytest.raises(ValueError, match="old format"):
+    methods.check_for_model(methods.make(f"kvzip_heads:table={old}", ratio=0.5), c,
                             tiny.params)
   with pytest.raises(ValueError, match="sinks and window are slot counts"):
     methods.make("kvzip_heads:window=-1", ratio=0.5)

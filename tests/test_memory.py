@@ -31,6 +31,28 @@ def test_check_fits_names_the_limit_and_the_fix(monkeypatch):
   memory.check_fits(2**30, "a cache", "lower it")  # fits: no error
 
 
+def test_check_fits_refuses_more_than_the_available_physical_memory(monkeypatch):
+  """Without a ulimit, cgroup or KVLAB_MEMORY_LIMIT_GIB, the machine's RAM is the limit."""
+  monkeypatch.delenv("KVLAB_MEMORY_LIMIT_GIB", raising=False)
+  monkeypatch.setattr(memory, "available_bytes", lambda: 2**30, raising=False)
+  with pytest.raises(MemoryError, match=r"needs 2\.00 GiB \(2\.20 GiB with the margin\) but only "
+                     r"1\.00 GiB is left under the machine's available physical memory "
+                     r"\(MemAvailable.*; lower it"):
+    memory.check_fits(2 * 2**30, "a cache", "lower it")
+  memory.check_fits(2**29, "a cache", "lower it")  # fits
+  monkeypatch.setenv("KVLAB_MEMORY_LIMIT_GIB", "10000")  # stands in for the RAM: swap on purpose
+  memory.check_fits(2 * 2**30, "a cache", "lower it")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/meminfo"), reason="reads Linux's /proc/meminfo")
+def test_check_fits_refuses_four_times_the_machines_memory(monkeypatch):
+  monkeypatch.delenv("KVLAB_MEMORY_LIMIT_GIB", raising=False)
+  with open("/proc/meminfo") as f:
+    total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+  with pytest.raises(MemoryError, match=r"a cache needs .* GiB .*; lower it"):
+    memory.check_fits(4 * total, "a cache", "lower it")
+
+
 def test_explain_oom_converts_only_out_of_memory():
   Fake = jax.errors.JaxRuntimeError  # what XLA raises; constructible from a message
   with pytest.raises(MemoryError, match="prefill ran out of memory.*use less"):

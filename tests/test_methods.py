@@ -141,7 +141,7 @@ def test_tova_keeps_one_token_set_per_layer(tiny):
 
 def test_compose_applies_in_order(tiny):
   ids = list(range(3, 43))
-  comp = methods.make("snapkv+knorm", ratio=0.5)
+  comp = methods.make("snapkv:ratio=0.5+knorm", ratio=0.5)
   assert isinstance(comp, methods.Compose)
   cache, obs = _prefill(tiny, ids, 8, comp.observe)
   small = methods.compress(comp, cache, obs, extra=4)

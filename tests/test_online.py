@@ -98,7 +98,7 @@ def test_evict_during_prefill_then_quantize(tiny):
   assert cache.nbytes < peak  # the float cache of the scan was the peak
   with pytest.raises(ValueError, match="one eviction method, optionally followed by a quantizer"):
     prefill_context_compressing(tiny.params, tiny.apply_fn, prompts,
-                                methods.make("knorm+snapkv", ratio=0.5), **kw)
+                                methods.make("knorm:ratio=0.5+snapkv", ratio=0.5), **kw)
   with pytest.raises(ValueError, match="compose them after one, e.g. snapkv\\+kivi"):
     prefill_context_compressing(tiny.params, tiny.apply_fn, prompts, methods.make("kivi"), **kw)
 

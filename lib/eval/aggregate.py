@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import collections
-import json
 import os
 
+from lib import jsonl
+from lib.eval import identity
 from lib.eval.metrics import mean_ci
 
 CELL_KEYS = ("task", "length", "protocol", "method", "ratio")
@@ -32,18 +33,37 @@ def task_label(row: dict) -> str:
 
 
 def read_rows(paths) -> list[dict]:
-  """Every result row (one JSON object per line) of the JSONL files ``paths``, in order."""
+  """Every result row (one JSON object per line) of the JSONL files ``paths``, in order; a
+  torn last line (a run killed mid-write) is skipped with a warning (``lib.jsonl.read``)."""
   rows = []
   for p in paths:
-    with open(p) as f:
-      rows += [json.loads(line) for line in f if line.strip()]
+    rows += jsonl.read(p)
   return rows
 
 
+def row_key(row: dict) -> tuple:
+  """A row's place in its run: ``(task, length, protocol, sample, method, ratio, prefill
+  mode)``; a resumed evaluation skips a (task, length, sample, cell) whose key it has."""
+  return (row["task"], row["length"], row["protocol"], row["sample"], row["method"],
+          row["ratio"], row.get("prefill_mode", "after"))
+
+
+def model_label(row: dict) -> str | None:
+  """The model a row was measured on (its ``--model``)."""
+  return row.get("identity", {}).get("model") or row.get("config", {}).get("model")
+
+
+def setting(row: dict) -> str | None:
+  """The row's setting (``lib.eval.identity.setting_id``: model weights, dtype and every flag
+  that shapes a row, not the commit); None for rows from before identities were recorded."""
+  return identity.setting_id(row.get("identity"))
+
+
 def sample_key(row: dict) -> tuple:
-  """What makes a row one measurement: its cell, its sample (the task seed) and haystack."""
+  """What makes a row one measurement: its cell, its sample (the task seed), haystack and
+  setting (rows of one setting written by two runs count once; of two settings, twice)."""
   return (tuple(label(row) if k == "method" else row.get(k) for k in CELL_KEYS)
-          + (row.get("sample"), haystack(row)))
+          + (row.get("sample"), haystack(row), model_label(row), setting(row)))
 
 
 def haystack(row: dict) -> str | None:
@@ -71,8 +91,23 @@ def cells(rows: list[dict]) -> list[dict]:
   its ``task`` is ``task_label(row)``: needles in the docs haystack are other cells than in
   the noise one."""
   groups = collections.defaultdict(list)
+  models = {model_label(r) for r in rows}
+  settings = collections.defaultdict(set)  # model -> its settings (None: no identity)
   for r in rows:
-    groups[tuple(label(r) if k == "method" else task_label(r) if k == "task" else r.get(k)
+    settings[model_label(r)].add(setting(r))
+
+  def task_of(r):
+    """The task label, with the model when rows span several models and the setting when
+    one model's rows span several settings: such rows are never one cell."""
+    t = task_label(r)
+    if len(settings[model_label(r)]) > 1:
+      t = f"{t} [setting {setting(r) or 'unrecorded'}]"
+    if len(models) > 1:
+      t = f"{model_label(r)}: {t}"
+    return t
+
+  for r in rows:
+    groups[tuple(label(r) if k == "method" else task_of(r) if k == "task" else r.get(k)
                  for k in CELL_KEYS)].append(r)
   out = []
   for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
@@ -91,16 +126,14 @@ def cells(rows: list[dict]) -> list[dict]:
 
 def done_keys(path: str, filler: str | None) -> set:
   """Keys of the rows already in ``path`` for this ``filler`` (rows of the other filler are
-  other samples: a run with ``--haystack=docs`` into a file of noise rows must not skip)."""
+  other samples: a run with ``--haystack=docs`` into a file of noise rows must not skip); a
+  torn last line is skipped with a warning, as in ``read_rows``."""
   if not os.path.exists(path):
     return set()
   keys = set()
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        r = json.loads(line)
-        if haystack(r) not in (None, filler):
-          continue
-        keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
-                  r.get("prefill_mode", "after")))
+  for r in jsonl.read(path):
+    if haystack(r) not in (None, filler):
+      continue
+    keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
+              r.get("prefill_mode", "after")))
   return keys

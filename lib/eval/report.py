@@ -53,6 +53,9 @@ def plot_score_vs_ratio(cells: list[dict], path: str, metric: str = "score"):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
+  if not cells:
+    raise ValueError(f"no cells to plot into {path}: the results had no rows; evaluate at "
+                     "least one sample first")
   panels = sorted({(c["task"], c["length"], c["protocol"]) for c in cells}, key=str)
   names = sorted({c["method"] for c in cells} - {"full"})
   # One colour and marker per method, the same in every panel, and one legend beside the

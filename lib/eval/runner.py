@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import warnings
 from typing import Any, Sequence
 
 import jax
@@ -202,6 +203,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
                          "kl": 0.0, "top1": 1.0, **_ll(ref_logits, targets), "answer_s": t_ans})
   rows = [{**base, "method": "full", "ratio": 1.0, **_mean(full_metrics),
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
+           **size_fields("full", None, full_bytes, full_bytes, len(ctx)),
            "prefill_mode": "after", "peak_cache_bytes": full_bytes, "answer_batch": 1}]
   pending = []  # (index in rows, row without answers, plain cache) answered in batches
 
@@ -232,6 +234,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
           small = small.replace(quant=online.quant.grown(m_room))
       meta = {**base, "method": spec, "ratio": ratio, "cache_bytes": kept,
               "full_bytes": full_bytes, "compress_s": t_c, "prefill_s": t_p,
+              **size_fields(spec, method, kept, full_bytes, len(ctx)),
               "prefill_mode": mode, "peak_cache_bytes": peak}
       plain = None if evicting or batch_cells == 1 else plain_rows(small)
       if plain is not None:
@@ -278,6 +281,18 @@ def _answer_batched(lm, pending, qs, queries, refs, *, room, max_new_tokens, bat
       yield i, {**meta, **_mean(m), "answer_batch": b}
 
 
+def size_fields(spec: str, method, cache_bytes: int, full_bytes: int,
+                prompt_tokens: int) -> dict:
+  """A row's ``kept_fraction`` (``methods.kept_fraction``: the product of the evicting members'
+  ratios), ``larger_than_full`` and ``warning`` (``methods.size_warning``, also issued as a
+  ``MethodWarning``) when the compressed cache's bytes exceed the full cache's."""
+  warning = methods_lib.size_warning(spec, cache_bytes, full_bytes, prompt_tokens)
+  if warning:
+    warnings.warn(warning, methods_lib.MethodWarning, stacklevel=2)
+  return {"kept_fraction": 1.0 if method is None else methods_lib.kept_fraction(method),
+          "larger_than_full": warning is not None, "warning": warning}
+
+
 def _mean(per_q: list[dict]) -> dict:
   """Averages per-question metrics (a single question passes through unchanged)."""
   out = {k: float(np.mean([m[k] for m in per_q])) for k in per_q[0] if k != "prediction"}
@@ -319,7 +334,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
   rows = [{**base, "method": "full", "ratio": 1.0, "score": None, "ppl": float(np.exp(nll)),
            "kl": 0.0, "top1": 1.0, "ll": -nll, "ll_ref": -nll, "prediction": "",
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
-           "answer_s": 0.0}]
+           **size_fields("full", None, full_bytes, full_bytes, len(prefix)), "answer_s": 0.0}]
   for spec, ratio, method in cells:
     obs, t_rec = method_observations(lm, method, cache, prefix, obs_all, hooks, chunk_size, memo)
     small, kept, t_c = compress_for(method, cache, obs, room, block)
@@ -331,5 +346,6 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
                  "ppl": float(np.exp(-f["ll"] / len(targets))), "kl": f["kl"], "top1": f["top1"],
                  "ll": f["ll"] / len(targets), "ll_ref": f["ll_ref"] / len(targets),
                  "prediction": "", "cache_bytes": kept, "full_bytes": full_bytes,
+                 **size_fields(spec, method, kept, full_bytes, len(prefix)),
                  "compress_s": t_c, "answer_s": 0.0})
   return rows

@@ -75,6 +75,10 @@ def _fit(build, count_tokens, target: int) -> str:
   """Binary search on the haystack size so the context is just under ``target`` tokens."""
   lo, hi = 1, target * 8
   best = build(lo)
+  least = count_tokens(best)
+  if least > target:
+    raise ValueError(f"a context of {target} tokens cannot hold this task's needles and "
+                     f"filler: the shortest one has {least} tokens; use a length >= {least}")
   while lo <= hi:
     mid = (lo + hi) // 2
     ctx = build(mid)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib import fingerprint as fingerprints
 from lib import saved_arrays
 
 FORMAT = "kvlab-matryoshka/1"
@@ -53,9 +54,12 @@ class Projections:
                        "projections for it with python -m experiments.train_matryoshka")
     got = self.meta.get("model_fingerprint")
     if got and got != fingerprint:
-      raise ValueError(f"these MatryoshkaKV projections were made for model {got} "
-                       f"({self.meta.get('model')}), not {what} ({fingerprint}): train "
-                       "projections for it with python -m experiments.train_matryoshka")
+      made_for = fingerprints.describe(self.meta)
+      fix = "train projections for it with python -m experiments.train_matryoshka --model=..."
+      fingerprints.check_format(got, artifact="these MatryoshkaKV projections",
+                                made_for=made_for, what=what, fix=fix)
+      raise ValueError(f"these MatryoshkaKV projections were made for model {made_for} "
+                       f"(fingerprint {got}), not {what} (fingerprint {fingerprint}): {fix}")
 
 
 def cayley(x: jax.Array) -> jax.Array:
@@ -141,8 +145,9 @@ def kv_moments(lm, samples: Sequence[Sequence[int]], progress: bool = False) -> 
   return {"n": n, "sum_k": acc[0], "outer_k": acc[1], "sum_v": acc[2], "outer_v": acc[3]}
 
 
-def pca(moments: dict, model: str = "", fingerprint: str = "") -> Projections:
-  """Bases from ``kv_moments``: eigenvectors of each head's covariance, largest first."""
+def pca(moments: dict, model: str = "", fingerprint: str = "", source: str = "") -> Projections:
+  """Bases from ``kv_moments``: eigenvectors of each head's covariance, largest first; the
+  meta records the model's name, ``source`` path and fingerprint."""
   n = moments["n"]
 
   def basis(s, o):
@@ -157,7 +162,8 @@ def pca(moments: dict, model: str = "", fingerprint: str = "") -> Projections:
 
   u_k, m_k = basis(moments["sum_k"], moments["outer_k"])
   u_v, m_v = basis(moments["sum_v"], moments["outer_v"])
-  meta = {"format": FORMAT, "kind": "pca", "model": model, "model_fingerprint": fingerprint,
+  meta = {"format": FORMAT, "kind": "pca", "model": model, "source": source,
+          "model_fingerprint": fingerprint,
           "calibration_tokens": int(n)}
   return Projections(u_k, m_k, u_v, m_v, meta)
 

@@ -30,7 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lib import sharding
+from lib import jsonl, sharding
 from lib.lowrank import matryoshka as mk
 
 
@@ -56,6 +56,8 @@ class TrainConfig:
       raise ValueError(f"kl_weight must be in [0, 1], got {self.kl_weight}")
     if self.save_every < 1:
       raise ValueError("save_every must be >= 1")
+    if self.warmup < 0:
+      raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
 
 
 def init_theta(pca: mk.Projections) -> dict:
@@ -173,7 +175,9 @@ def train(lm, pca: mk.Projections, pool: np.ndarray, cfg: TrainConfig, ckpt_dir:
   if mesh is not None and cfg.batch % mesh.shape["data"]:
     raise ValueError(f"batch {cfg.batch} does not split over the data axis "
                      f"({mesh.shape['data']}): use a multiple of it")
-  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps), cfg.steps)
+  # warm-up clipped to steps - 1: the cosine part needs at least one step (optax refuses 0)
+  sched = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, min(cfg.warmup, cfg.steps - 1),
+                                             cfg.steps)
   opt = optax.adam(sched)
   theta = init_theta(pca)
   state = {"theta": theta, "opt": opt.init(theta)}
@@ -196,8 +200,11 @@ def train(lm, pca: mk.Projections, pool: np.ndarray, cfg: TrainConfig, ckpt_dir:
   opts = ocp.CheckpointManagerOptions(save_interval_steps=cfg.save_every, max_to_keep=2,
                                       create=True, enable_async_checkpointing=False)
   metrics_path = os.path.join(ckpt_dir, "metrics.jsonl")
-  with ocp.CheckpointManager(os.path.join(os.path.abspath(ckpt_dir), "state"),
-                             options=opts) as mgr:
+  # the lock on metrics.jsonl also keeps a second run out of this ckpt_dir (LockedError)
+  with jsonl.appender(metrics_path, "wait for that run to finish, or train into another "
+                      "directory (--out)") as metrics, \
+      ocp.CheckpointManager(os.path.join(os.path.abspath(ckpt_dir), "state"),
+                            options=opts) as mgr:
     start = mgr.latest_step() or 0
     if start:
       state = mgr.restore(start, args=ocp.args.StandardRestore(state))
@@ -219,8 +226,7 @@ def train(lm, pca: mk.Projections, pool: np.ndarray, cfg: TrainConfig, ckpt_dir:
       row = {"step": s + 1, "loss": float(val), "kl": float(kl), "ce": float(ce),
              "seconds": round(time.time() - t0, 3)}
       run.append(row)
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      metrics.write(row)
       if log is not None:
         log(row)
       mgr.save(s + 1, args=ocp.args.StandardSave(state), force=s + 1 == cfg.steps)
@@ -229,13 +235,13 @@ def train(lm, pca: mk.Projections, pool: np.ndarray, cfg: TrainConfig, ckpt_dir:
 
 
 def _truncate(path: str, step: int) -> None:
-  """Drops metric rows past ``step`` (written after the checkpoint a resumed run starts from)."""
+  """Drops metric rows past ``step`` (written after the checkpoint a resumed run starts from)
+  and a torn last line (a run killed mid-write), in place: ``jsonl.appender``'s writes follow."""
   if not os.path.exists(path):
     return
-  with open(path) as f:
-    rows = [r for r in f if r.strip() and json.loads(r)["step"] <= step]
+  rows = [r for r in jsonl.read(path) if r["step"] <= step]
   with open(path, "w") as f:
-    f.writelines(rows)
+    f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 def windows_of(pool: Sequence[int], n: int, seqlen: int) -> np.ndarray:

@@ -8,9 +8,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from typing import Any
 
-from lib.methods.base import Method, compress, select
+from lib.methods.base import (Method, MethodWarning, compress, example, field_types, select,
+                              size_warning)
 from lib.methods.accumulated import H2O, Keyformer
 from lib.methods.budgets import AdaKV, PyramidKV
 from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
@@ -53,7 +56,9 @@ REGISTRY: dict[str, type[Method]] = {
 class Compose:
   """Applies methods in order (``snapkv+kivi``): each compresses what the previous kept.
 
-  Observations from prefill are shared: every member's ``observe`` runs in the same pass.
+  Observations from prefill are shared: every member's ``observe`` runs in the same pass. An
+  evicting member keeps its ``ratio`` of what it receives, so the prompt's kept fraction is
+  the product of the members' ratios (``kept_fraction``).
   """
 
   methods: tuple[Method, ...]
@@ -105,39 +110,110 @@ def _joint_observe(hooks):
   return _JOINT[hooks]
 
 
-def _options(part: str) -> tuple[str, dict[str, Any]]:
-  """``"minicache:start=0:retain=0.1"`` -> ``("minicache", {"start": 0.0, "retain": 0.1})``."""
+def _options(part: str) -> tuple[str, dict[str, str]]:
+  """``"minicache:start=0:retain=0.1"`` -> ``("minicache", {"start": "0", "retain": "0.1"})``:
+  the values as written (``make`` types them by the method's fields)."""
   name, *opts = [o.strip() for o in part.split(":")]
-  out: dict[str, Any] = {}
+  out: dict[str, str] = {}
   for o in opts:
-    key, eq, val = o.partition("=")
-    if not eq or not key:
+    key, eq, val = (x.strip() for x in o.partition("="))
+    if not eq or not key or not val:
       raise ValueError(f"bad method option {o!r} in {part!r}: write name:key=value, e.g. "
                        "minicache:start=0.25")
-    low = val.lower()
-    if low in ("true", "false"):
-      out[key] = low == "true"
-    else:
-      try:
-        out[key] = int(val) if val.lstrip("-").isdigit() else float(val)
-      except ValueError:
-        out[key] = val
+    if key in out:
+      raise ValueError(f"method option {key} is given twice in {part!r}: give it once")
+    out[key] = val
   return name, out
+
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def _typed(cls, key: str, raw: str):
+  """Option ``key=raw`` of method ``cls`` as its field's type: an int field takes a whole
+  number, a float field any number, a bool field true/false, an optional field also none."""
+  types = field_types(cls)[key]
+  low = raw.lower()
+  if "None" in types and low == "none":
+    return None
+  try:
+    if "bool" in types:
+      if low in ("true", "false"):
+        return low == "true"
+      kind = "true or false"
+    elif "int" in types:
+      if _INT.fullmatch(raw):
+        return int(raw)
+      kind = "a whole number"
+    elif "float" in types:
+      kind = "a number"
+      v = float(raw)
+      if math.isfinite(v):
+        return v
+    else:
+      return raw
+  except ValueError:
+    pass
+  raise ValueError(f"{cls.name}: option {key}={raw} must be {kind}: e.g. "
+                   f"--method={cls.name}:{key}={example(cls, key)}")
+
+
+def _member_parts(spec: str) -> list[str]:
+  """The members of ``"a+b"`` (stripped); raises on an empty spec or an empty member."""
+  parts = [p.strip() for p in spec.split("+")]
+  if not any(parts):
+    raise ValueError("empty method name: pass e.g. --method=snapkv")
+  if not all(parts):
+    raise ValueError(f"method spec {spec!r} has an empty member (a '+' with no method on one "
+                     f"side): join method names with single '+', e.g. snapkv+kivi")
+  return parts
+
+
+def evicts(method) -> bool:
+  """True for a member that drops tokens (takes ``ratio`` / ``budget``); quantizers and low-rank
+  methods (KIVI, KVQuant, ThinK, xKV, MatryoshkaKV, MiniCache) keep every token."""
+  return isinstance(method, Method)
+
+
+def kept_fraction(method) -> float | None:
+  """The nominal fraction of the prompt's tokens ``method`` keeps: the product of its evicting
+  members' ratios (each keeps its ratio of what the one before kept: ``kvzip:ratio=0.7+snapkv``
+  at 0.5 keeps 0.7 x 0.5 = 0.35); 1.0 for quantizers and low-rank methods alone; None where a member
+  has a token ``budget`` instead (the fraction then depends on the prompt's length). Record it
+  next to the ratio a row is labelled with."""
+  frac = 1.0
+  for m in getattr(method, "methods", (method,)):
+    if evicts(m):
+      if m.ratio is None:
+        return None
+      frac *= m.ratio
+  return frac
 
 
 def make(spec: str, **kwargs) -> Method | Compose:
   """``make("snapkv", ratio=0.5)``; ``"a+b"`` composes (each gets the same kwargs it accepts);
-  ``"name:key=value"`` sets one member's own option (``"snapkv+matryoshka:rank=0.25"``)."""
-  parts = [p.strip() for p in spec.split("+") if p.strip()]
-  if not parts:
-    raise ValueError("empty method name: pass e.g. --method=snapkv")
-  built = []
-  for p in parts:
-    p, own = _options(p)
+  ``"name:key=value"`` sets one member's own option (``"snapkv+matryoshka:rank=0.25"``),
+  checked against the field's type (int, float, true/false) and range here, before any model
+  loads.
+
+  In a composition each evicting member keeps its ``ratio`` of what it receives, so two
+  evicting members at the shared ratio would keep its square under its label: refused. A
+  member's own ``ratio`` option is the fraction it keeps of what it receives and replaces the
+  shared one for that member: ``make("kvzip:ratio=0.7+snapkv", ratio=0.5)`` keeps 0.7 x 0.5 =
+  0.35 of the prompt (``kept_fraction``, for the row to record).
+  """
+  parts = _member_parts(spec)
+  built, shared = [], []  # shared: indices of the evicting members at the shared ratio
+  for i, p in enumerate(parts):
+    p, raw = _options(p)
     if p not in REGISTRY:
       raise ValueError(f"unknown method {p!r}; known: {', '.join(sorted(REGISTRY))}")
     cls = REGISTRY[p]
     names = {f.name for f in dataclasses.fields(cls)}
+    if set(raw) - names:
+      raise ValueError(f"{p} does not take {sorted(set(raw) - names)}; it takes "
+                       f"{sorted(names)}")
+    own = {k: _typed(cls, k, v) for k, v in raw.items()}
     if len(parts) == 1 and "ratio" not in names and kwargs.get("ratio") not in (None, 1.0):
       raise ValueError(f"{p} keeps every token (it saves bits, not tokens): use ratio 1.0, or "
                        f"compose it after an eviction method, e.g. snapkv+{p}")
@@ -145,18 +221,35 @@ def make(spec: str, **kwargs) -> Method | Compose:
     unknown = set(kwargs_p) - names
     if len(parts) == 1 and unknown:
       raise ValueError(f"{p} does not take {sorted(unknown)}; it takes {sorted(names)}")
-    if set(own) - names:
-      raise ValueError(f"{p} does not take {sorted(set(own) - names)}; it takes "
-                       f"{sorted(names)}")
+    if "ratio" in names and not {"ratio", "budget"} & set(own):
+      shared.append(i)
     kwargs_p = {**kwargs_p, **own}
     built.append(cls(**{k: v for k, v in kwargs_p.items() if k in names}))
-  return built[0] if len(built) == 1 else Compose(tuple(built))
+  if len(built) == 1:
+    return built[0]
+  out = Compose(tuple(built))  # checks the members' order first
+  ratio = kwargs.get("ratio")
+  if len(shared) > 1 and ratio is not None and ratio < 1.0:
+    own = f"{ratio ** 0.5:.2g}"
+    fix = "+".join(p + (f":ratio={own}" if i in shared[:-1] else "")
+                   for i, p in enumerate(parts))
+    raise ValueError(
+        f"{spec} at ratio {ratio:g}: {len(shared)} members evict tokens "
+        f"({', '.join(built[i].name for i in shared)}) and each keeps {ratio:g} of what it "
+        f"receives, so the cache would keep {' x '.join([f'{ratio:g}'] * len(shared))} = "
+        f"{kept_fraction(out):.3g} of the prompt under the label {ratio:g}: give all but one "
+        f"of them its own ratio (the fraction it keeps of what it receives), e.g. {fix} (keeps "
+        f"{float(own) ** (len(shared) - 1) * ratio:.3g}; methods.kept_fraction), or use one "
+        f"eviction method")
+  return out
 
 
 def check_for_model(method, config, params, what: str = "the model") -> None:
   """Raises a clear error if a calibrated member of ``method`` (KVQuant, MatryoshkaKV) was
-  calibrated on another model than the one with this ``config`` and ``params``."""
-  from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
+  calibrated on another model than the one with this ``config`` and ``params`` (fingerprints
+  over every weight, ``lib.fingerprint``). ``what`` names the model in the error: pass its name
+  and source path, e.g. ``f"{name} ({lm.source})"``."""
+  from lib.fingerprint import model_fingerprint  # pylint: disable=g-import-not-at-top
   for m in getattr(method, "methods", (method,)):
     if hasattr(m, "check_for"):
       m.check_for(config, params, what)
@@ -166,7 +259,8 @@ def check_for_model(method, config, params, what: str = "the model") -> None:
       cal.check_model(model_fingerprint(config, params), what)
 
 
-__all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select", "StreamingLLM", "Knorm",
-           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention", "KVzip", "KIVI",
-           "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK", "MatryoshkaKV",
-           "MatryoshkaPCA", "MiniCache"]
+__all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select",
+           "kept_fraction", "evicts", "size_warning", "MethodWarning", "StreamingLLM", "Knorm",
+           "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention",
+           "KVzip", "KIVI", "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK",
+           "MatryoshkaKV", "MatryoshkaPCA", "MiniCache"]

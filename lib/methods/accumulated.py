@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from lib.attention import block_scores, cache_block, store_block_size
 from lib.gumbel import gumbel_noise, hash_salts, query_head_ids
 from lib.cache import KVCache
-from lib.methods.base import Method, evict_one, forced
+from lib.methods.base import Method, check_at_least, check_unit, evict_one, forced
 from pallas_kernels import platform as platform_lib
 from pallas_kernels.column_sums import column_sums as column_sums_kernel
 from pallas_kernels.column_sums import row_lse as row_lse_kernel
@@ -264,6 +264,10 @@ class H2O(Method):
   recent_fraction: float = 0.5
   name = "h2o"
 
+  def __post_init__(self):
+    super().__post_init__()
+    check_unit(self, "recent_fraction", "the part of the budget kept for the newest tokens")
+
   @property
   def observe(self):
     return column_sums()
@@ -299,6 +303,14 @@ class Keyformer(Method):
   tau: float = 1.0
   seed: int = 0
   name = "keyformer"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_unit(self, "recent_fraction", "the part of the budget kept for the newest tokens")
+    if not self.tau > 0:
+      raise ValueError(f"keyformer: tau (the Gumbel-softmax temperature) must be > 0, got "
+                       f"{self.tau}: e.g. --method=keyformer:tau=1.0")
+    check_at_least(self, "seed", 0, "the Gumbel noise's seed")
 
   @property
   def observe(self):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
@@ -51,6 +52,116 @@ def forced(positions: jax.Array) -> jax.Array:
   return FORCED_BASE + positions.astype(jnp.float32)
 
 
+def smallest_budget(lengths: np.ndarray, kept: np.ndarray) -> tuple[int, int]:
+  """``(budget, prompt length)`` of the (layer, row, head) with the smallest budget, for
+  warnings (host arrays ``[L, B, K]``)."""
+  i = np.unravel_index(int(np.argmin(kept)), kept.shape)
+  return int(kept[i]), int(lengths[i])
+
+
+class MethodWarning(UserWarning):
+  """A method ran, but its result is not what its name and ratio suggest (a window or sinks
+  that fill the budget, a compressed cache larger than the full one): filter on this class."""
+
+
+def sinks_note(method, lengths: np.ndarray, kept: np.ndarray, lost: str) -> list[str]:
+  """``[note]`` when ``method.sinks`` fill the smallest budget of ``kept`` (of ``lengths``)
+  so that nothing ``lost`` (e.g. "by score") is kept; ``[]`` otherwise."""
+  b, n = smallest_budget(lengths, kept)
+  if method.sinks < b or b >= n:
+    return []
+  return [f"{method.name}: the sinks ({method.sinks} tokens) fill the budget ({b} of a "
+          f"{n}-token prompt): only the first {b} tokens are kept, none {lost}: lower the "
+          f"sinks (--method={method.name}:sinks={max(b // 8, 0)}) or raise the ratio"]
+
+
+def warn(message: str) -> None:
+  """Issues ``message`` as a ``MethodWarning`` (printed once per distinct message)."""
+  warnings.warn(message, MethodWarning, stacklevel=3)
+
+
+def field_types(cls) -> dict[str, set[str]]:
+  """``{field: {"int", "None", ...}}`` from the dataclass annotations (strings or types)."""
+  out = {}
+  for f in dataclasses.fields(cls):
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    out[f.name] = {p.strip() for p in str(t).replace("Optional[", "").rstrip("]").split("|")}
+  return out
+
+
+def example(method, key: str) -> str:
+  """A value of option ``key`` for an error's example: the field's default, else a typical one."""
+  f = {f.name: f for f in dataclasses.fields(method)}[key]
+  v = f.default if f.default is not dataclasses.MISSING else None
+  if v is None:
+    return {"ratio": "0.5", "budget": "64"}.get(key, "1")
+  return str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def check_types(method) -> None:
+  """Raises a ValueError naming the field, its value and an example unless every field of the
+  frozen dataclass ``method`` holds its annotated type (int, float, bool, str, or None where
+  the annotation allows it); an int is a float, a bool is not a number."""
+  for key, types in field_types(type(method)).items():
+    v = getattr(method, key)
+    if v is None and "None" in types:
+      continue
+    if "bool" in types:
+      ok, kind = isinstance(v, (bool, np.bool_)), "true or false"
+    elif "int" in types:
+      ok, kind = not isinstance(v, (bool, np.bool_, str)) and hasattr(v, "__index__"), \
+          "a whole number"
+    elif "float" in types:
+      kind = "a finite number"
+      ok = not isinstance(v, (bool, np.bool_, str)) and hasattr(v, "__float__")
+      ok = ok and math.isfinite(float(v))
+    elif "str" in types:
+      ok, kind = isinstance(v, str), "a string"
+    else:
+      continue
+    if not ok:
+      raise ValueError(f"{method.name}: {key} must be {kind}, got {v!r}: e.g. "
+                       f"--method={method.name}:{key}={example(method, key)}")
+
+
+def check_at_least(method, key: str, low: int, what: str) -> None:
+  """Raises a ValueError unless ``method.<key> >= low``; ``what`` says what the field is."""
+  v = getattr(method, key)
+  if v < low:
+    raise ValueError(f"{method.name}: {key} ({what}) must be >= {low}, got {v}: e.g. "
+                     f"--method={method.name}:{key}={example(method, key)}")
+
+
+def check_unit(method, key: str, what: str, *, closed: bool = True) -> None:
+  """Raises a ValueError unless ``method.<key>`` is in [0, 1] (``closed=False``: [0, 1))."""
+  v = getattr(method, key)
+  if not (0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0):
+    raise ValueError(f"{method.name}: {key} is {what}, in [0, 1{']' if closed else ')'}, got "
+                     f"{v}: e.g. --method={method.name}:{key}={example(method, key)}")
+
+
+def check_choice(method, key: str, choices, what: str) -> None:
+  """Raises a ValueError unless ``method.<key>`` is one of ``choices``."""
+  v = getattr(method, key)
+  if v not in choices:
+    raise ValueError(f"{method.name}: {key} ({what}) must be one of "
+                     f"{', '.join(map(str, choices))}, got {v!r}: e.g. "
+                     f"--method={method.name}:{key}={choices[0]}")
+
+
+def size_warning(spec: str, cache_bytes: int, full_bytes: int,
+                 prompt_tokens: int | None = None) -> str | None:
+  """The warning to print and record when a compressed cache (``cache_bytes``, from its
+  leaves) is larger than the full one (``full_bytes``), else None."""
+  if cache_bytes <= full_bytes:
+    return None
+  on = f" on a {prompt_tokens}-token prompt" if prompt_tokens is not None else ""
+  return (f"{spec}: the compressed cache ({cache_bytes / 1e6:.2f} MB) is larger than the full "
+          f"cache ({full_bytes / 1e6:.2f} MB){on}: its fixed parts (projection bases, page "
+          f"tables, scales, an empty window for later tokens, capacity rounding) outweigh what "
+          f"it saves; compress longer prompts, or compare bytes at equal size")
+
+
 @dataclasses.dataclass(frozen=True)
 class Method:
   """Base class. Give exactly one of ``ratio`` (fraction of each row's tokens kept, in (0, 1])
@@ -62,6 +173,7 @@ class Method:
   name = "method"
 
   def __post_init__(self):
+    check_types(self)
     if (self.ratio is None) == (self.budget is None):
       raise ValueError(f"{self.name}: give exactly one of ratio (fraction kept) or budget "
                        f"(tokens kept), got ratio={self.ratio}, budget={self.budget}")
@@ -85,8 +197,17 @@ class Method:
       return np.minimum(lengths, self.budget)
     return np.minimum(lengths, np.ceil(self.ratio * lengths).astype(np.int32))
 
+  def budget_notes(self, lengths: np.ndarray, kept: np.ndarray) -> list[str]:
+    """Warnings for ``lengths`` and budgets ``kept`` (``[L, B, K]``, host): a window or sinks
+    the budget cannot hold (override; ``compress`` issues them as ``MethodWarning``)."""
+    del lengths, kept
+    return []
+
   # -- hooks (override) --------------------------------------------------------------------
   observe = None
+  # True where ``scores(cache, obs, kept=[L, B, K])`` uses the budgets (SnapKV's window never
+  # takes the whole budget); ``compress`` then passes them.
+  scores_take_kept = False
 
   def scores(self, cache: KVCache, obs: Any) -> jax.Array:
     """``[L, B, K, S]`` keep-scores; every concrete method defines it."""
@@ -127,7 +248,10 @@ def _compress(method, cache, obs, kept, capacity, scores=None):
     # decode-time methods keep their statistic per slot (AdaKV over H2O carries it only while
     # compressing during prefill: its ragged cache does no decode-time eviction)
     cache = cache.replace(scores=method.carried_scores(cache, obs))
-  return select(cache, method.scores(cache, obs) if scores is None else scores, kept, capacity)
+  if scores is None:
+    scores = (method.scores(cache, obs, kept=kept) if getattr(method, "scores_take_kept", False)
+              else method.scores(cache, obs))
+  return select(cache, scores, kept, capacity)
 
 
 def compress(method: Method, cache: KVCache, observations: Any = None, *, extra: int = 0,
@@ -140,17 +264,24 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
     extra: free slots to leave for tokens appended later (question, answer).
     block: the model's attention block size (capacity is rounded to it).
     final: the result is the cache used for decoding (not handed to a later member of a
-      composition): methods with ragged budgets then store it paged (``lib.paged``).
+      composition): methods with ragged budgets then store it paged (``lib.paged``), unless
+      pages would take more slots than the padded layout (``_pages_save``: short prompts).
+
+  Warns (``MethodWarning``) where the method's window or sinks do not fit the budget
+  (``Method.budget_notes``).
   """
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
   lengths = to_host(cache.lengths)
   kept = method.kept(lengths)
+  for note in method.budget_notes(lengths, kept):
+    warn(note)
   scores = None
   if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
     budgets, scores = _budgets(method, cache, observations, jnp.asarray(kept, jnp.int32))
     kept = to_host(budgets)
-  paged = final and getattr(method, "layout", None) == "paged"
+  paged = final and getattr(method, "layout", None) == "paged" and _pages_save(
+      kept, method.page, extra)
   capacity = round_capacity(int(kept.max()) + (0 if paged else extra), block)
   out = _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity, scores)
   if paged:  # only what each head keeps; later tokens go to a window of ``extra`` slots
@@ -158,6 +289,17 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
     out = page_cache(out, page=method.page, room=extra, block=block,  # lengths as selected
                      host_lengths=np.minimum(kept, lengths))
   return out
+
+
+def _pages_save(kept: np.ndarray, page: int, extra: int) -> bool:
+  """Whether pages of ``page`` slots hold the budgets ``kept [L, B, K]`` (and a window of
+  ``extra`` slots for later tokens) in fewer slots than the padded layout (every head at the
+  largest budget + ``extra``). On short prompts rounding every head up to whole pages can take
+  more than the full cache (PyramidKV at 0.5 of 35 tokens: 32 slots a head for 18 kept); the
+  padded layout is then kept (the same tokens, fewer bytes)."""
+  heads = kept.size
+  paged = int((-(-kept.astype(np.int64) // page)).sum()) * page + heads * round_capacity(extra)
+  return paged < heads * round_capacity(int(kept.max()) + extra)
 
 
 @functools.partial(jax.jit, static_argnames=("method",))

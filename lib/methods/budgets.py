@@ -4,9 +4,10 @@ prefill scorer's scores; SnapKV's by default).
 Their budgets differ by layer or head, so by default (``layout="paged"``) the compressed cache
 stores only what each head keeps: a ``lib.paged.PagedStore`` (pages of ``page`` slots listed
 per head) in the cache's stored part, with an empty full-precision window for the tokens appended
-later. ``layout="padded"`` keeps the stacked ``[L, B, K, S, H]`` layout padded to the largest
-budget (what a following member of a composition, e.g. ``adakv+kivi``, receives). Bytes are
-always reported from the leaves.
+later; where whole pages would take more slots than padding every head (short prompts), the
+padded layout is kept instead (``lib.methods.base._pages_save``). ``layout="padded"`` keeps the
+stacked ``[L, B, K, S, H]`` layout padded to the largest budget (what a following member of a
+composition, e.g. ``adakv+kivi``, receives). Bytes are always reported from the leaves.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib.cache import KVCache
-from lib.methods.base import FORCED_BASE, forced, reduce_group
+from lib.methods.base import FORCED_BASE, check_at_least, check_unit, forced, reduce_group
 from lib.methods.eviction import SnapKV
 from lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
-                                window_queries)
+                                window_queries, window_query_mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Ragged:
   page: int = 16
 
   def __post_init__(self):
-    super().__post_init__()  # the ratio / budget checks of Method
+    super().__post_init__()  # the ratio / budget checks of Method (and SnapKV's fields)
     if self.layout not in ("paged", "padded"):
       raise ValueError(f"{self.name}: layout must be 'paged' (only what each head keeps) or "
                        f"'padded' (every head at the largest budget), got {self.layout!r}")
@@ -48,6 +49,10 @@ class PyramidKV(Ragged, SnapKV):
 
   beta: int = 20
   name = "pyramidkv"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_at_least(self, "beta", 1, "the top layer keeps 1/beta of the lower budget")
 
   def kept(self, lengths: np.ndarray) -> np.ndarray:
     uniform = super().kept(lengths)  # [L, B, K]
@@ -108,9 +113,12 @@ class AdaKV(Ragged, SnapKV):
       raise ValueError(f"adakv: scorer must be one of {', '.join(ADAKV_SCORERS)} (a prefill "
                        f"scorer with per-head scores), got {self.scorer!r}: e.g. "
                        "--method=adakv:scorer=tova")
-    if not 0.0 <= self.alpha <= 1.0:
-      raise ValueError(f"adakv: alpha is the fraction of the uniform budget every head keeps "
-                       f"and must be in [0, 1], got {self.alpha}")
+    check_unit(self, "alpha", "the fraction of the uniform budget every head keeps")
+
+  def budget_notes(self, lengths, kept):
+    inner = self.inner
+    return SnapKV.budget_notes(self, lengths, kept) if inner is None else (
+        inner.budget_notes(lengths, kept))
 
   @property
   def inner(self):
@@ -137,10 +145,11 @@ class AdaKV(Ragged, SnapKV):
   def accumulate(self):
     return getattr(self.inner, "accumulate")  # expected attention: query moments
 
-  def head_scores(self, cache: KVCache, obs):
+  def head_scores(self, cache: KVCache, obs, kept=None):
     """``(free [L, B, K, S], forced [L, B, K, S] bool, scores [L, B, K, S])``: the per-head
     scores competed for (-inf where forced or invalid), the slots forced in, and the scores
-    ``select`` ranks each head's slots by."""
+    ``select`` ranks each head's slots by. ``kept [L, B, K]`` (uniform budgets) sets each
+    head's window where it is not smaller than the budget (``window.effective_window``)."""
     valid = jnp.arange(cache.capacity) < cache.lengths[..., None]
     inner = self.inner
     if inner is not None:
@@ -150,16 +159,21 @@ class AdaKV(Ragged, SnapKV):
       return jnp.where(valid & ~win, s, -jnp.inf), win, s
     q, qpos = window_queries(obs, self.window)
     a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
-    n_q = jnp.maximum((qpos >= 0).sum(-1), 1)[:, :, None, None, None]
+    if kept is None:
+      n_q = jnp.maximum((qpos >= 0).sum(-1), 1)[:, :, None, None, None]
+    else:
+      voters = window_query_mask(qpos, self.window, kept)  # [L, B, K, W]
+      a = a * voters[:, :, :, None, :, None]
+      n_q = jnp.maximum(voters.sum(-1), 1)[..., None, None]
     vote = a.sum(-2) / n_q  # mean over window queries
     vote = reduce_group(vote, self.gqa, 3)
-    win = in_window(cache, qpos, self.window)
+    win = in_window(cache, qpos, self.window, kept)
     vote = jnp.where(win, 0.0, vote)  # pool the pre-window columns only (METHODS.md §2.5)
     s = (max_pool if self.pooling == "max" else avg_pool)(vote, self.kernel)
     return jnp.where(valid & ~win, s, -jnp.inf), win, jnp.where(win, forced(cache.positions), s)
 
-  def scores(self, cache: KVCache, obs):
-    return self.head_scores(cache, obs)[2]
+  def scores(self, cache: KVCache, obs, kept=None):
+    return self.head_scores(cache, obs, kept)[2]
 
   def budgets(self, cache: KVCache, obs, kept: jax.Array) -> jax.Array:
     """``[L, B, K]`` per-head budgets (forced slots included) summing to the layer's total."""
@@ -169,7 +183,7 @@ class AdaKV(Ragged, SnapKV):
     """``scores`` and, for ``kept [L, B, K]`` (the uniform budgets; None: skipped),
     ``budgets``, from one ``head_scores`` pass (the window attention): ``compress`` takes both
     together."""
-    s, win, scores = self.head_scores(cache, obs)
+    s, win, scores = self.head_scores(cache, obs, kept)
     if kept is None:
       return scores, None
     n_win = jnp.minimum(win.sum(-1), kept)  # [L, B, K]

@@ -13,9 +13,13 @@ import jax.numpy as jnp
 
 from lib.cache import KVCache
 from lib.methods.accumulated import column_sums
-from lib.methods.base import Method, evict_one, forced, reduce_group
+from lib.methods.base import (Method, check_at_least, check_choice, evict_one, forced,
+                              reduce_group, sinks_note, smallest_budget)
 from lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
-                                window_queries)
+                                window_queries, window_query_mask)
+
+
+POOLING = ("avg", "max")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +31,13 @@ class StreamingLLM(Method):
 
   sinks: int = 4
   name = "streaming_llm"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_at_least(self, "sinks", 0, "first tokens always kept")
+
+  def budget_notes(self, lengths, kept):
+    return sinks_note(self, lengths, kept, "of the recent ones")
 
   def scores(self, cache: KVCache, obs=None):
     pos = cache.positions.astype(jnp.float32)
@@ -50,7 +61,10 @@ class SnapKV(Method):
 
   Choices (METHODS.md §2.3): window 32, kernel 5, average pooling (the authors' defaults);
   GQA: scores reduced over each query group with ``gqa`` ('mean' default, or 'max') so the
-  cache is never expanded to query heads.
+  cache is never expanded to query heads. Where a head's budget is not larger than the window
+  (short prompts, small ratios; the reference code refuses them), the head runs with a window
+  of half its budget (``window.effective_window``), so tokens are still chosen by the vote and
+  the prompt's first tokens (attention sinks) can be kept; ``compress`` warns.
   """
 
   window: int = 32
@@ -58,17 +72,44 @@ class SnapKV(Method):
   pooling: str = "avg"
   gqa: str = "mean"
   name = "snapkv"
+  scores_take_kept = True
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_at_least(self, "window", 1, "observation queries")
+    check_at_least(self, "kernel", 1, "pooling width")
+    check_choice(self, "pooling", POOLING, "how votes are pooled over neighbours")
+    if self.pooling == "avg" and self.kernel % 2 == 0:
+      raise ValueError(f"{self.name}: kernel must be odd with pooling=avg (the average is "
+                       f"centred on each token), got {self.kernel}: e.g. "
+                       f"--method={self.name}:kernel={self.kernel + 1}")
 
   @property
   def observe(self):
     return last_queries(self.window)
 
-  def scores(self, cache: KVCache, obs):
+  def budget_notes(self, lengths, kept):
+    b, n = smallest_budget(lengths, kept)
+    if self.window < b or b >= n:
+      return []
+    w = max(b // 2, 1)  # window.effective_window of this budget
+    short = " (the prompt is not longer than the window)" if n <= self.window else ""
+    return [f"{self.name}: the observation window ({self.window} tokens) is not smaller than "
+            f"the budget ({b} of a {n}-token prompt){short}: it would keep only the newest "
+            f"tokens and evict the first ones (attention sinks), so it runs with a window of "
+            f"{w}, as --method={self.name}:window={w} would: set the window below the budget "
+            f"yourself, or raise the ratio"]
+
+  def scores(self, cache: KVCache, obs, kept=None):
+    """``kept [L, B, K]`` (budgets; None: the whole window) sets each head's window
+    (``effective_window``): its queries vote and its tokens are kept."""
     q, qpos = window_queries(obs, self.window)
     a = window_attention(cache, q, qpos)  # [L, B, K, G, W, S]
+    if kept is not None:
+      a = a * window_query_mask(qpos, self.window, kept)[:, :, :, None, :, None]
     vote = a.sum(-2)  # [L, B, K, G, S]: summed over the window queries
     vote = reduce_group(vote, self.gqa, 3)  # [L, B, K, S]
-    win = in_window(cache, qpos, self.window)
+    win = in_window(cache, qpos, self.window, kept)
     # Pool the pre-window columns only (METHODS.md §2.3 pools A[..., :n-w]): the window's
     # own columns are zero padding here, not neighbours of the last pre-window tokens.
     vote = jnp.where(win, 0.0, vote)

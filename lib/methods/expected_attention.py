@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.cache import KVCache
-from lib.methods.base import Method, reduce_group
+from lib.methods.base import Method, check_at_least, reduce_group, sinks_note
 
 
 @functools.lru_cache(maxsize=None)
@@ -65,6 +65,14 @@ class ExpectedAttention(Method):
   use_vnorm: bool = True
   gqa: str = "mean"
   name = "expected_attention"
+
+  def __post_init__(self):
+    super().__post_init__()
+    check_at_least(self, "future", 1, "future positions the RoPE rotation is averaged over")
+    check_at_least(self, "sinks", 0, "first tokens always kept")
+
+  def budget_notes(self, lengths, kept):
+    return sinks_note(self, lengths, kept, "by score")
 
   @property
   def observe(self):

@@ -28,6 +28,7 @@ import numpy as np
 
 from lib.sharding import to_host
 from lib.cache import KVCache, round_capacity
+from lib.methods.base import check_at_least, check_types, warn
 from lib.quant import packing
 from lib.quant.store import (QuantStore, check_head_dim, check_plain, check_window, first_slots,
                              split_window)
@@ -53,11 +54,22 @@ class KIVI:
   quantizes = True
 
   def __post_init__(self):
-    packing.check_bits(self.bits)
-    packing.check_bits(self.prefill_key_bits)
+    check_types(self)
+    for key in ("bits", "prefill_key_bits"):
+      if getattr(self, key) not in packing.SUPPORTED_BITS:
+        raise ValueError(f"{self.name}: unsupported bit width {getattr(self, key)} for {key}: "
+                         f"choose one of {', '.join(map(str, packing.SUPPORTED_BITS))}, e.g. "
+                         f"--method=snapkv+{self.name}:{key}={getattr(type(self), key)}")
     if self.prefill_key_bits < self.bits:
       raise ValueError(f"{self.name}: prefill_key_bits={self.prefill_key_bits} is below "
-                       f"bits={self.bits}; use at least {self.bits}")
+                       f"bits={self.bits}; use at least {self.bits}, e.g. "
+                       f"--method=snapkv+{self.name}:prefill_key_bits=8")
+    check_at_least(self, "group", 1, "tokens / channels per scale")
+    if self.residual < 0 or self.residual % self.group:
+      raise ValueError(f"{self.name}: residual ({self.residual}) must be a non-negative "
+                       f"multiple of group ({self.group}): e.g. "
+                       f"--method=snapkv+{self.name}:group={self.group}:residual="
+                       f"{max(self.residual // self.group, 1) * self.group}")
     check_window(self.name, self.group, self.residual)
 
   def apply(self, cache: KVCache, observations=None, *, extra: int = 0,
@@ -71,6 +83,12 @@ class KIVI:
     g = self.group
     n_q = np.maximum(lengths - self.residual, 0) // g * g
     q_cap = int(n_q.max())
+    if q_cap == 0:
+      n = int(lengths.max())
+      warn(f"{self.name}: the {n} tokens it receives fit in its full-precision window "
+           f"(residual {self.residual}, plus up to {g - 1} short of a group of {g}): nothing "
+           f"is quantized: lower the residual (--method=snapkv+{self.name}:residual=0) or "
+           f"compress longer prompts")
     res_cap = round_capacity(int((lengths - n_q).max()) + extra)
     if q_cap == 0 and extra == 0:  # nothing to quantize, now or later
       return cache

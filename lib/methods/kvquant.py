@@ -35,6 +35,7 @@ import numpy as np
 
 from lib.sharding import to_host
 from lib.cache import KVCache, round_capacity
+from lib.methods.base import check_at_least, check_types
 from lib.quant import nuq, packing
 from lib.quant import kvquant_calibrate as calib
 from lib.quant.kvquant_store import KVQuantStore
@@ -68,13 +69,24 @@ class KVQuant:
   quantizes = True
 
   def __post_init__(self):
-    packing.check_bits(self.bits)
-    if self.bits == 8:
-      raise ValueError(f"{self.name}: KVQuant's datatypes are 2, 3 or 4 bit, got 8")
+    check_types(self)
+    if self.bits not in (2, 3, 4):
+      raise ValueError(f"{self.name}: unsupported bit width {self.bits}: KVQuant's datatypes "
+                       f"are 2, 3 or 4 bit, e.g. --method=snapkv+kvquant:bits=3")
+    if not 0.0 <= self.outlier_fraction < 0.5:
+      raise ValueError(f"{self.name}: outlier fraction must be in [0, 0.5), got "
+                       f"{self.outlier_fraction} (KVQuant keeps 1 %: e.g. "
+                       f"--method=snapkv+{self.name}:outlier_fraction=0.01)")
     nuq.outlier_count(64, self.outlier_fraction)  # validates the fraction
+    check_at_least(self, "group", 1, "decoded tokens quantized at a time")
+    if self.residual < 0 or self.residual % self.group:
+      raise ValueError(f"{self.name}: residual ({self.residual}) must be a non-negative "
+                       f"multiple of group ({self.group}): e.g. "
+                       f"--method=snapkv+{self.name}:residual=0")
     check_window(self.name, self.group, self.residual)
     if self.sink < 0:
-      raise ValueError(f"{self.name}: sink (tokens kept in full precision) must be >= 0")
+      raise ValueError(f"{self.name}: sink (tokens kept in full precision) must be >= 0, got "
+                       f"{self.sink}: e.g. --method=snapkv+{self.name}:sink=1")
 
   def load_calibration(self) -> calib.Calibration:
     """The calibration (cached per path); raises a clear error if it is missing or damaged."""

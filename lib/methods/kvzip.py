@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from lib.cache import KVCache
-from lib.methods.base import Method, forced, scale
+from lib.methods.base import Method, check_at_least, forced, scale, sinks_note
 
 SHARE = ("head", "layer")
 
@@ -121,12 +121,15 @@ class KVzip(Method):
 
   def __post_init__(self):
     super().__post_init__()
-    if self.chunk < 1:
-      raise ValueError(f"kvzip: chunk (tokens repeated per pass) must be >= 1, got "
-                       f"{self.chunk}: e.g. --method=kvzip:chunk=2048")
+    check_at_least(self, "chunk", 1, "tokens repeated per pass")
     if self.share not in SHARE:
-      raise ValueError(f"kvzip: share must be one of {', '.join(SHARE)}, got {self.share!r}: "
-                       "e.g. --method=kvzip:share=layer")
+      raise ValueError(f"kvzip: share must be one of {', '.join(SHARE)} (one token set per kv "
+                       f"head or per layer), got {self.share!r}: e.g. "
+                       "--method=kvzip:share=layer")
+    check_at_least(self, "sinks", 0, "first tokens always kept")
+
+  def budget_notes(self, lengths, kept):
+    return sinks_note(self, lengths, kept, "by the repeat scores")
 
   def head_scores(self, cache: KVCache, obs):
     """``[L, B, K, S]`` the repeat scores of each kv head, ``2**23 + position`` on the slots

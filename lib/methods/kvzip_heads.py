@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lib.cache import KVCache
-from lib.methods.base import Method, forced
+from lib.methods.base import Method, forced, smallest_budget
 from lib.methods.budgets import Ragged
 
 DEFAULT_TABLE = os.path.normpath(os.path.join(
@@ -87,7 +87,19 @@ class KVzipHeads(Ragged, Method):
     super().__post_init__()
     if self.sinks < 0 or self.window < 0:
       raise ValueError(f"kvzip_heads: sinks and window are slot counts >= 0, got "
-                       f"{self.sinks} and {self.window}")
+                       f"{self.sinks} and {self.window}: e.g. "
+                       "--method=kvzip_heads:sinks=4:window=32")
+
+  def budget_notes(self, lengths, kept):
+    uniform = Method.kept(self, lengths)
+    b, n = smallest_budget(lengths, uniform)
+    base = self.sinks + self.window
+    if base <= b or b >= n:
+      return []
+    return [f"kvzip_heads: sinks + window ({base} tokens) exceed the uniform budget ({b} of a "
+            f"{n}-token prompt): every head keeps at least {min(base, n)}, so the cache keeps "
+            f"more than the ratio says: lower them (--method=kvzip_heads:sinks=4:window="
+            f"{max(b - 4, 0)}) or raise the ratio"]
 
   def head_table(self, num_layers: int, kv_heads: int) -> np.ndarray:
     """``[L, K]`` float32 head scores, checked against the cache's shape."""
@@ -102,11 +114,16 @@ class KVzipHeads(Ragged, Method):
     """Raises a clear error when the table was calibrated on another model."""
     from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
     self.head_table(config.num_layers, config.num_kv_heads)
-    want = load_table(self.table).get("fingerprint")
-    if want is not None and want != model_fingerprint(config, params):
+    from lib import fingerprint  # pylint: disable=g-import-not-at-top
+    table = load_table(self.table)
+    want, have = table.get("fingerprint"), model_fingerprint(config, params)
+    if want is not None and want != have:
+      made_for = fingerprint.describe(table)
+      fingerprint.check_format(want, artifact=f"kvzip_heads: the table {self.table}",
+                               made_for=made_for, what=what, fix=CALIBRATE)
       raise ValueError(f"kvzip_heads: the table {self.table} was calibrated on another model "
-                       f"({load_table(self.table).get('model')}) than {what}: make one with "
-                       f"{CALIBRATE}")
+                       f"({made_for}, fingerprint {want}) than {what} (fingerprint {have}): "
+                       f"make one with {CALIBRATE}")
 
   def scores(self, cache: KVCache, obs=None):
     """``[L, B, K, S]``: sinks (and the template prefix, ``obs["prefix"]`` where given) forced,

@@ -31,6 +31,7 @@ import numpy as np
 from lib.cache import KVCache, round_capacity
 from lib.lowrank import matryoshka as mk
 from lib.lowrank.projected import ProjectedStore, flat_offsets, flatten, layer_widths
+from lib.methods.base import check_types
 from lib.quant.store import check_plain, first_slots, split_window
 from lib.sharding import to_host
 
@@ -58,9 +59,11 @@ class MatryoshkaKV:
   observe = None
 
   def __post_init__(self):
-    if self.rank <= 0:
+    check_types(self)
+    if self.rank <= 0 or (self.rank > 1 and self.rank != int(self.rank)):
       raise ValueError(f"{self.name}: rank must be a fraction in (0, 1] of the head dim or an "
-                       f"integer rank, got {self.rank}")
+                       f"integer rank, got {self.rank}: e.g. --method={self.name}:rank=0.5 or "
+                       f"--method={self.name}:rank=32")
 
   def load_projections(self) -> mk.Projections:
     """The projections (cached per path); clear errors if missing or damaged."""

@@ -37,6 +37,7 @@ import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.merged import MergedStore, slerp_merge
+from lib.methods.base import check_types
 from lib.quant.store import check_plain, check_uniform_tokens, first_slots
 
 
@@ -53,6 +54,7 @@ class MiniCache:
   observe = None
 
   def __post_init__(self):
+    check_types(self)
     if not 0.0 <= self.start < 1.0:
       raise ValueError(f"minicache: start is the fraction of the depth where merging begins, "
                        f"in [0, 1), got {self.start}")

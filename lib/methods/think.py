@@ -24,6 +24,7 @@ import numpy as np
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.channels import ChannelStore
+from lib.methods.base import check_at_least, check_types, warn
 from lib.methods.window import last_queries, window_queries
 from lib.quant.store import check_plain, first_slots, split_window
 from lib.sharding import to_host
@@ -41,11 +42,12 @@ class ThinK:
   quantizes = True  # keeps every token (changes its representation): composes last
 
   def __post_init__(self):
+    check_types(self)
     if not 0.0 <= self.pruning < 1.0:
       raise ValueError(f"think: pruning is the fraction of key channels dropped, in [0, 1), got "
-                       f"{self.pruning}")
-    if self.window < 1 or self.recent < 0:
-      raise ValueError("think: window must be >= 1 and recent >= 0")
+                       f"{self.pruning}: e.g. --method=snapkv+think:pruning=0.4")
+    check_at_least(self, "window", 1, "observation queries")
+    check_at_least(self, "recent", 0, "newest tokens kept whole")
 
   @property
   def observe(self):
@@ -63,6 +65,10 @@ class ThinK:
     kept = cache.head_dim - int(np.floor(self.pruning * cache.head_dim))
     lengths = to_host(cache.lengths)
     n_q = np.maximum(lengths - self.recent, 0)
+    if int(n_q.max()) == 0:
+      warn(f"think: the prompt ({int(lengths.max())} tokens) is within the newest {self.recent} "
+           f"kept whole: no key channel is pruned: lower recent (--method=snapkv+think:recent="
+           f"{int(lengths.max()) // 4}) or compress longer prompts")
     q_cap = max(-(-int(n_q.max()) // 64) * 64, 64)
     res_cap = round_capacity(int((lengths - n_q).max()) + extra)
     return _prune(self, cache, observations, jnp.asarray(n_q, jnp.int32), kept, q_cap, res_cap)

@@ -99,7 +99,29 @@ def max_pool(x: jax.Array, kernel: int) -> jax.Array:
                                (1,) * x.ndim, "SAME")
 
 
-def in_window(cache: KVCache, q_pos: jax.Array, window: int) -> jax.Array:
-  """``[L, B, K, S]`` bool: cached tokens inside the last ``window`` positions of the prompt."""
-  last = q_pos.max(-1)  # [L, B]
-  return (cache.positions > (last - window)[:, :, None, None]) & (cache.positions >= 0)
+def effective_window(window: int, kept: jax.Array | None = None):
+  """The window a head uses: ``window``, or where its budget ``kept [L, B, K]`` is not larger
+  than the window, ``max(kept // 2, 1)`` (``[L, B, K, 1]``): a window filling the budget would
+  leave nothing to choose by score (the prompt's first tokens, attention sinks, would always be
+  evicted), so it runs as if given that smaller window (the reference code refuses a budget not
+  larger than the window)."""
+  if kept is None:
+    return window
+  return jnp.where(kept > window, window, jnp.maximum(kept // 2, 1))[..., None]
+
+
+def in_window(cache: KVCache, q_pos: jax.Array, window: int,
+              kept: jax.Array | None = None) -> jax.Array:
+  """``[L, B, K, S]`` bool: cached tokens inside the last ``window`` positions of the prompt
+  (per head ``effective_window(window, kept)`` with budgets ``kept``)."""
+  last = q_pos.max(-1)[:, :, None, None]  # [L, B, 1, 1]
+  w = effective_window(window, kept)
+  return (cache.positions > last - w) & (cache.positions >= 0)
+
+
+def window_query_mask(q_pos: jax.Array, window: int, kept: jax.Array | None = None):
+  """``[L, B, K, W]`` bool: the window queries (``q_pos [L, B, W]``) that vote for each head,
+  the latest ``effective_window(window, kept)``; missing queries (``-1``) never vote."""
+  last = q_pos.max(-1)[:, :, None, None]  # [L, B, 1, 1]
+  w = effective_window(window, kept)
+  return (q_pos[:, :, None, :] > last - w) & (q_pos[:, :, None, :] >= 0)

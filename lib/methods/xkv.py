@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from lib.cache import KVCache, round_capacity
 from lib.lowrank.store import LowRankStore, factor
+from lib.methods.base import check_at_least, check_types
 from lib.quant.store import check_plain, check_uniform_tokens, first_slots
 from lib.rope import rotate
 
@@ -49,11 +50,13 @@ class XKV:
   quantizes = True  # keeps every token (changes its representation): composes last
 
   def __post_init__(self):
-    if self.layers_per_group < 1:
-      raise ValueError(f"xkv: layers_per_group must be >= 1, got {self.layers_per_group}")
-    for r in (self.rank_k, self.rank_v):
-      if r <= 0:
-        raise ValueError(f"xkv: ranks must be positive (a fraction <= 1 or a rank), got {r}")
+    check_types(self)
+    check_at_least(self, "layers_per_group", 1, "adjacent layers sharing a basis")
+    for key in ("rank_k", "rank_v"):
+      r = getattr(self, key)
+      if r <= 0 or (r > 1 and r != int(r)):
+        raise ValueError(f"xkv: ranks must be positive (a fraction <= 1 or a whole rank), got "
+                         f"{key}={r}: e.g. --method=xkv:{key}=0.125 or --method=xkv:{key}=96")
 
   @property
   def observe(self):

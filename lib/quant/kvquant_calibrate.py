@@ -27,8 +27,6 @@ Choices (where METHODS.md or the reference leave room):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from typing import Any, Sequence
 
@@ -36,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lib import fingerprint as fingerprints
 from lib import saved_arrays
+from lib.fingerprint import model_fingerprint  # re-exported: callers import it from here
 from lib.quant import nuq
 
 FORMAT = "kvlab-kvquant-calibration/1"
@@ -67,12 +67,17 @@ class Calibration:
     return self.luts[key]
 
   def check_model(self, fingerprint: str, what: str = "the model") -> None:
-    """Raises unless the calibration was made on the model with this fingerprint."""
-    if self.meta.get("fingerprint") != fingerprint:
-      raise ValueError(
-          f"KVQuant calibration was made on {self.meta.get('model', '?')} (fingerprint "
-          f"{self.meta.get('fingerprint')}), not on {what} (fingerprint {fingerprint}): "
-          "calibrate this model with experiments/calibrate_kvquant.py --model=...")
+    """Raises unless the calibration was made on the model with this fingerprint (an old-format
+    fingerprint is refused: re-calibrate)."""
+    stored = self.meta.get("fingerprint")
+    if stored == fingerprint:
+      return
+    made_for = fingerprints.describe(self.meta)
+    fix = "calibrate this model with python -m experiments.calibrate_kvquant --model=..."
+    fingerprints.check_format(stored, artifact="this KVQuant calibration", made_for=made_for,
+                              what=what, fix=fix)
+    raise ValueError(f"KVQuant calibration was made on {made_for} (fingerprint {stored}), not on "
+                     f"{what} (fingerprint {fingerprint}): {fix}")
 
   def check_shapes(self, num_layers: int, kv_heads: int, head_dim: int) -> None:
     want = (num_layers, kv_heads, head_dim)
@@ -81,15 +86,6 @@ class Calibration:
                        f"{list(self.k_offset.shape)} ({self.meta.get('model', '?')}), the cache "
                        f"has {list(want)}: calibrate this model with "
                        "experiments/calibrate_kvquant.py")
-
-
-def model_fingerprint(config, params) -> str:
-  """A short hash of the model's config and a slice of its embedding (cheap, and different
-  for different weights of the same architecture)."""
-  cfg = json.dumps(dataclasses.asdict(config) if dataclasses.is_dataclass(config) else
-                   str(config), sort_keys=True, default=str)
-  emb = np.asarray(params["embed"][:4, :32], np.float32)
-  return hashlib.sha256(cfg.encode() + emb.tobytes()).hexdigest()[:16]
 
 
 # ---- Fisher information ---------------------------------------------------------------------
@@ -187,7 +183,8 @@ def calibrate(lm, samples: Sequence[Sequence[int]], *, bits: Sequence[int] = (2,
               iters: int = 50, max_points: int = 1 << 20, model_name: str = "",
               progress: bool = True) -> Calibration:
   """Runs the whole calibration on token ``samples`` (each a list of ids). Returns a
-  ``Calibration`` with LUTs for every width in ``bits``."""
+  ``Calibration`` with LUTs for every width in ``bits``; its meta names the model
+  (``model_name``, ``lm.source``) and holds its fingerprint."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   c = lm.config
   n_out = nuq.outlier_count(c.head_dim, outlier_fraction)
@@ -216,7 +213,8 @@ def calibrate(lm, samples: Sequence[Sequence[int]], *, bits: Sequence[int] = (2,
       luts[f"{kind}{b}"] = np.stack([per[kind, b, l] for l in range(c.num_layers)])
   from lib.rope import inv_freq_for  # pylint: disable=g-import-not-at-top
   inv_freq = np.asarray(inv_freq_for(c.rope, max(len(s) for s in samples)), np.float32)
-  meta = {"format": FORMAT, "model": model_name, "fingerprint": model_fingerprint(c, lm.params),
+  meta = {"format": FORMAT, "model": model_name, "source": getattr(lm, "source", ""),
+          "fingerprint": model_fingerprint(c, lm.params),
           "num_layers": c.num_layers, "kv_heads": c.num_kv_heads, "head_dim": c.head_dim,
           "bits": list(bits), "qnorm_bits": list(qnorm_bits),
           "outlier_fraction": outlier_fraction, "n_samples": len(samples),

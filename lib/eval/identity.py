@@ -1,0 +1,91 @@
+"""What a result row measured: the run identity every evaluation row carries.
+
+A row's numbers depend on more than its cell (task, length, method, ratio, sample): on the
+weights (the model fingerprint, over every parameter), the dtype, the code (git revision) and
+every flag that changes what is computed (haystack, depths, answer length, chunking, ...).
+``identity`` gathers those; ``run_id`` hashes them. A resumed evaluation skips a row only when
+its ``run`` equals the new run's, and refuses to add to a file that holds rows of another run
+unless asked to append a new run (``check_resume``), so rows of different settings never mix
+silently.
+
+``setting_id`` is the same hash without the git revision and the answer batching: rows of one
+setting measured by two commits are the same measurement for a report (it counts each sample
+once), rows of two settings are not (the report shows them apart).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+# Fields of an identity that a report may merge across (they do not change the measurement's
+# meaning: the code revision, and how many cells are answered in one batch).
+_NOT_SETTING = ("git", "batch_cells")
+
+
+def identity(**fields: Any) -> dict:
+  """The run identity: ``fields`` (JSON-able: model fingerprint, dtype, git, flags), with
+  lists kept in order and floats as given."""
+  return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def _hash(d: dict) -> str:
+  return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_id(ident: dict) -> str:
+  """12 hex digits naming ``ident`` (every field)."""
+  return _hash(ident)
+
+
+def setting_id(ident: dict | None) -> str | None:
+  """12 hex digits naming ``ident`` without the git revision and answer batching; None for
+  rows written before identities existed."""
+  if not ident:
+    return None
+  return _hash({k: v for k, v in ident.items() if k not in _NOT_SETTING})
+
+
+def differences(old: dict, new: dict) -> list[str]:
+  """``["max_new_tokens: 48 -> 32", ...]``: the fields in which two identities differ."""
+  out = []
+  for k in sorted(set(old) | set(new)):
+    if old.get(k) != new.get(k):
+      out.append(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}")
+  return out
+
+
+def _short(v) -> str:
+  s = json.dumps(v) if not isinstance(v, str) else v
+  return s if len(s) <= 60 else s[:57] + "..."
+
+
+class MixedRunsError(ValueError):
+  """The output file holds rows of another run identity."""
+
+
+def check_resume(rows: list[dict], ident: dict, path: str, *, append_run: bool) -> list[dict]:
+  """Rows of ``rows`` (read from ``path``) that belong to the run ``ident``: the ones a
+  resumed run may skip.
+
+  Raises ``MixedRunsError`` naming what differs when ``path`` holds rows of another identity
+  (or rows from before identities were recorded) and ``append_run`` is False.
+  """
+  rid = run_id(ident)
+  same = [r for r in rows if r.get("run") == rid]
+  others = [r for r in rows if r.get("run") != rid]
+  if others and not append_run:
+    last = others[-1]
+    old = last.get("identity")
+    if old:
+      diff = "; ".join(differences(old, ident))
+      what = f"rows of another run ({diff})"
+    else:
+      what = (f"{len(others)} rows written before runs were identified (model "
+              f"{last.get('config', {}).get('model', '?')}, git {last.get('git', '?')})")
+    raise MixedRunsError(
+        f"{path} holds {what}: resuming would skip or mix them with this run's rows. Pass "
+        "another --out, or --append_run to add this run's rows beside them (a report then "
+        "shows the two settings apart)")
+  return same
