@@ -29,7 +29,7 @@ $(VENV)/.dev: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	$(BIN)/python -m experiments.evaluate --model=smollm2-135m \
 	  --method=kvzip,kvzip_heads,tova,knorm,streaming_llm,knorm+kivi4 --ratio=0.25,0.5 \
-	  --task=niah_single --lengths=1024 --num_samples=3 --out=$(DEMO_OUT)/eval.jsonl
+	  --task=niah_single --lengths=1024 --num_samples=3 --out=$(DEMO_OUT)/eval.jsonl --append_run
 	$(BIN)/python -m experiments.report --inputs=$(DEMO_OUT)/eval.jsonl --out_dir=$(DEMO_OUT)
 
 chat: $(VENV)/.runtime

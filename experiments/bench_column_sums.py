@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.gumbel import hash_salts, query_head_ids
-from lib.provenance import device_description, git_rev, write_result
-from pallas_kernels import column_sums as cs
+from kvlab.lib.gumbel import hash_salts, query_head_ids
+from kvlab.lib.provenance import device_description, git_rev, write_result
+from kvlab.pallas_kernels import column_sums as cs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("kv_heads", 3, "kv heads (K).")

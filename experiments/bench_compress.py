@@ -19,17 +19,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from models import decoder
-from lib import distributed, sharding
-from lib import generate as gen
-from lib import methods
-from lib.methods import accumulated
-from lib.methods import base as base_lib
-from lib.data.text import text_of_tokens
-from lib.eval.runner import method_observations
-from lib.methods.kvzip import reconstructor
-from lib.provenance import device_description, git_rev, write_result
+from kvlab import models
+from kvlab.models import decoder
+from kvlab.lib import distributed, flag_checks, sharding
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.methods import accumulated
+from kvlab.lib.methods import base as base_lib
+from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib.eval.runner import method_observations
+from kvlab.lib.methods.kvzip import reconstructor
+from kvlab.lib.provenance import device_description, git_rev, write_result
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -50,6 +50,11 @@ flags.DEFINE_enum("column_sums", "auto", ["auto", "kept", "own", "kernel"],
                   "Keyformer), kept attention probabilities, the hook's own pass, or the fused "
                   "Pallas kernels (GPU).")
 flags.DEFINE_string("out", "results/bench_compress_cpu.json", "JSON output.")
+
+flag_checks.at_least("chunk", 8)
+flag_checks.at_least("length", 1)
+flag_checks.at_least("reps", 1)
+flags.register_validator("ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
 
 
 def _prefill(lm, tokens, lengths, observe):

@@ -37,11 +37,11 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-from lib.attention import LayerInputs, chunk_attention
-from lib.cache import KVCache
-from lib.methods import accumulated
-from lib.methods.expected_attention import query_moments
-from lib.provenance import device_description, git_rev, write_result
+from kvlab.lib.attention import LayerInputs, chunk_attention
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods import accumulated
+from kvlab.lib.methods.expected_attention import query_moments
+from kvlab.lib.provenance import device_description, git_rev, write_result
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("cached", ["1536", "3584"], "Cached keys before the chunk (chunks 3 and 7 of 4k).")
@@ -159,8 +159,8 @@ def moments(reps: int) -> dict:
 def decode(reps: int) -> dict:
   """Seconds per decoded token of the default model and of its tiny-width twin (``decode``
   above), each from the difference of 33- and 1-token ``decode_loop`` runs."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import generate as gen  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import generate as gen  # pylint: disable=g-import-not-at-top
 
   lm, twins = _twins()
   tokens = jnp.arange(100, 612, dtype=jnp.int32)[None] % 512  # 512 prompt tokens
@@ -188,8 +188,8 @@ def _twins():
   """``(the default model, {name: (config, params, apply_fn)})``: its twins of the same
   structure with tiny widths, and with tiny widths but the model's head dim (``decode``)."""
   import dataclasses  # pylint: disable=g-import-not-at-top
-  import models  # pylint: disable=g-import-not-at-top
-  from models.decoder import init_params, make_apply_fn  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.models.decoder import init_params, make_apply_fn  # pylint: disable=g-import-not-at-top
 
   lm = models.load("smollm2-135m", progress=False)
   tiny_cfg = dataclasses.replace(lm.config, hidden_size=72, intermediate_size=96, head_dim=8,
@@ -209,8 +209,8 @@ def prefill(length: int, reps: int) -> dict:
   prefill is attention (heads twin minus tiny twin: the head-dim-sized dots; tiny twin: the
   ``T x S`` softmax work and the rest of the structure) and how near its GEMMs run to a lone
   GEMM's rate."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import generate as gen  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import generate as gen  # pylint: disable=g-import-not-at-top
 
   lm, twins = _twins()
   tokens = (jnp.arange(length, dtype=jnp.int32)[None] * 7 + 3) % 512

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.device_peaks import peak_gb_s
-from lib.provenance import git_rev, write_result
-from lib.quant import uniform
-from pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
+from kvlab.lib.device_peaks import peak_gb_s
+from kvlab.lib.provenance import git_rev, write_result
+from kvlab.lib.quant import uniform
+from kvlab.pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
                                                        quantized_decode_attention_reference)
 
 FLAGS = flags.FLAGS

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from lib import distributed, sharding
-from lib import generate as gen
-from lib.data.text import text_of_tokens
-from lib.provenance import device_description, git_rev, write_result
-from lib.reference import load_hf_reference
+from kvlab import models
+from kvlab.lib import distributed, flag_checks, sharding
+from kvlab.lib import generate as gen
+from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib.provenance import device_description, git_rev, write_result
+from kvlab.lib.reference import load_hf_reference
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -38,6 +38,10 @@ flags.DEFINE_integer("decode_tokens", 32, "Decode steps timed per repetition.")
 flags.DEFINE_integer("reps", 3, "Repetitions (best is reported).")
 flags.DEFINE_bool("reference", True, "Also time transformers eager.")
 flags.DEFINE_string("out", "results/bench_generate_cpu.json", "JSON output.")
+
+flag_checks.int_list("lengths", minimum=1)
+flag_checks.at_least("decode_tokens", 1)
+flag_checks.at_least("reps", 1)
 
 
 def copy_bandwidth(nbytes=512 * 2**20, reps=5) -> float:

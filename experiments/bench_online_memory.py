@@ -19,7 +19,9 @@ import sys
 
 from absl import app, flags
 
-from lib.provenance import git_rev, write_result
+from kvlab.lib.provenance import git_rev, write_result
+
+from kvlab.lib import flag_checks  # noqa
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 8192, "Prompt tokens (the default model's full context is 8192).")
@@ -28,6 +30,11 @@ flags.DEFINE_list("method", ["snapkv", "h2o"], "Methods.")
 flags.DEFINE_float("limit_gib", 4.0, "Address-space limit of the demo (0 = skip the demo).")
 flags.DEFINE_integer("limit_batch", 4, "Prompts prefilled together in the demo.")
 flags.DEFINE_string("out", "results/bench_online_memory_cpu.json", "JSON output.")
+
+flag_checks.at_least("length", 1)
+flags.register_validator("ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
+flags.register_validator("limit_gib", lambda v: v > 0, "must be > 0")
+flag_checks.at_least("limit_batch", 1)
 
 
 def _run(args, limit_bytes=None):

@@ -25,15 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from models.decoder import make_apply_fn
-from lib import generate as gen
-from lib import methods
-from lib.attention import chunk_attention
-from lib.data.text import text_of_tokens
-from lib.provenance import device_description, write_result
-from lib.protocol import prefill_context
-from pallas_kernels import sparse_decode_attention as sda
+from kvlab import models
+from kvlab.models.decoder import make_apply_fn
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.attention import chunk_attention
+from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib.provenance import device_description, write_result
+from kvlab.lib.protocol import prefill_context
+from kvlab.pallas_kernels import sparse_decode_attention as sda
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("length", 4096, "Prompt tokens prefilled before AdaKV compresses.")

@@ -33,14 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from lib import attention
-from lib import generate as gen
-from lib import methods
-from lib.data.text import text_of_tokens
-from lib.eval.runner import method_observations
-from lib.methods.kvzip import reconstructor
-from lib.provenance import device_description, git_rev
+from kvlab import models
+from kvlab.lib import attention
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib.eval.runner import method_observations
+from kvlab.lib.methods.kvzip import reconstructor
+from kvlab.lib.provenance import device_description, git_rev
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model (transformers must load the same file).")

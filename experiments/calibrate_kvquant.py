@@ -21,11 +21,11 @@ import time
 from absl import app, flags, logging
 import jax
 
-import models
-from lib import distributed, outputs, saved_arrays, sharding
-from lib.data.text import stdlib_docs, text_of_tokens
-from lib.quant import kvquant_calibrate as calib
-from models import registry
+from kvlab import models
+from kvlab.lib import distributed, flag_checks, outputs, saved_arrays, sharding
+from kvlab.lib.data.text import stdlib_docs, text_of_tokens
+from kvlab.lib.quant import kvquant_calibrate as calib
+from kvlab.models import registry
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -45,6 +45,13 @@ flags.DEFINE_bool("overwrite", False, "Replace an --out calibrated for another m
 _SETTINGS = {"bits": "bits", "qnorm_bits": "qnorm_bits", "outlier_fraction": "outlier_fraction",
              "num_samples": "n_samples", "seqlen": "seqlen", "kmeans_iters": "kmeans_iters",
              "max_points": "max_points"}
+
+flag_checks.at_least("num_samples", 1)
+flag_checks.at_least("seqlen", 8)
+flag_checks.at_least("kmeans_iters", 1)
+flag_checks.at_least("max_points", 1)
+flags.register_validator("outlier_fraction", lambda v: 0 <= v < 0.5, "must be in [0, 0.5)")
+flag_checks.int_list("bits", minimum=1)
 
 
 def calibration_samples(tokenizer, num_samples: int, seqlen: int) -> list[list[int]]:

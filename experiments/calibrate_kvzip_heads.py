@@ -25,15 +25,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-import models
-from lib import outputs
-from lib.data.text import stdlib_docs, text_of_tokens
-from lib.eval.runner import prompt_pieces, reconstruction_prompts
-from lib.eval.tasks import Sample
-from lib.methods.kvzip_heads import table_from_scores
-from lib.protocol import prefill_context, reconstruction_scores
-from lib.provenance import git_rev
-from models import registry
+from kvlab import models
+from kvlab.lib import flag_checks, outputs
+from kvlab.lib.data.text import stdlib_docs, text_of_tokens
+from kvlab.lib.eval.runner import prompt_pieces, reconstruction_prompts
+from kvlab.lib.eval.tasks import Sample
+from kvlab.lib.methods.kvzip_heads import table_from_scores
+from kvlab.lib.protocol import prefill_context, reconstruction_scores
+from kvlab.lib.provenance import git_rev
+from kvlab.models import registry
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
@@ -47,6 +47,12 @@ flags.DEFINE_bool("overwrite", False, "Replace an --out table made for another m
                   "other settings.")
 
 _SETTINGS = ("length", "samples", "chunk", "sinks", "seed")
+
+flag_checks.at_least("length", 8)
+flag_checks.at_least("samples", 1)
+flag_checks.at_least("chunk", 8)
+flag_checks.at_least("sinks", 0)
+flag_checks.at_least("seed", 0)
 
 
 def stored_identity(path: str) -> dict | None:

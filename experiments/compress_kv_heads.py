@@ -23,15 +23,15 @@ from absl import app, flags
 import numpy as np
 from tqdm.auto import tqdm
 
-import models
-from lib import outputs
-from lib.data.text import stdlib_docs, text_of_tokens
-from lib.eval.runner import run_perplexity
-from lib.eval.tasks import perplexity_tokens
-from lib.lowrank import kv_heads as kvh
-from lib.provenance import write_result
-from models import registry
-from models.decoder import make_apply_fn
+from kvlab import models
+from kvlab.lib import flag_checks, outputs
+from kvlab.lib.data.text import stdlib_docs, text_of_tokens
+from kvlab.lib.eval.runner import run_perplexity
+from kvlab.lib.eval.tasks import perplexity_tokens
+from kvlab.lib.lowrank import kv_heads as kvh
+from kvlab.lib.provenance import write_result
+from kvlab.models import registry
+from kvlab.models.decoder import make_apply_fn
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
@@ -49,6 +49,13 @@ flags.DEFINE_bool("overwrite", False, "Replace an --out or --save_dir made from 
 _CONVERSION = ("kv_heads", "num_samples", "seqlen")  # what shapes the converted weights
 _SETTINGS = _CONVERSION + ("eval_samples", "eval_tokens", "continuation")
 IDENTITY_FILE = "kvlab_conversion.json"  # in --save_dir: what made the checkpoint
+
+flag_checks.at_least("kv_heads", 1)
+flag_checks.at_least("num_samples", 1)
+flag_checks.at_least("seqlen", 8)
+flag_checks.at_least("eval_samples", 0)
+flag_checks.at_least("eval_tokens", 8)
+flag_checks.at_least("continuation", 2)
 
 
 def _check_outputs(lm, out: str) -> tuple[dict, dict]:

@@ -19,16 +19,16 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-import models
-from lib import distributed, flag_checks, jsonl, sharding
-from lib import methods
-from lib.eval import aggregate, identity
-from lib.eval.runner import PROTOCOLS, prefill_modes, run_perplexity, run_sample
-from lib.eval.tasks import TASKS, make_sample, perplexity_tokens
-from lib.online import split_online
-from lib.online_quantized import check_quantizable_each_chunk
-from lib.provenance import git_rev
-from lib.quant.kvquant_calibrate import model_fingerprint
+from kvlab import models
+from kvlab.lib import distributed, flag_checks, jsonl, sharding
+from kvlab.lib import methods
+from kvlab.lib.eval import aggregate, identity
+from kvlab.lib.eval.runner import PROTOCOLS, prefill_modes, run_perplexity, run_sample
+from kvlab.lib.eval.tasks import TASKS, make_sample, perplexity_tokens
+from kvlab.lib.online import split_online
+from kvlab.lib.online_quantized import check_quantizable_each_chunk
+from kvlab.lib.provenance import git_rev
+from kvlab.lib.quant.kvquant_calibrate import model_fingerprint
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -74,6 +74,7 @@ flag_checks.at_least("max_new_tokens", 1, why="the answer needs a token")
 flag_checks.at_least("continuation", 2, why="perplexity scores next tokens of the continuation")
 flag_checks.at_least("chunk_size", 8)
 flag_checks.at_least("batch_cells", 1)
+flag_checks.define_method_module()
 flag_checks.method_specs("method", "ratio")
 
 # 64 tokens for the question and chat template around a context.

@@ -12,13 +12,13 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-import models
-from lib import distributed, flag_checks, sharding
-from lib import generate as gen
-from lib import methods
-from lib.eval.runner import method_observations
-from lib.protocol import ask, compress_for, prefill_context
-from lib.sampling import SamplingConfig, sample
+from kvlab import models
+from kvlab.lib import distributed, flag_checks, sharding
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.eval.runner import method_observations
+from kvlab.lib.protocol import ask, compress_for, prefill_context
+from kvlab.lib.sampling import SamplingConfig, sample
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -48,6 +48,7 @@ flags.register_validator("ratio", lambda r: 0.0 < r <= 1.0,
                          "must be in (0, 1]: the fraction of the prompt's cache kept")
 flags.register_validator("temperature", lambda t: t >= 0.0, "must be >= 0 (0 = greedy)")
 flags.register_validator("top_p", lambda p: 0.0 < p <= 1.0, "must be in (0, 1] (1 = off)")
+flag_checks.define_method_module()
 flag_checks.method_specs("method", "ratio", optional=True)
 
 

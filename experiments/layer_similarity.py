@@ -14,9 +14,9 @@ from absl import app, flags
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from lib import generate as gen
-from lib.data.text import text_of_tokens
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib.data.text import text_of_tokens
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")

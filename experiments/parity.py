@@ -11,10 +11,10 @@ from absl import app, flags
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from lib.data.text import text_of_tokens
-from lib.provenance import git_rev
-from lib.reference import load_hf_reference
+from kvlab import models
+from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib.provenance import git_rev
+from kvlab.lib.reference import load_hf_reference
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model (transformers must load it too).")

@@ -22,14 +22,14 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-import models
-from lib import distributed, sharding
-from lib import generate as gen
-from lib import methods
-from lib.data.text import text_of_tokens
-from lib import memory
-from lib.memory import explain_oom
-from lib.online import prefill_context_compressing
+from kvlab import models
+from kvlab.lib import distributed, flag_checks, sharding
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib import memory
+from kvlab.lib.memory import explain_oom
+from kvlab.lib.online import prefill_context_compressing
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -42,6 +42,12 @@ flags.DEFINE_bool("compress_during_prefill", False, "Compress after every chunk.
 flags.DEFINE_bool("quantize_each_chunk", False, "With --compress_during_prefill and an "
                   "evict+kivi method: quantize what is kept after every chunk too.")
 flags.DEFINE_integer("batch", 1, "Prompts prefilled together (lengths length, length-64, ...).")
+
+flag_checks.at_least("length", 1)
+flag_checks.at_least("chunk_size", 8)
+flag_checks.at_least("batch", 1)
+flags.register_validator("ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
+flag_checks.method_specs("method", "ratio", optional=True)
 
 
 def main(argv):

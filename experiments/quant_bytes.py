@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import methods
-from lib.cache import KVCache
-from lib.provenance import write_result
+from kvlab.lib import methods
+from kvlab.lib.cache import KVCache
+from kvlab.lib.provenance import write_result
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("lengths", ["1024", "4096", "8192"], "Cached tokens.")

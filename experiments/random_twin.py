@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from models.random_twin import write_config, write_weights
+from kvlab.models.random_twin import write_config, write_weights
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model whose architecture and tokenizer to copy "

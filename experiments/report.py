@@ -8,7 +8,7 @@ import os
 
 from absl import app, flags
 
-from lib.eval import aggregate, report
+from kvlab.lib.eval import aggregate, report
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("inputs", ["results/eval.jsonl"], "Per-sample JSONL files.")

@@ -30,13 +30,13 @@ from absl import app, flags, logging
 import jax
 import numpy as np
 
-import models
-from lib import distributed, outputs, sharding
-from lib.data.text import stdlib_docs, text_of_tokens
-from lib.lowrank import matryoshka as mk
-from lib.lowrank import matryoshka_search as ms
-from lib.lowrank import matryoshka_train as mt
-from models import registry
+from kvlab import models
+from kvlab.lib import distributed, flag_checks, outputs, sharding
+from kvlab.lib.data.text import stdlib_docs, text_of_tokens
+from kvlab.lib.lowrank import matryoshka as mk
+from kvlab.lib.lowrank import matryoshka_search as ms
+from kvlab.lib.lowrank import matryoshka_train as mt
+from kvlab.models import registry
 
 FLAGS = flags.FLAGS
 distributed.define_flags()
@@ -72,6 +72,25 @@ flags.DEFINE_integer("search_seqlen", 128, "Tokens per search window.")
 _SETTINGS = ("num_calib", "calib_seqlen", "pool_tokens", "steps", "batch", "seqlen", "lr",
              "warmup", "kl_weight", "rank_step", "seed")
 _RUN_FILES = ("run.json", "pca", "train", "trained", "summary.json", "search_errors.npy")
+
+flag_checks.at_least("num_calib", 1)
+flag_checks.at_least("calib_seqlen", 8)
+flag_checks.at_least("pool_tokens", 1)
+flag_checks.at_least("steps", 1)
+flag_checks.at_least("batch", 1)
+flag_checks.at_least("seqlen", 8)
+flag_checks.at_least("warmup", 0)
+flag_checks.at_least("rank_step", 1)
+flag_checks.at_least("seed", 0)
+flag_checks.at_least("save_every", 1)
+flag_checks.at_least("eval_windows", 1)
+flag_checks.at_least("search_step", 1)
+flag_checks.at_least("search_windows", 1)
+flag_checks.at_least("search_seqlen", 8)
+flags.register_validator("lr", lambda v: v > 0, "must be > 0")
+flag_checks.in_range("kl_weight", 0.0, 1.0)
+flags.register_validator("eval_rank", lambda v: 0 < v <= 1, "must be in (0, 1]")
+flag_checks.in_range("search_budget", 0.0, 1.0)
 
 
 def start_run(out: str, ident: dict) -> None:

@@ -18,7 +18,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lib.gumbel import gumbel_noise, gumbel_weight, query_head_ids
+from kvlab.lib.gumbel import gumbel_noise, gumbel_weight, query_head_ids
 
 _NEG = -1e30  # finite "minus infinity": keeps fully masked blocks NaN-free
 

@@ -134,6 +134,20 @@ class KVCache:
         positions=jnp.pad(self.positions, pad, constant_values=-1),
         scores=opt(lambda x: jnp.pad(x, pad), self.scores))
 
+  def free_slots(self) -> int | None:
+    """Tokens that can still be appended to every (layer, row, head) before a write would pass
+    the capacity (host side; None under ``jit``, where lengths are not concrete): the full-
+    precision part's free slots, plus a streaming store's (KIVI, KVQuant) free slots, into
+    which decoding flushes its oldest tokens."""
+    from kvlab.lib.sharding import to_host  # pylint: disable=g-import-not-at-top
+    if isinstance(self.lengths, jax.core.Tracer):
+      return None
+    free = self.capacity - int(to_host(self.lengths).max())  # multi-host: gathered
+    q = self.quant
+    if q is not None and hasattr(q, "insert") and not isinstance(q.lengths, jax.core.Tracer):
+      free += q.capacity - int(to_host(q.lengths).max())
+    return free
+
   def append(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> "KVCache":
     """Writes T new tokens per (layer, row, head) after its valid slots.
 

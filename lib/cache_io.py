@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lib.cache import KVCache
+from kvlab.lib.cache import KVCache
 
 FORMAT = "kvlab-cache/1"
 
@@ -28,13 +28,13 @@ FORMAT = "kvlab-cache/1"
 def _stores():
   """Every stored-part type a cache may carry, by class name."""
   # pylint: disable=g-import-not-at-top
-  from lib.lowrank.channels import ChannelStore
-  from lib.lowrank.merged import MergedStore
-  from lib.lowrank.projected import ProjectedStore
-  from lib.lowrank.store import LowRankStore
-  from lib.paged import PagedStore
-  from lib.quant.kvquant_store import KVQuantStore
-  from lib.quant.store import QuantStore
+  from kvlab.lib.lowrank.channels import ChannelStore
+  from kvlab.lib.lowrank.merged import MergedStore
+  from kvlab.lib.lowrank.projected import ProjectedStore
+  from kvlab.lib.lowrank.store import LowRankStore
+  from kvlab.lib.paged import PagedStore
+  from kvlab.lib.quant.kvquant_store import KVQuantStore
+  from kvlab.lib.quant.store import QuantStore
   return {c.__name__: c for c in (QuantStore, KVQuantStore, LowRankStore, ChannelStore,
                                   MergedStore, ProjectedStore, PagedStore)}
 
@@ -101,7 +101,7 @@ def load_cache(path: str, mesh=None) -> tuple[KVCache, dict]:
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     shardings = jax.tree.map(lambda _: dev, skeleton)
   else:
-    from lib import sharding  # pylint: disable=g-import-not-at-top
+    from kvlab.lib import sharding  # pylint: disable=g-import-not-at-top
     specs = sharding.cache_specs(skeleton, mesh)
     shardings = jax.tree.map(lambda s: jax.sharding.NamedSharding(mesh, s), specs)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

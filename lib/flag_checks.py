@@ -128,14 +128,43 @@ def utf8_text(name: str, *, flag_values=flags.FLAGS) -> None:
   _register(name, check, flag_values)
 
 
+def define_method_module(flag_values=flags.FLAGS) -> None:
+  """Defines ``--method_module``: Python modules imported before the method flags are
+  checked, so methods they register (``kvlab.methods.register``) work as ``--method=name``."""
+  flags.DEFINE_list("method_module", [], "Modules to import first (comma list, e.g. "
+                    "my_methods): their kvlab.methods.register(...) classes become --method "
+                    "names.", flag_values=flag_values)
+
+
+def import_method_modules(names: Sequence[str]) -> None:
+  """Imports each module of ``names`` (raising one clear error naming a missing one)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if os.getcwd() not in sys.path and "" not in sys.path:
+    sys.path.insert(0, os.getcwd())  # a module beside the user's command line
+  for name in names:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"--method_module={name}: cannot import it ({e}): give a module on the "
+                       "Python path or in the current folder, e.g. my_methods for "
+                       "./my_methods.py") from e
+
+
 def method_specs(method_flag: str, ratio_flag: str | None = None, *, unique: bool = True,
                  optional: bool = False, flag_values=flags.FLAGS) -> None:
   """Every spec of a method flag (a string or a comma list) builds with ``lib.methods.make``
   at each ratio of ``ratio_flag`` (a float or a comma list): unknown names, bad options and
   meaningless compositions are refused at parse time. ``unique``: no spec twice."""
-  from lib import methods  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import methods  # pylint: disable=g-import-not-at-top
 
   def check(d):
+    if d.get("method_module"):
+      try:
+        import_method_modules(d["method_module"])
+      except ValueError as e:
+        return str(e)
     specs = d[method_flag]
     if specs is None or specs == "":
       return None if optional else f"--{method_flag}: give a method, e.g. snapkv"
@@ -162,6 +191,8 @@ def method_specs(method_flag: str, ratio_flag: str | None = None, *, unique: boo
     return None
 
   names = [method_flag] + ([ratio_flag] if ratio_flag else [])
+  if "method_module" in flag_values:
+    names.append("method_module")
 
   def checker(d):
     msg = check(d)

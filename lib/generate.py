@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache
-from lib.quant.store import flush as quant_flush
-from lib.sampling import SamplingConfig, sample
+from kvlab.lib.cache import KVCache
+from kvlab.lib.quant.store import flush as quant_flush
+from kvlab.lib.sampling import SamplingConfig, sample
 
 ApplyFn = Callable[..., tuple[jax.Array, KVCache, Any]]
 
@@ -76,10 +76,30 @@ def check_capacity(cache: KVCache, padded_len: int, max_new_tokens: int):
                      "slots (existing + padded prompt + new tokens); allocate a larger cache")
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "observe"),
-                   donate_argnames=("cache",))
+def _room_error(cache: KVCache, need: int, what: str, fix: str) -> None:
+  """Raises when ``cache`` has fewer than ``need`` free slots (``KVCache.free_slots``): a
+  write past the capacity would silently overwrite the last slots."""
+  free = cache.free_slots()
+  if free is not None and need > free:
+    raise ValueError(f"the cache has {max(free, 0)} free slots (capacity {cache.capacity}) but "
+                     f"{what} needs {need}: {fix}")
+
+
 def prefill(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
             apply_fn: ApplyFn, chunk_size: int = 512, observe=None):
+  """Runs the prompt through the model chunk by chunk, appending to ``cache`` (see
+  ``_prefill``); raises first if the padded prompt does not fit the cache's free slots."""
+  _room_error(cache, int(tokens.shape[1]), f"a padded prompt of {tokens.shape[1]} tokens",
+              "allocate the cache with room for it (lm.new_cache(batch, capacity)), or compress "
+              "with room=... slots for what is appended later")
+  return _prefill(params, tokens, lengths, cache, apply_fn=apply_fn, chunk_size=chunk_size,
+                  observe=observe)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "chunk_size", "observe"),
+                   donate_argnames=("cache",))
+def _prefill(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
+             apply_fn: ApplyFn, chunk_size: int = 512, observe=None):
   """Runs the prompt through the model chunk by chunk, appending to ``cache``.
 
   Args:
@@ -138,8 +158,38 @@ def _decode_step(params, token: jax.Array, cache: KVCache, *, apply_fn: ApplyFn,
   return logits, cache
 
 
-decode_step = jax.jit(_decode_step, static_argnames=("apply_fn", "method"),
-                      donate_argnames=("cache",))
+_decode_step_jit = jax.jit(_decode_step, static_argnames=("apply_fn", "method"),
+                           donate_argnames=("cache",))
+
+
+def _evicts(method) -> bool:
+  return method is not None and hasattr(method, "update")
+
+
+def decode_step(params, token: jax.Array, cache: KVCache, *, apply_fn: ApplyFn, method=None,
+                active: jax.Array | None = None):
+  """One jitted decode step (``_decode_step``); raises first if the cache is full and no
+  decode-time eviction frees a slot."""
+  if not _evicts(method):
+    _room_error(cache, 1, "a decode step", "compress with room for the answer "
+                "(kvlab.compress(..., room=max_new_tokens + question)) or allocate more")
+  return _decode_step_jit(params, token, cache, apply_fn=apply_fn, method=method,
+                          active=active)
+
+
+def decode_loop(params, cache: KVCache, first_logits: jax.Array, rng: jax.Array, *,
+                apply_fn: ApplyFn, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                stop_tokens: tuple[int, ...] = (), method=None, pad_id: int = 0):
+  """The jitted decode loop (``_decode_loop``: returns ``(tokens [B, max_new_tokens],
+  num_generated [B], cache)``); raises first if ``max_new_tokens`` do not fit the cache's free
+  slots (a method with decode-time eviction needs one free slot)."""
+  need = 1 if _evicts(method) else max_new_tokens
+  _room_error(cache, need, f"decoding {max_new_tokens} tokens",
+              "compress with room for them (kvlab.compress(..., room=...), "
+              "lib.methods.compress(..., extra=...)), or lower max_new_tokens")
+  return _decode_loop(params, cache, first_logits, rng, apply_fn=apply_fn,
+                      max_new_tokens=max_new_tokens, sampling=sampling,
+                      stop_tokens=stop_tokens, method=method, pad_id=pad_id)
 
 
 @functools.partial(
@@ -147,7 +197,7 @@ decode_step = jax.jit(_decode_step, static_argnames=("apply_fn", "method"),
     static_argnames=("apply_fn", "max_new_tokens", "sampling", "stop_tokens", "method",
                      "pad_id"),
     donate_argnames=("cache",))
-def decode_loop(params, cache: KVCache, first_logits: jax.Array, rng: jax.Array, *,
+def _decode_loop(params, cache: KVCache, first_logits: jax.Array, rng: jax.Array, *,
                 apply_fn: ApplyFn, max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                 stop_tokens: tuple[int, ...] = (), method=None, pad_id: int = 0):
   """Generates up to ``max_new_tokens`` per row inside one ``lax.while_loop``.

@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import generate as gen
-from lib.cache import KVCache, round_capacity
-from lib.memory import check_fits, explain_oom
-from lib.methods.base import select, warn
-from lib.paged import page_cache
+from kvlab.lib import generate as gen
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.memory import check_fits, explain_oom
+from kvlab.lib.methods.base import select, warn
+from kvlab.lib.paged import page_cache
 
 
 def online_capacity(method, lengths: np.ndarray, chunk_size: int, num_layers: int,
@@ -177,7 +177,7 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
   """
   method, quantizers = split_online(method)
   if quantize_each_chunk:
-    from lib import online_quantized  # pylint: disable=g-import-not-at-top
+    from kvlab.lib import online_quantized  # pylint: disable=g-import-not-at-top
     online_quantized.check_quantizable_each_chunk(method, quantizers)
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)

@@ -41,12 +41,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lib.cache import KVCache, round_capacity
-from lib.memory import check_fits, explain_oom
-from lib.methods.base import select
-from lib.online import chunk_forward, initial_accumulator
-from lib.quant.store import QuantStore, first_slots, split_window
-from lib.quant.uniform import quantize
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.memory import check_fits, explain_oom
+from kvlab.lib.methods.base import select
+from kvlab.lib.online import chunk_forward, initial_accumulator
+from kvlab.lib.quant.store import QuantStore, first_slots, split_window
+from kvlab.lib.quant.uniform import quantize
 
 
 def quantized_capacities(kivi, top: int, chunk: int) -> tuple[int, int]:
@@ -218,7 +218,7 @@ def check_quantizable_each_chunk(method, quantizers) -> None:
   """Raises ``ValueError`` naming the fix unless ``quantizers`` is one KIVI quantizer (every
   eviction method ``split_online`` accepts works here)."""
   del method
-  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
   if len(quantizers) != 1 or not isinstance(quantizers[0], KIVI):
     names = "+".join(q.name for q in quantizers) or "none"
     raise ValueError(f"quantizing after every chunk takes one KIVI quantizer (kivi, kivi4), got "

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lib.sharding import to_host
+from kvlab.lib.sharding import to_host
 
 
 @struct.dataclass
@@ -99,7 +99,7 @@ class PagedStore:
   def kernel_attention(self, layer, q, *, interpret: bool = False):
     """``(o [B, K, G, H], lse [B, K, G])`` of queries ``q [B, K, G, H]`` over this layer's pages
     by the Pallas kernel (``lib.attention`` merges them into the decode step)."""
-    from pallas_kernels.sparse_decode_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
+    from kvlab.pallas_kernels.sparse_decode_attention import paged_decode_attention  # pylint: disable=g-import-not-at-top
     return paged_decode_attention(q, *self.kernel_inputs(layer), interpret=interpret,
                                   return_lse=True)
 
@@ -177,8 +177,8 @@ def page_cache(cache, *, page: int, room: int, block: int = 512,
   kept token moved into a ``PagedStore`` and an empty full-precision window of ``room`` slots
   (at least 8) for the tokens appended later. Host-level (``host_lengths``: the cache's
   ``lengths`` as numpy, if known). Returns the new ``KVCache``."""
-  from lib.cache import round_capacity  # pylint: disable=g-import-not-at-top
-  from lib.quant.store import check_plain  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.cache import round_capacity  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.quant.store import check_plain  # pylint: disable=g-import-not-at-top
   check_plain("paged layout", cache)
   store = build(cache.keys, cache.values, cache.positions, cache.lengths, page=page, block=block,
                 host_lengths=host_lengths)

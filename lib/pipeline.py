@@ -158,7 +158,8 @@ def _full_bytes(lm, n: int) -> int:
   from kvlab.lib.cache import KVCache  # pylint: disable=g-import-not-at-top
   c = lm.config
   return KVCache.planned_nbytes(num_layers=c.num_layers, batch=1, kv_heads=c.num_kv_heads,
-                                capacity=n, head_dim=c.head_dim, dtype=lm.dtype)
+                                capacity=gen.round_up(n, 8), head_dim=c.head_dim,
+                                dtype=lm.dtype)
 
 
 class _NoTemplate:

@@ -14,11 +14,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from lib import generate as gen
-from lib.cache import KVCache, round_capacity
-from lib.memory import check_fits, explain_oom
-from lib.methods import compress
-from lib.methods.kvzip import max_attention
+from kvlab.lib import generate as gen
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.memory import check_fits, explain_oom
+from kvlab.lib.methods import compress
+from kvlab.lib.methods.kvzip import max_attention
 
 
 def prefill_context(params, apply_fn, context: Sequence[Sequence[int]], *, num_layers: int,

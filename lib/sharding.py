@@ -177,7 +177,7 @@ def place_model(lm, spec: str):
   if not spec:
     return lm, None
   mesh = make_mesh(spec)
-  from lib import fingerprint  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import fingerprint  # pylint: disable=g-import-not-at-top
   old = lm.params
   lm.params = shard_params(lm.params, lm.config, mesh)
   fingerprint.carry(old, lm.params, lm.config)  # the same values: no second hash

@@ -11,13 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import generate as gen
-from lib.cache import KVCache, round_capacity
-from lib.memory import check_fits
-from lib.sampling import SamplingConfig
-from models.config import ModelConfig
-from models.decoder import make_apply_fn
-from models.tokenizer import Tokenizer
+from kvlab.lib import generate as gen
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.memory import check_fits
+from kvlab.lib.sampling import SamplingConfig
+from kvlab.models.config import ModelConfig
+from kvlab.models.decoder import make_apply_fn
+from kvlab.models.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class LanguageModel:
   def fingerprint(self) -> str:
     """``lib.fingerprint.model_fingerprint`` of config and params: every weight, as bfloat16
     (a float32 and a bfloat16 load agree); computed once per params tree."""
-    from lib.fingerprint import model_fingerprint  # pylint: disable=g-import-not-at-top
+    from kvlab.lib.fingerprint import model_fingerprint  # pylint: disable=g-import-not-at-top
     return model_fingerprint(self.config, self.params)
 
   @property
@@ -93,6 +93,39 @@ class LanguageModel:
             "num_generated": n_gen, "prefill_s": t1 - t0, "decode_s": t2 - t1, "cache": cache,
             "lengths": lengths}
 
+  def prefill(self, ids, *, observe=None, chunk_size: int = 512):
+    """Prefills a context (one token-id list, or a list of them) into a full cache.
+
+    ``observe``: a method (``kvlab.methods.make(...)``) or its hook: what the method needs to
+    see during prefill. Returns ``(cache [L, B, K, S, H], observations)`` for
+    ``kvlab.compress``; KVzip's repeat scores are formed here too (one row).
+    """
+    from kvlab.lib.eval.runner import method_observations  # pylint: disable=g-import-not-at-top
+    from kvlab.lib.protocol import prefill_context  # pylint: disable=g-import-not-at-top
+    batch = [list(ids)] if ids and isinstance(ids[0], (int, np.integer)) else [list(x) for x in ids]
+    method = observe if hasattr(observe, "scores") or hasattr(observe, "apply") else None
+    hook = method.observe if method is not None else observe
+    c = self.config
+    cache, obs, _ = prefill_context(
+        self.params, self.apply_fn, batch, num_layers=c.num_layers, kv_heads=c.num_kv_heads,
+        head_dim=c.head_dim, dtype=self.dtype, observe=hook, chunk_size=chunk_size,
+        block=self.attn_block_size)
+    if method is not None and len(batch) == 1:
+      obs, _ = method_observations(self, method, cache, batch[0], (obs,), (hook,), chunk_size)
+    return cache, obs
+
+  def decode(self, cache: KVCache, question, *, max_new_tokens: int = 64, method=None):
+    """Appends ``question`` (token ids, one list per cache row) to ``cache`` (consumed) and
+    decodes greedily. The cache needs free room for the question and answer (``kvlab.compress``'s
+    ``room``); too little raises naming the fix. ``method`` with decode-time eviction (TOVA,
+    H2O) evicts instead. Returns the answers as token-id lists."""
+    from kvlab.lib.protocol import ask  # pylint: disable=g-import-not-at-top
+    qs = [list(question)] if question and isinstance(question[0], (int, np.integer)) else [
+        list(q) for q in question]
+    answers, _ = ask(self.params, self.apply_fn, cache, qs, max_new_tokens=max_new_tokens,
+                     stop_tokens=self.stop_tokens, method=method)
+    return answers
+
   def chat(self, user: str, **kw) -> str:
     """Answers one user message with the checkpoint's chat template; returns the text."""
     ids = self.tokenizer.encode_chat(user)
@@ -104,15 +137,15 @@ def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
          attn_block_size: int = 512, attn_impl: str = "xla") -> LanguageModel:
   """Loads ``smollm2-135m`` (default), an HF checkpoint directory or a ``.gguf`` file.
   ``attn_impl`` picks the decode attention over paged stores (``models.decoder.make_apply_fn``)."""
-  from models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
+  from kvlab.models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
 
   kind, path = registry.resolve(name_or_path)
   if kind == "gguf":
-    from models.gguf_loader import load_gguf  # pylint: disable=g-import-not-at-top
+    from kvlab.models.gguf_loader import load_gguf  # pylint: disable=g-import-not-at-top
     cfg, params, reader = load_gguf(path, dtype, progress)
     tokenizer = tok_mod.from_gguf(reader)
   else:
-    from models.safetensors_loader import load_safetensors_dir  # pylint: disable=g-import-not-at-top
+    from kvlab.models.safetensors_loader import load_safetensors_dir  # pylint: disable=g-import-not-at-top
     cfg, params = load_safetensors_dir(path, dtype, progress)
     try:
       tokenizer = tok_mod.from_hf_dir(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from lib.rope import RopeConfig
+from kvlab.lib.rope import RopeConfig
 
 # HF model_type -> kvlab family. Mistral and SmolLM2 are Llama-architecture checkpoints.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -18,10 +18,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lib.attention import IMPLS, LayerInputs, chunk_attention
-from lib.cache import KVCache
-from lib.rope import apply_rope, inv_freq_for
-from models.config import ModelConfig
+from kvlab.lib.attention import IMPLS, LayerInputs, chunk_attention
+from kvlab.lib.cache import KVCache
+from kvlab.lib.rope import apply_rope, inv_freq_for
+from kvlab.models.config import ModelConfig
 
 _init = nn.initializers.normal(0.02)
 

@@ -12,10 +12,10 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from lib.rope import RopeConfig
-from models.config import ModelConfig
-from models.safetensors_loader import CheckpointError
-from models.weights import build_params
+from kvlab.lib.rope import RopeConfig
+from kvlab.models.config import ModelConfig
+from kvlab.models.safetensors_loader import CheckpointError
+from kvlab.models.weights import build_params
 
 _GGUF_ARCHS = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 

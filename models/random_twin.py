@@ -11,9 +11,9 @@ def write_config(model: str, out: str) -> None:
   """Writes ``model``'s transformers config and its tokenizer (kvlab's reading of the GGUF
   vocabulary, saved as ``tokenizer.json`` + ``tokenizer_config.json``) into ``out``."""
   import transformers  # pylint: disable=g-import-not-at-top
-  from models import registry  # pylint: disable=g-import-not-at-top
-  from models.gguf_loader import open_gguf  # pylint: disable=g-import-not-at-top
-  from models.tokenizer import from_gguf  # pylint: disable=g-import-not-at-top
+  from kvlab.models import registry  # pylint: disable=g-import-not-at-top
+  from kvlab.models.gguf_loader import open_gguf  # pylint: disable=g-import-not-at-top
+  from kvlab.models.tokenizer import from_gguf  # pylint: disable=g-import-not-at-top
 
   kind, path = registry.resolve(model)
   if kind != "gguf":

@@ -6,7 +6,7 @@ import importlib.util
 import os
 import re
 
-from models.safetensors_loader import CheckpointError
+from kvlab.models.safetensors_loader import CheckpointError
 
 # name -> (python package that ships the file, file inside it, pip command)
 NAMED_MODELS = {

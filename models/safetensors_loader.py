@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
-from models.config import ModelConfig, from_hf_config
-from models.weights import build_params, expected_hf_names
+from kvlab.models.config import ModelConfig, from_hf_config
+from kvlab.models.weights import build_params, expected_hf_names
 
 
 class CheckpointError(ValueError):

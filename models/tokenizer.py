@@ -126,7 +126,7 @@ def from_hf_dir(path: str) -> Tokenizer:
 
 def from_gguf(reader) -> Tokenizer:
   """Byte-level BPE from ``tokenizer.ggml.tokens/merges`` (GPT-2 style models)."""
-  from models.gguf_loader import field  # pylint: disable=g-import-not-at-top
+  from kvlab.models.gguf_loader import field  # pylint: disable=g-import-not-at-top
 
   kind = field(reader, "tokenizer.ggml.model")
   if kind != "gpt2":

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from models.config import ModelConfig
+from kvlab.models.config import ModelConfig
 
 # kvlab layer param -> (HF suffix under model.layers.{i}., transpose?)
 _LAYER_MAP = {

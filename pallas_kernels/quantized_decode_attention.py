@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from lib.quant import packing
-from pallas_kernels import platform as platform_lib
-from pallas_kernels.kivi_block import dequantized_block
-from pallas_kernels.outputs import merge_partitions, partial_outputs
-from pallas_kernels.quantized_decode_attention_tpu import quantized_decode_attention_tpu
+from kvlab.lib.quant import packing
+from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels.kivi_block import dequantized_block
+from kvlab.pallas_kernels.outputs import merge_partitions, partial_outputs
+from kvlab.pallas_kernels.quantized_decode_attention_tpu import quantized_decode_attention_tpu
 
 _NEG = -1e30
 _EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)

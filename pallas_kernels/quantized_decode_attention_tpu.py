@@ -27,8 +27,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import platform as platform_lib
-from pallas_kernels.kivi_block import dequantized_block
+from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels.kivi_block import dequantized_block
 
 _NEG = -1e30
 

@@ -15,9 +15,9 @@ import functools
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from lib import sharding
-from pallas_kernels.quantized_decode_attention import quantized_decode_attention
-from pallas_kernels.sparse_decode_attention import paged_decode_attention
+from kvlab.lib import sharding
+from kvlab.pallas_kernels.quantized_decode_attention import quantized_decode_attention
+from kvlab.pallas_kernels.sparse_decode_attention import paged_decode_attention
 
 
 def _row_head_spec(mesh: Mesh, batch: int, kv_heads: int) -> P:

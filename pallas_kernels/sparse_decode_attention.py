@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels import platform as platform_lib
-from pallas_kernels.outputs import merge_partitions, partial_outputs
-from pallas_kernels.sparse_decode_attention_tpu import paged_decode_attention_tpu
+from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels.outputs import merge_partitions, partial_outputs
+from kvlab.pallas_kernels.sparse_decode_attention_tpu import paged_decode_attention_tpu
 
 _NEG = -1e30
 _EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels import platform as platform_lib
 
 _NEG = -1e30
 

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from lib import cache_io, sharding
+from kvlab.lib import cache_io, sharding
 
 
 def main(src, dst, mesh_spec):

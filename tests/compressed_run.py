@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import generate as gen
-from lib import methods
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
 
 
 def run_compressed(lm, method, prompts, steps=8, chunk=16):

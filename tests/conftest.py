@@ -69,7 +69,7 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_model():
   """The embedded default model (SmolLM2-135M-Instruct GGUF), loaded once, fp32."""
-  import models  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
 
   return models.load("smollm2-135m", progress=False)
 

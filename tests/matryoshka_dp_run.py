@@ -16,13 +16,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-import models
-from lib import sharding
-from lib.lowrank import matryoshka as mk
-from lib.lowrank import matryoshka_train as mt
-from lib.rope import RopeConfig
-from models.config import ModelConfig
-from models.decoder import init_params, make_apply_fn
+from kvlab import models
+from kvlab.lib import sharding
+from kvlab.lib.lowrank import matryoshka as mk
+from kvlab.lib.lowrank import matryoshka_train as mt
+from kvlab.lib.rope import RopeConfig
+from kvlab.models.config import ModelConfig
+from kvlab.models.decoder import init_params, make_apply_fn
 
 
 def main(out: str, mesh_spec: str):

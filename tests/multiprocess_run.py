@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from lib import distributed  # pylint: disable=g-import-not-at-top
+from kvlab.lib import distributed  # pylint: disable=g-import-not-at-top
 
 
 def main(out, num_processes, process_id, port):
@@ -24,12 +24,12 @@ def main(out, num_processes, process_id, port):
   import numpy as np
   import orbax.checkpoint as ocp
   from jax.experimental import multihost_utils
-  from lib import generate as gen
-  from lib import methods, sharding
-  from lib.cache import KVCache
-  from lib.rope import RopeConfig
-  from models.config import ModelConfig
-  from models.decoder import init_params, make_apply_fn
+  from kvlab.lib import generate as gen
+  from kvlab.lib import methods, sharding
+  from kvlab.lib.cache import KVCache
+  from kvlab.lib.rope import RopeConfig
+  from kvlab.models.config import ModelConfig
+  from kvlab.models.decoder import init_params, make_apply_fn
 
   assert jax.device_count() == 4, jax.devices()
   cfg = ModelConfig(family="llama", vocab_size=96, hidden_size=64, intermediate_size=128,

@@ -16,11 +16,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import numpy as np
 
-from lib import sharding
-from lib.quant.store import QuantStore
-from pallas_kernels import quantized_decode_attention as qda
-from pallas_kernels import sharded
-from pallas_kernels import sparse_decode_attention as sda
+from kvlab.lib import sharding
+from kvlab.lib.quant.store import QuantStore
+from kvlab.pallas_kernels import quantized_decode_attention as qda
+from kvlab.pallas_kernels import sharded
+from kvlab.pallas_kernels import sparse_decode_attention as sda
 
 
 def main(out: str):

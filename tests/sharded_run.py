@@ -16,14 +16,14 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp
 import numpy as np
 
-from lib import generate as gen
-from lib import methods
-from lib import protocol
-from lib import sharding
-from lib.cache import KVCache
-from lib.rope import RopeConfig
-from models.config import ModelConfig
-from models.decoder import init_params, make_apply_fn
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib import protocol
+from kvlab.lib import sharding
+from kvlab.lib.cache import KVCache
+from kvlab.lib.rope import RopeConfig
+from kvlab.models.config import ModelConfig
+from kvlab.models.decoder import init_params, make_apply_fn
 
 METHODS = tuple(os.environ.get("SHARDED_RUN_METHODS", "").split(",")) if os.environ.get("SHARDED_RUN_METHODS") else ("snapkv", "h2o", "pyramidkv", "adakv", "streaming_llm+kivi4", "streaming_llm+xkv")
 STEPS = 32

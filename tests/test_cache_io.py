@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib import cache_io, methods
-from lib.cache import KVCache
-from lib.methods.kivi import KIVI
-from lib.lowrank.channels import ChannelStore
-from lib.lowrank.store import LowRankStore
-from lib.quant.kvquant_store import KVQuantStore
+from kvlab.lib import cache_io, methods
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.kivi import KIVI
+from kvlab.lib.lowrank.channels import ChannelStore
+from kvlab.lib.lowrank.store import LowRankStore
+from kvlab.lib.quant.kvquant_store import KVQuantStore
 from xla_env import with_host_devices
 
 

@@ -19,8 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tok_tiny(tmp_path_factory):
   """``make(seed) -> path``: a tiny random Llama with SmolLM2's tokenizer (launchers read
   text), one per seed."""
-  from models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
-  from models.gguf_loader import open_gguf  # pylint: disable=g-import-not-at-top
+  from kvlab.models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
+  from kvlab.models.gguf_loader import open_gguf  # pylint: disable=g-import-not-at-top
   tok = tok_mod.from_gguf(open_gguf(registry.resolve("smollm2-135m")[1]))
   built = {}
 
@@ -53,7 +53,7 @@ KVQUANT = ("--num_samples=1", "--seqlen=32", "--bits=2", "--qnorm_bits=2", "--km
 
 
 def test_calibrate_kvquant_default_out_is_under_runs_named_after_the_model(tok_tiny, tmp_path):
-  from lib.quant import kvquant_calibrate as calib  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.quant import kvquant_calibrate as calib  # pylint: disable=g-import-not-at-top
   model = tok_tiny(0)
   committed = os.path.join(ROOT, "results", "calibration", "kvquant_smollm2-135m", "meta",
                            "metadata")
@@ -128,9 +128,9 @@ def test_train_matryoshka_refuses_to_resume_with_changed_settings(tok_tiny, tmp_
 
 def test_training_shorter_than_its_warmup_runs(tmp_path, tiny_dir):
   """``--steps`` <= ``--warmup`` used to crash in optax (cosine decay over 0 steps)."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib.lowrank import matryoshka as mk  # pylint: disable=g-import-not-at-top
-  from lib.lowrank import matryoshka_train as mt  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.lowrank import matryoshka as mk  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.lowrank import matryoshka_train as mt  # pylint: disable=g-import-not-at-top
   lm = models.load(tiny_dir("llama")[0], progress=False, attn_block_size=8)
   pca = mk.pca(mk.kv_moments(lm, [list(range(3, 35))]))
   pool = np.random.RandomState(0).randint(0, 160, 200).astype(np.int32)
@@ -141,7 +141,7 @@ def test_training_shorter_than_its_warmup_runs(tmp_path, tiny_dir):
 
 
 def test_model_slugs():
-  from models import registry  # pylint: disable=g-import-not-at-top
+  from kvlab.models import registry  # pylint: disable=g-import-not-at-top
   assert registry.slug("smollm2-135m") == "smollm2-135m"
   assert registry.slug("/ckpt/Qwen3-0.6B/") == "Qwen3-0.6B"
   assert registry.slug("x/SmolLM2.Q4_1.gguf") == "SmolLM2.Q4_1"

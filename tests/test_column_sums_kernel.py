@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.methods import accumulated as acc
-from pallas_kernels.column_sums import (column_sums, column_sums_reference, row_lse,
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.methods import accumulated as acc
+from kvlab.pallas_kernels.column_sums import (column_sums, column_sums_reference, row_lse,
                                         row_lse_reference)
 
 INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU
@@ -79,7 +79,7 @@ def test_row_lse_split_over_key_partitions_matches_reference(partitions, tau, pl
   """Keyformer's row pass split-K: each partition's online (max, sum) over its run of key
   blocks, merged after, == the dense normaliser; plain and Gumbel logits, an empty leading key
   block, a sliding window, rows with nothing allowed (lse 0), and the Triton-padded shapes."""
-  from lib.gumbel import hash_salts  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.gumbel import hash_salts  # pylint: disable=g-import-not-at-top
   case = _case(np.random.RandomState(5), 2, 3, 70, 150, 16, jnp.float32, 130)
   case["k_ok"] = case["k_ok"].at[:, :, :16].set(False)
   args = (case["q"], case["q_pos"], case["keys"], case["k_pos"], case["k_ok"])
@@ -136,7 +136,7 @@ def test_decode_time_and_during_prefill_paths_take_the_kernel_alike(tiny, monkey
   TOVA evicting one token per decode step (T = 1 rows), and H2O / Keyformer compressing during
   chunked prefill (scores carried per slot). Same tokens and caches as the kept-probability
   path."""
-  from lib.online import online_capacity, prefill_compressing  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import online_capacity, prefill_compressing  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(13)
   ids = rng.randint(0, 160, size=20).tolist()
   prompts = [rng.randint(0, 160, size=n).tolist() for n in (40, 29)]

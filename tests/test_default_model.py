@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lib.data.text import stdlib_docs, text_of_tokens
+from kvlab.lib.data.text import stdlib_docs, text_of_tokens
 
 pytestmark = pytest.mark.slow
 
@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 def hf_model(default_model):
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  from lib.reference import load_hf_reference  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.reference import load_hf_reference  # pylint: disable=g-import-not-at-top
   path = default_model.source
   model = load_hf_reference(path)
   tok = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),

@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 
-from lib.eval import aggregate, report
-from lib.eval.metrics import fidelity, mean_ci, string_match_all
-from lib.eval.runner import prompt_pieces
-from lib.eval.tasks import TASKS, make_sample
+from kvlab.lib.eval import aggregate, report
+from kvlab.lib.eval.metrics import fidelity, mean_ci, string_match_all
+from kvlab.lib.eval.runner import prompt_pieces
+from kvlab.lib.eval.tasks import TASKS, make_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,9 +103,9 @@ def test_evaluate_launcher_resumes_and_reports(chat_tiny, tmp_path):
 
 
 def test_shared_context_asks_every_question_of_one_compression(chat_tiny):
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import methods  # pylint: disable=g-import-not-at-top
-  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import methods  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
 
   lm = models.load(chat_tiny, progress=False)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
@@ -139,9 +139,9 @@ def test_kvzip_cells_repeat_the_context_after_the_chat_prefix(chat_tiny):
   """The runner forms KVzip's repeat scores for it (alone, as AdaKV's scorer, first in a
   composition): the chat template's system part is found and kept, and each cell keeps its
   ratio of the context."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import methods  # pylint: disable=g-import-not-at-top
-  from lib.eval.runner import reconstruction_prompts, run_sample  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import methods  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.runner import reconstruction_prompts, run_sample  # pylint: disable=g-import-not-at-top
 
   lm = models.load(chat_tiny, progress=False)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
@@ -164,9 +164,9 @@ def test_kvzip_cells_repeat_the_context_after_the_chat_prefix(chat_tiny):
 
 def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):
   """Each cell gets an 'after' and a 'during' row; 'during' never allocated the full cache."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import methods  # pylint: disable=g-import-not-at-top
-  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import methods  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
 
   lm = models.load(chat_tiny, progress=False)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
@@ -197,9 +197,9 @@ def test_quantize_each_chunk_rows_next_to_the_other_modes(chat_tiny):
   KIVI's bits between chunks (``prefill_key_bits=4``): on this tiny model the default 8-bit
   staging plus the final re-pack peaks above the quantize-at-the-end row (166 896 vs 156 692
   bytes); on the default model at 8k it is 57 vs 119 MB."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import methods  # pylint: disable=g-import-not-at-top
-  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import methods  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
 
   lm = models.load(chat_tiny, progress=False)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
@@ -235,7 +235,7 @@ def test_offline_text_is_the_same_in_every_process():
   values) or on what the caller imported and configured (logging's handler list)."""
   import hashlib  # pylint: disable=g-import-not-at-top
   code = ("import sys, hashlib; sys.path.insert(0, {root!r}); {pre}"
-          "from lib.data.text import stdlib_docs; "
+          "from kvlab.lib.data.text import stdlib_docs; "
           "print(hashlib.sha256(stdlib_docs().encode()).hexdigest())")
   digests = set()
   for pre in ("", "import logging; logging.basicConfig(); logging.getLogger('x').addHandler("
@@ -243,7 +243,7 @@ def test_offline_text_is_the_same_in_every_process():
     out = subprocess.run([sys.executable, "-c", code.format(root=ROOT, pre=pre)],
                          capture_output=True, text=True, timeout=300, check=True)
     digests.add(out.stdout.strip())
-  from lib.data.text import stdlib_docs  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.data.text import stdlib_docs  # pylint: disable=g-import-not-at-top
   digests.add(hashlib.sha256(stdlib_docs().encode()).hexdigest())
   assert len(digests) == 1, digests
   assert " at 0x" not in stdlib_docs()
@@ -253,10 +253,10 @@ def test_batched_cells_answer_as_they_would_alone(chat_tiny):
   """Plain-cache cells (paged AdaKV through its padded view too) decoded as one batch give the
   rows each gives alone; decode-time evicting cells and cells with a stored part (ThinK's pruned
   channels) still run alone."""
-  import models  # pylint: disable=g-import-not-at-top
-  from lib import methods  # pylint: disable=g-import-not-at-top
-  from lib.eval.batching import stack_rows  # pylint: disable=g-import-not-at-top
-  from lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
+  from kvlab import models  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import methods  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.batching import stack_rows  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.runner import run_sample  # pylint: disable=g-import-not-at-top
 
   lm = models.load(chat_tiny, progress=False)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))

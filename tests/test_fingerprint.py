@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from lib import methods
-from lib.lowrank import matryoshka as mk
-from lib.quant import kvquant_calibrate as calib
-from lib.quant.kvquant_calibrate import model_fingerprint  # the name call sites import
+from kvlab import models
+from kvlab.lib import methods
+from kvlab.lib.lowrank import matryoshka as mk
+from kvlab.lib.quant import kvquant_calibrate as calib
+from kvlab.lib.quant.kvquant_calibrate import model_fingerprint  # the name call sites import
 from tiny_checkpoints import make_checkpoint
 
 
@@ -81,7 +81,7 @@ def test_old_format_fingerprints_are_refused():
 
 
 def test_fingerprint_is_computed_once_per_params_tree(tiny_dir):
-  from lib import fingerprint as fpm  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import fingerprint as fpm  # pylint: disable=g-import-not-at-top
   path, _ = tiny_dir("llama")
   lm = models.load(path, progress=False)
   fp = lm.fingerprint

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from lib.gumbel import gumbel_noise, gumbel_uniform, gumbel_weight, hash_salts, noise_of_hash
+from kvlab.lib.gumbel import gumbel_noise, gumbel_uniform, gumbel_weight, hash_salts, noise_of_hash
 
 
 def test_noise_and_weight_are_finite_over_every_hash_value():

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 
-from lib.eval import aggregate
+from kvlab.lib.eval import aggregate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW = {"task": "niah_single", "length": 1024, "protocol": "query_aware", "method": "snapkv",
@@ -29,7 +29,7 @@ def _rows(n):
 
 
 def test_read_skips_a_torn_last_line_with_a_warning(tmp_path):
-  from lib import jsonl  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import jsonl  # pylint: disable=g-import-not-at-top
   p = _write(tmp_path / "eval.jsonl", _rows(2), tail='{"task": "niah_single", "len')
   with pytest.warns(UserWarning, match=r"eval\.jsonl:3: skipped a torn last line"):
     assert jsonl.read(p) == _rows(2)
@@ -39,7 +39,7 @@ def test_read_skips_a_torn_last_line_with_a_warning(tmp_path):
 
 
 def test_read_raises_on_a_bad_line_before_the_last_naming_file_and_line(tmp_path):
-  from lib import jsonl  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import jsonl  # pylint: disable=g-import-not-at-top
   # what appending after a torn row (without repairing it first) used to leave
   p = _write(tmp_path / "eval.jsonl", _rows(1), tail='{"task": "ni' + json.dumps(ROW) + "\n"
              + json.dumps(ROW) + "\n")
@@ -49,7 +49,7 @@ def test_read_raises_on_a_bad_line_before_the_last_naming_file_and_line(tmp_path
 
 
 def test_repair_then_append_gives_a_clean_file(tmp_path):
-  from lib import jsonl  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import jsonl  # pylint: disable=g-import-not-at-top
   p = _write(tmp_path / "eval.jsonl", _rows(2), tail='{"task": "ni')
   with pytest.warns(UserWarning, match=r"eval\.jsonl:3: removed a torn last line"):
     assert jsonl.repair(p) == len('{"task": "ni')
@@ -76,7 +76,7 @@ def test_repair_then_append_gives_a_clean_file(tmp_path):
 
 _HOLDER = """
 import sys
-from lib import jsonl
+from kvlab.lib import jsonl
 with jsonl.appender(sys.argv[1]) as out:
   out.write({"sample": 0})
   print("held", flush=True)
@@ -93,7 +93,7 @@ def _hold(path):
 
 
 def test_a_second_appender_fails_clearly_while_another_process_holds_the_file(tmp_path):
-  from lib import jsonl  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import jsonl  # pylint: disable=g-import-not-at-top
   p = str(tmp_path / "eval.jsonl")
   proc = _hold(p)
   try:
@@ -127,7 +127,7 @@ def test_aggregate_read_rows_and_done_keys_skip_a_torn_last_line(tmp_path):
 
 
 def test_matryoshka_metrics_reader_skips_a_torn_last_line(tmp_path):
-  from lib.lowrank import matryoshka_train as mt  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.lowrank import matryoshka_train as mt  # pylint: disable=g-import-not-at-top
   steps = [{"step": s, "loss": 1.0 / s} for s in (1, 2, 3)]
   p = _write(tmp_path / "metrics.jsonl", steps, tail='{"step": 4, "lo')
   with pytest.warns(UserWarning, match=r"metrics\.jsonl:4: skipped a torn last line"):

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from jax._src.pallas.triton import pallas_call_registration as triton_registration
 
-from pallas_kernels import platform as platform_lib
-from pallas_kernels import quantized_decode_attention as qda
-from pallas_kernels import sparse_decode_attention as sda
+from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels import quantized_decode_attention as qda
+from kvlab.pallas_kernels import sparse_decode_attention as sda
 from tests.test_quantized_decode_kernel import _case
 
 
@@ -154,8 +154,8 @@ def test_quantized_kernel_lowers_for_tpu_through_mosaic(bits):
 def test_column_sum_kernels_lower_for_gpu_through_triton(dtype, tau):
   """H2O's / Keyformer's fused column sums and the Gumbel row normaliser (hashed noise: uint32
   multiplies, shifts and xors in the kernel), at rows and slots that are not powers of two."""
-  from lib.gumbel import hash_salts  # pylint: disable=g-import-not-at-top
-  from pallas_kernels import column_sums as cs  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.gumbel import hash_salts  # pylint: disable=g-import-not-at-top
+  from kvlab.pallas_kernels import column_sums as cs  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(0)
   b, k, r, s, h = 1, 3, 96, 200, 64
   q = jnp.asarray(rng.randn(b, k, r, h), dtype)

@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.cache import KVCache
-from lib.methods.kivi import KIVI
-from lib.quant.uniform import Quantized, dequantize
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.kivi import KIVI
+from kvlab.lib.quant.uniform import Quantized, dequantize
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +113,7 @@ def test_evict_then_quantize_and_invalid_orders(tiny):
 
 def test_decoding_from_a_quantized_cache(tiny):
   """8-bit KIVI answers like the full cache (greedy), through the jitted decode loop."""
-  from lib.protocol import compress_then_ask  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.protocol import compress_then_ask  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(3)
   ctx = [rng.randint(0, 160, size=150).tolist()]
   question = [rng.randint(0, 160, size=6).tolist()]

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import tokenizers
 
-import models
-from lib import generate as gen
-from lib.lowrank import kv_heads as kvh
-from lib.rope import apply_rope
-from models.decoder import make_apply_fn
-from models.tokenizer import Tokenizer
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib.lowrank import kv_heads as kvh
+from kvlab.lib.rope import apply_rope
+from kvlab.models.decoder import make_apply_fn
+from kvlab.models.tokenizer import Tokenizer
 
 VOCAB = 160
 
@@ -171,7 +171,7 @@ def test_save_and_load_round_trip(biased, tmp_path):
 
 
 def test_hf_config_round_trips_a_gguf_style_config(llama):
-  from models.config import from_hf_config  # pylint: disable=g-import-not-at-top
+  from kvlab.models.config import from_hf_config  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(llama.config, eos_token_ids=(2, 7), bos_token_id=1,
                             rope=dataclasses.replace(llama.config.rope, original_max_position=8192))
   back = from_hf_config(kvh.hf_config(cfg))

@@ -36,11 +36,11 @@ else:
 import torch  # pylint: disable=g-import-not-at-top,g-bad-import-order
 import transformers  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
-import models  # pylint: disable=g-bad-import-order
-from lib import generate as gen
-from lib import methods
-from lib.protocol import reconstruction_scores
-from lib.reference import load_hf_reference
+from kvlab import models  # pylint: disable=g-bad-import-order
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.protocol import reconstruction_scores
+from kvlab.lib.reference import load_hf_reference
 
 N = 128  # prompt tokens; even, so kvpress's int(n * (1 - r)) == kvlab's ceil(r * n) at r = .5
 KEEP = 64

@@ -7,14 +7,14 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.methods.kvquant import KVQuant
-from lib.quant import kvquant_calibrate as calib
-from lib.quant import nuq
-from lib.quant.kvquant_store import KVQuantStore
-from lib.rope import rotate
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.methods.kvquant import KVQuant
+from kvlab.lib.quant import kvquant_calibrate as calib
+from kvlab.lib.quant import nuq
+from kvlab.lib.quant.kvquant_store import KVQuantStore
+from kvlab.lib.rope import rotate
 
 
 def test_weighted_kmeans_finds_the_heavy_modes():
@@ -141,7 +141,7 @@ def test_fisher_is_the_squared_gradient(tiny):
   assert k.shape == (c.num_layers, 24, c.num_kv_heads, c.head_dim) == fk.shape
   assert (fk >= 0).all() and fk.sum() > 0 and fv.sum() > 0
   # finite difference on one value activation through the probe
-  from models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
   dec = Decoder(c, tiny.dtype, tiny.attn_block_size)
   t = jnp.asarray(toks)[None]
   cache = tiny.new_cache(1, 24)
@@ -254,7 +254,7 @@ def test_kvquant_composes_after_eviction(tiny, calibration):
 
 
 def test_kvquant_quantizes_a_cache_compressed_during_prefill(tiny, calibration):
-  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
   _, path = calibration
   c = tiny.config
   ctx = [np.random.RandomState(6).randint(0, 160, n).tolist() for n in (80, 50)]

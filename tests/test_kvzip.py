@@ -4,11 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-import models
-import models.decoder
-from lib import methods
-from lib.methods.kvzip import reconstructor
-from lib.protocol import reconstruction_scores
+from kvlab import models
+from kvlab.models import decoder as model_decoder
+from kvlab.lib import methods
+from kvlab.lib.methods.kvzip import reconstructor
+from kvlab.lib.protocol import reconstruction_scores
 from test_methods import _all_queries, _prefill
 
 PROMPTS = ([101, 102], [103, 104, 105], [106])  # (first, later, suffix) token ids
@@ -46,7 +46,7 @@ def test_scores_are_the_max_attention_of_each_repeat(tiny, chunk, prefix, kept, 
   probability any repeat query gives it, as numpy computes it from one forward sequence.
   ``kept``: from the attention's kept probabilities; else the hook's own pass."""
   if not kept:
-    monkeypatch.setattr(models.decoder, "PROBS_MAX_BYTES", 0)
+    monkeypatch.setattr(model_decoder, "PROBS_MAX_BYTES", 0)
     jax.clear_caches()  # the limit is read when the prefill is traced
   ctx = np.random.RandomState(3).randint(0, 100, size=25).tolist()
   cache, _ = _prefill(tiny, ctx, 8)
@@ -115,6 +115,6 @@ def test_options_and_errors(tiny):
   with pytest.raises(ValueError, match="one context at a time"):
     reconstruction_scores(tiny.params, tiny.apply_fn, two, ctx, PROMPTS, chunk=20,
                           chunk_size=8, block=8)
-  from lib.online import split_online  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import split_online  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match="cannot compress while prefilling"):
     split_online(methods.make("kvzip", ratio=0.5))

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-import models
-from lib.methods.kvzip_heads import table_from_scores
-from lib import methods
-from lib.paged import PagedStore
+from kvlab import models
+from kvlab.lib.methods.kvzip_heads import table_from_scores
+from kvlab.lib import methods
+from kvlab.lib.paged import PagedStore
 from test_methods import _prefill
 
 

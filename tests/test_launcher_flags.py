@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A model path that does not exist: a flag error must come before the load would fail.
 _NO_MODEL = "/nonexistent/model-dir"
@@ -115,3 +117,10 @@ def test_generate_refuses_a_prompt_that_is_not_utf8():
   proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=120)
   err = proc.stderr.decode("utf-8", "replace")
   assert proc.returncode != 0 and "--prompt" in err and "not valid UTF-8" in err, err[-2000:]
+
+
+def test_huge_max_new_tokens_names_the_flag():
+  from kvlab.lib import generate as gen  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match="max_new_tokens=1000000000 is not below the model's "
+                                       "context limit of 8192"):
+    gen.check_context([36], 10**9, 8192)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-import models
-from models.gguf_loader import unpermute_rows
+from kvlab import models
+from kvlab.models.gguf_loader import unpermute_rows
 
 
 def test_sharded_bf16_checkpoint_loads_like_transformers(tmp_path, tiny_dir):

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import methods
-from lib.lowrank.store import factor
-from lib.methods.xkv import XKV
+from kvlab import models
+from kvlab.lib import methods
+from kvlab.lib.lowrank.store import factor
+from kvlab.lib.methods.xkv import XKV
 from compressed_run import run_compressed
 
 

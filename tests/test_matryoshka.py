@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import methods
-from lib.lowrank import matryoshka as mk
-from lib.lowrank import matryoshka_train as mt
-from lib.lowrank.projected import flat_offsets, layer_widths
-from lib.quant.kvquant_calibrate import model_fingerprint
+from kvlab import models
+from kvlab.lib import methods
+from kvlab.lib.lowrank import matryoshka as mk
+from kvlab.lib.lowrank import matryoshka_train as mt
+from kvlab.lib.lowrank.projected import flat_offsets, layer_widths
+from kvlab.lib.quant.kvquant_calibrate import model_fingerprint
 from compressed_run import run_compressed
 from xla_env import with_host_devices
 
@@ -128,7 +128,7 @@ def test_training_lowers_the_loss_and_resumes_exactly(tiny, pca_dir, tmp_path):
 
 
 def test_rank_search_meets_the_budget_and_spends_rank_where_it_matters(tiny, pca_dir):
-  from lib.lowrank import matryoshka_search as ms
+  from kvlab.lib.lowrank import matryoshka_search as ms
   # made-up sensitivities: head (keys, layer 0, head 1) is 10x more sensitive than the rest
   grid_err = np.array([3.0, 2.0, 1.0, 0.0])  # ranks 4, 8, 12, 16
   err = np.broadcast_to(grid_err, (2, 3, 2, 4)).copy()
@@ -153,7 +153,7 @@ def test_rank_search_meets_the_budget_and_spends_rank_where_it_matters(tiny, pca
   _, _, small, _ = _run(tiny, m, [windows[0].tolist()], steps=1)
   widths = layer_widths(p.ranks[0])  # each layer stores its own width on the flat axis
   assert small.quant.k_coef.shape[-1] == flat_offsets(widths)[1] < 3 * int(p.ranks.max()) + 1
-  from lib import cache_io  # a saved cache keeps the flat layout's offsets and reads the same
+  from kvlab.lib import cache_io  # a saved cache keeps the flat layout's offsets and reads the same
   cache_io.save_cache(small, pca_dir + "_cache")
   back, _ = cache_io.load_cache(pca_dir + "_cache")
   assert back.quant.k_offsets == small.quant.k_offsets
@@ -181,7 +181,7 @@ def test_data_parallel_training_matches_one_device(tmp_path):
 
 
 def test_flat_layout_reads_each_layer_at_its_own_width():
-  from lib.lowrank.projected import ProjectedStore, flatten
+  from kvlab.lib.lowrank.projected import ProjectedStore, flatten
   rng = np.random.RandomState(7)
   l, b, k, q, h = 3, 2, 2, 8, 8
   widths = (2, 8, 5)

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from lib import memory
-from lib.cache import KVCache
+from kvlab.lib import memory
+from kvlab.lib.cache import KVCache
 from xla_env import optimized
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

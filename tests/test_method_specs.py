@@ -9,10 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.methods import MethodWarning
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.methods import MethodWarning
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_window_not_smaller_than_the_budget_warns_and_still_votes(tiny):
 @pytest.mark.slow
 def test_snapkv_answers_a_prompt_shorter_than_its_window(default_model):
   """The issue's probe: ``generate --method=snapkv --ratio=0.9`` on a 36-token prompt."""
-  from lib.protocol import ask, compress_for, prefill_context  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.protocol import ask, compress_for, prefill_context  # pylint: disable=g-import-not-at-top
   m = default_model
   ids = m.tokenizer.encode_chat("What is the capital city?")
   assert len(ids) == 36
@@ -162,7 +162,7 @@ def test_runner_rows_flag_a_cache_larger_than_the_full_one(tiny):
   """MiniCache keeping every original (``retain=1``) stores more than the full cache: the row
   says so (``larger_than_full``, ``warning``) and a MethodWarning is printed; every row
   records ``kept_fraction``."""
-  from lib.eval.runner import run_perplexity  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.eval.runner import run_perplexity  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(5)
   prefix, cont = rng.randint(0, 160, size=40).tolist(), rng.randint(0, 160, size=8).tolist()
   specs = [("minicache:start=0:retain=1", 1.0), ("snapkv:window=4", 0.5)]

@@ -4,11 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.cache import KVCache
-from lib.protocol import compress_then_ask
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.cache import KVCache
+from kvlab.lib.protocol import compress_then_ask
 
 
 @pytest.fixture(scope="module")

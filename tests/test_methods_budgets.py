@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.protocol import reconstruction_scores
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.protocol import reconstruction_scores
 from test_methods import _all_queries
 
 
@@ -194,7 +194,7 @@ def _pre_queries(layer, x, cache):
 def test_expected_attention_matches_formula(tiny, gqa):
   """Gaussian expected attention from all pre-RoPE prompt queries, straight in numpy; each kv
   head's query group reduced by ``gqa``."""
-  from lib.rope import base_inv_freq  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.rope import base_inv_freq  # pylint: disable=g-import-not-at-top
 
   ids = np.random.RandomState(12).randint(0, 160, size=30).tolist()
   c = tiny.config
@@ -300,7 +300,7 @@ def test_keyformer_column_sums_equal_dense_gumbel_softmax(tiny, tau):
   """Blockwise, chunked Gumbel-softmax sums (formed in the attention pass: tau 1 reweights the
   softmax's own terms, other taus keep a second running max) == a dense
   softmax((s + G) / tau) with the same hashed noise, over the whole prompt."""
-  from lib.methods.accumulated import gumbel_noise  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.accumulated import gumbel_noise  # pylint: disable=g-import-not-at-top
   ids = np.random.RandomState(12).randint(0, 160, size=29).tolist()
   c = tiny.config
   seed = 3
@@ -335,9 +335,9 @@ def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(
   separate blockwise passes: ragged head lengths, a
   capacity that is not a multiple of the block (the last block overlaps), padded queries, a
   sliding window."""
-  from lib.attention import LayerInputs, chunk_attention  # pylint: disable=g-import-not-at-top
-  from lib.cache import KVCache  # pylint: disable=g-import-not-at-top
-  from lib.methods import accumulated as acc  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.attention import LayerInputs, chunk_attention  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.cache import KVCache  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods import accumulated as acc  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(5)
   l_, b, kh, g, t, h = 2, 2, 2, 3, 6, 8
   lens = jnp.asarray(rng.randint(0, 31, size=(l_, b, kh)), jnp.int32)
@@ -398,7 +398,7 @@ def test_column_sums_from_the_attentions_probabilities_equal_the_hooks_own_pass(
 def test_top_total_is_the_first_total_of_a_stable_descending_argsort(rows, n, seed):
   """AdaKV's allocation by one sort (``top_total``) picks what ranking by two stable argsorts
   picked, ties (many: small integer scores) and -inf included."""
-  from lib.methods.budgets import top_total  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.budgets import top_total  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(seed)
   flat = rng.randint(0, 4, size=(rows, n)).astype(np.float32)
   flat[rng.rand(rows, n) < 0.2] = -np.inf

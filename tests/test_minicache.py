@@ -5,12 +5,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import cache_io
-from lib import methods
-from lib.cache import KVCache
-from lib.lowrank.merged import MergedStore
-from lib.methods.minicache import MiniCache
+from kvlab import models
+from kvlab.lib import cache_io
+from kvlab.lib import methods
+from kvlab.lib.cache import KVCache
+from kvlab.lib.lowrank.merged import MergedStore
+from kvlab.lib.methods.minicache import MiniCache
 from compressed_run import run_compressed
 
 

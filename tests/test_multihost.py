@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from lib import distributed
+from kvlab.lib import distributed
 from xla_env import with_host_devices
 
 

@@ -3,8 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 
-import models
-from lib import generate as gen
+from kvlab import models
+from kvlab.lib import generate as gen
 
 
 def key_norms(layer, x, cache):

@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
-from lib import generate as gen
-from lib import methods
-from lib.online import online_capacity, prefill_compressing
+from kvlab import models
+from kvlab.lib import generate as gen
+from kvlab.lib import methods
+from kvlab.lib.online import online_capacity, prefill_compressing
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +82,8 @@ def test_every_method_runs_bounded(tiny, name):
 
 def test_evict_during_prefill_then_quantize(tiny):
   """snapkv+kivi online: the eviction bounds the float cache per chunk, the kept is packed."""
-  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
-  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(22)
   prompts = [rng.randint(0, 160, size=n).tolist() for n in (200, 150)]
   c = tiny.config
@@ -106,8 +106,8 @@ def test_evict_during_prefill_then_quantize(tiny):
 def test_ragged_budgets_end_paged(tiny):
   """AdaKV during prefill: the scan carries a padded cache (the peak); what it keeps ends in
   the paged layout, the same tokens as the scan's last selection."""
-  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
-  from lib.paged import PagedStore  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.paged import PagedStore  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(23)
   prompts = [rng.randint(0, 160, size=n).tolist() for n in (120, 64)]
   c = tiny.config
@@ -127,8 +127,8 @@ def test_ragged_budgets_end_paged(tiny):
 
 
 def _each_chunk(m, prompts, spec, chunk=16, ratio=0.5, key_bits=8, **kw):
-  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
-  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
   c = m.config
   kivi = KIVI(bits=4, group=16, residual=16, prefill_key_bits=key_bits)
   method = methods.Compose((methods.make(spec, ratio=ratio), kivi))
@@ -196,7 +196,7 @@ def test_quantize_each_chunk_keeps_the_budget_packed(tiny, spec):
 
 
 def test_quantize_each_chunk_refuses_what_it_cannot_do(tiny):
-  from lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
   c = tiny.config
   kw = dict(num_layers=c.num_layers, kv_heads=c.num_kv_heads, head_dim=c.head_dim,
             quantize_each_chunk=True)
@@ -210,9 +210,9 @@ def test_quantize_each_chunk_refuses_what_it_cannot_do(tiny):
 def test_column_sums_read_the_store_as_its_dequantized_cache(tiny, gumbel_tau):
   """H2O's / Keyformer's hook over a KIVI-quantized cache (store + window) gives the column
   sums of the same tokens held dequantized in a plain cache: the store's slots first."""
-  from lib.methods.accumulated import column_sums  # pylint: disable=g-import-not-at-top
-  from lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
-  from lib.online_quantized import _joined_layer  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.accumulated import column_sums  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.methods.kivi import KIVI  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.online_quantized import _joined_layer  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(25)
   prompts = [rng.randint(0, 160, size=n).tolist() for n in (100, 70)]
   tokens, lengths = gen.pad_batch(prompts, 8)

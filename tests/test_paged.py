@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import models
+from kvlab import models
 from compressed_run import run_compressed
-from lib import cache_io
-from lib import methods
-from lib.attention import dense_attention_reference
-from lib.paged import PagedStore, build
-from pallas_kernels import sparse_decode_attention as sda
+from kvlab.lib import cache_io
+from kvlab.lib import methods
+from kvlab.lib.attention import dense_attention_reference
+from kvlab.lib.paged import PagedStore, build
+from kvlab.pallas_kernels import sparse_decode_attention as sda
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from lib import generate as gen
+from kvlab import models
+from kvlab.lib import generate as gen
 from tiny_checkpoints import CONFIGS
 
 TOL = 1e-4

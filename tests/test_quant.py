@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib.quant import packing, uniform
+from kvlab.lib.quant import packing, uniform
 
 
 @settings(max_examples=30, deadline=None)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib.quant import uniform
-from pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
+from kvlab.lib.quant import uniform
+from kvlab.pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
                                                        quantized_decode_attention_reference)
 
 INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU / TPU

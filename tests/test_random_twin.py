@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers
 
-import models
-from models import random_twin
-from lib import generate as gen
-from models.safetensors_loader import read_hf_config
-from models.config import from_hf_config
+from kvlab import models
+from kvlab.models import random_twin
+from kvlab.lib import generate as gen
+from kvlab.models.safetensors_loader import read_hf_config
+from kvlab.models.config import from_hf_config
 
 
 def test_random_weights_load_alike_in_kvlab_and_transformers(tmp_path):
@@ -54,7 +54,7 @@ def test_twin_config_and_tokenizer_are_the_default_models(tmp_path, default_mode
     assert getattr(twin, field) == getattr(ref, field), field
   assert twin.rope.theta == ref.rope.theta
   assert twin.num_params == ref.num_params
-  from models.tokenizer import from_hf_dir  # pylint: disable=g-import-not-at-top
+  from kvlab.models.tokenizer import from_hf_dir  # pylint: disable=g-import-not-at-top
   tok = from_hf_dir(str(tmp_path))
   text = "def f(x):\n    return x ** 2  # Paris, 2026 <|im_start|>"
   assert tok.encode(text) == default_model.tokenizer.encode(text)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lib.eval import aggregate, identity
+from kvlab.lib.eval import aggregate, identity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +93,7 @@ def test_evaluate_refuses_to_resume_under_changed_settings(chat_tiny, tmp_path):
 
 def test_a_second_evaluate_on_the_same_out_is_refused(chat_tiny, tmp_path):
   """Item 9: two writers to one --out duplicated every row; the second is now refused."""
-  from lib import jsonl  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import jsonl  # pylint: disable=g-import-not-at-top
   out = tmp_path / "rows.jsonl"
   with jsonl.appender(str(out)):  # another evaluate holds the file
     proc = _evaluate(chat_tiny, out)

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.sampling import SamplingConfig, sample
+from kvlab.lib.sampling import SamplingConfig, sample
 
 
 def test_greedy_is_argmax():

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from lib import sharding
-from lib.cache import KVCache
+from kvlab.lib import sharding
+from kvlab.lib.cache import KVCache
 from xla_env import with_host_devices
 
 MESHES = ("data:8", "data:4,model:2", "data:2,model:4", "data:1,model:8")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from lib.attention import dense_attention_reference
-from pallas_kernels import sparse_decode_attention as sda
+from kvlab.lib.attention import dense_attention_reference
+from kvlab.pallas_kernels import sparse_decode_attention as sda
 
 INTERPRET = jax.default_backend() == "cpu"  # compiled on GPU / TPU
 # Triton takes pages of a power of two >= 16 slots (the kernel says so on GPU); the interpreter

@@ -5,9 +5,9 @@ from __future__ import annotations
 import collections
 import os
 
-from lib import jsonl
-from lib.eval import identity
-from lib.eval.metrics import mean_ci
+from kvlab.lib import jsonl
+from kvlab.lib.eval import identity
+from kvlab.lib.eval.metrics import mean_ci
 
 CELL_KEYS = ("task", "length", "protocol", "method", "ratio")
 METRICS = ("score", "ppl", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes",

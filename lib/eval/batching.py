@@ -18,8 +18,8 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-from lib.cache import KVCache
-from lib.paged import PagedStore
+from kvlab.lib.cache import KVCache
+from kvlab.lib.paged import PagedStore
 
 
 def plain_rows(cache: KVCache) -> KVCache | None:

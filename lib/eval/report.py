@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from lib.eval.aggregate import label
+from kvlab.lib.eval.aggregate import label
 
 
 def _fmt(stat, digits=2, pct=False):

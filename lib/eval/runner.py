@@ -16,15 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import generate as gen
-from lib import methods as methods_lib
-from lib.eval.batching import plain_rows, stack_rows
-from lib.eval.metrics import fidelity, string_match_all
-from lib.cache import round_capacity
-from lib.eval.tasks import Sample
-from lib.online import prefill_context_compressing
-from lib.methods.kvzip import reconstructor
-from lib.protocol import ask, compress_for, prefill_context, reconstruction_scores
+from kvlab.lib import generate as gen
+from kvlab.lib import methods as methods_lib
+from kvlab.lib.eval.batching import plain_rows, stack_rows
+from kvlab.lib.eval.metrics import fidelity, string_match_all
+from kvlab.lib.cache import round_capacity
+from kvlab.lib.eval.tasks import Sample
+from kvlab.lib.online import prefill_context_compressing
+from kvlab.lib.methods.kvzip import reconstructor
+from kvlab.lib.protocol import ask, compress_for, prefill_context, reconstruction_scores
 
 PROTOCOLS = ("query_agnostic", "query_aware", "shared_context")
 _SPLIT = "\u2063KVLAB_SPLIT\u2063"

@@ -13,7 +13,7 @@ import dataclasses
 import random
 import string
 
-from lib.data.text import stdlib_docs
+from kvlab.lib.data.text import stdlib_docs
 
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
          "again. ")
@@ -92,7 +92,7 @@ def _fit(build, count_tokens, target: int) -> str:
 def perplexity_tokens(tokenizer, length: int, seed: int, continuation: int = 256):
   """Real text (stdlib docs) for the perplexity task: ``(prefix ids [length],
   continuation ids [continuation])``, from a seed-dependent offset."""
-  from lib.data.text import text_of_tokens  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.data.text import text_of_tokens  # pylint: disable=g-import-not-at-top
   offset = random.Random(f"ppl:{seed}").randrange(0, len(stdlib_docs()) // 2)
   ids = text_of_tokens(tokenizer, length + continuation, offset_chars=offset)
   return ids[:length], ids[length:]

@@ -51,7 +51,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from lib.protocol import prefill_context
+from kvlab.lib.protocol import prefill_context
 
 # HF model_type -> architectures entry of config.json
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -271,7 +271,7 @@ def hf_config(config) -> dict:
 def hf_tensors(config, params: dict) -> dict[str, np.ndarray]:
   """Params -> HF-named float32 tensors ``[out, in]`` (the inverse of ``models.weights``)."""
   # pylint: disable-next=g-import-not-at-top,protected-access
-  from models.weights import _LAYER_MAP, layer_param_names
+  from kvlab.models.weights import _LAYER_MAP, layer_param_names
   f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
   out = {"model.embed_tokens.weight": f32(params["embed"]),
          "model.norm.weight": f32(params["final_norm"])}
@@ -313,7 +313,7 @@ def save_converted(model, path: str, *, tokenizer=None, source: str = "") -> str
     ``path``.
   """
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  from models.config import from_hf_config  # pylint: disable=g-import-not-at-top
+  from kvlab.models.config import from_hf_config  # pylint: disable=g-import-not-at-top
   if isinstance(model, tuple):
     config, params = model
   else:

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import fingerprint as fingerprints
-from lib import saved_arrays
+from kvlab.lib import fingerprint as fingerprints
+from kvlab.lib import saved_arrays
 
 FORMAT = "kvlab-matryoshka/1"
 
@@ -119,7 +119,7 @@ def kv_moments(lm, samples: Sequence[Sequence[int]], progress: bool = False) -> 
   """Sums over ``samples`` (token lists) of the post-RoPE keys and values per (layer, kv head):
   ``{"n": N, "sum_k": [L, K, H], "outer_k": [L, K, H, H], "sum_v", "outer_v"}`` (float64)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
 
   def observe(layer, x, cache):
     del layer, cache

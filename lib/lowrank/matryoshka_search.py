@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.lowrank import matryoshka as mk
+from kvlab.lib.lowrank import matryoshka as mk
 
 
 def sensitivities(lm, p: mk.Projections, windows: np.ndarray, step: int,
@@ -28,7 +28,7 @@ def sensitivities(lm, p: mk.Projections, windows: np.ndarray, step: int,
   """``err [2, L, K, G]``: mean KL vs the full model with one head cut to each grid rank
   (the last grid entry, rank H, is 0)."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
   l, k, h = p.shape
   if h % step:
     raise ValueError(f"rank step {step} must divide the head dim {h}")

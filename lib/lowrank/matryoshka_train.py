@@ -30,8 +30,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lib import jsonl, sharding
-from lib.lowrank import matryoshka as mk
+from kvlab.lib import jsonl, sharding
+from kvlab.lib.lowrank import matryoshka as mk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +89,7 @@ def make_loss(lm) -> Callable:
   """``loss(theta, params, pca_u, tokens [B, T], masks [2, L, K, H], kl_weight, cache) ->
   (loss, (kl, ce))``; ``cache`` an empty cache of capacity T. The model's params and the cache
   are arguments, so jit neither embeds them as constants nor constant-folds attention."""
-  from models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
   dec = Decoder(lm.config, lm.dtype, lm.attn_block_size)
 
   def loss(theta, params, pca_u, toks, masks, kl_weight, cache):

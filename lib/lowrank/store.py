@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lib.rope import rotate
+from kvlab.lib.rope import rotate
 
 
 @struct.dataclass

@@ -12,20 +12,20 @@ import math
 import re
 from typing import Any
 
-from lib.methods.base import (Method, MethodWarning, compress, example, field_types, select,
+from kvlab.lib.methods.base import (Method, MethodWarning, compress, example, field_types, select,
                               size_warning)
-from lib.methods.accumulated import H2O, Keyformer
-from lib.methods.budgets import AdaKV, PyramidKV
-from lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
-from lib.methods.expected_attention import ExpectedAttention
-from lib.methods.kivi import KIVI, KIVI4
-from lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
-from lib.methods.kvzip import KVzip
-from lib.methods.kvzip_heads import KVzipHeads
-from lib.methods.matryoshka import MatryoshkaKV, MatryoshkaPCA
-from lib.methods.minicache import MiniCache
-from lib.methods.think import ThinK
-from lib.methods.xkv import XKV
+from kvlab.lib.methods.accumulated import H2O, Keyformer
+from kvlab.lib.methods.budgets import AdaKV, PyramidKV
+from kvlab.lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
+from kvlab.lib.methods.expected_attention import ExpectedAttention
+from kvlab.lib.methods.kivi import KIVI, KIVI4
+from kvlab.lib.methods.kvquant import KVQuant, KVQuant2, KVQuant4
+from kvlab.lib.methods.kvzip import KVzip
+from kvlab.lib.methods.kvzip_heads import KVzipHeads
+from kvlab.lib.methods.matryoshka import MatryoshkaKV, MatryoshkaPCA
+from kvlab.lib.methods.minicache import MiniCache
+from kvlab.lib.methods.think import ThinK
+from kvlab.lib.methods.xkv import XKV
 
 REGISTRY: dict[str, type[Method]] = {
     "streaming_llm": StreamingLLM,
@@ -244,12 +244,73 @@ def make(spec: str, **kwargs) -> Method | Compose:
   return out
 
 
+# One line per built-in method for ``available()`` (a user method gives its ``summary``).
+DESCRIPTIONS = {
+    "streaming_llm": "StreamingLLM: attention sinks + the most recent tokens (evicts, prefill)",
+    "knorm": "Knorm: keeps the keys with the smallest L2 norm (evicts, prefill)",
+    "snapkv": "SnapKV: the last window's queries vote, pooled (evicts, prefill)",
+    "tova": "TOVA: the last query's attention, one token set per layer (evicts, prefill+decode)",
+    "h2o": "H2O: accumulated attention heavy hitters + recent (evicts, prefill+decode)",
+    "keyformer": "Keyformer: Gumbel-softmax accumulated scores + recent (evicts, prefill+decode)",
+    "pyramidkv": "PyramidKV: SnapKV with budgets shrinking with depth (evicts, prefill)",
+    "adakv": "Ada-KV: head-adaptive budgets around a scorer (evicts, prefill)",
+    "expected_attention": "Expected attention of future queries from query statistics (evicts)",
+    "kvzip": "KVzip: the model repeats the context; keeps what the repeat attends to (evicts)",
+    "kvzip_heads": "KVzip head-level: calibrated heads keep all, others sinks + window (evicts)",
+    "kivi": "KIVI: 2-bit keys per channel, values per token, fp recent window (quantizes)",
+    "kivi4": "KIVI with 4-bit keys and values (quantizes)",
+    "kvquant": "KVQuant: pre-RoPE per-channel keys, non-uniform 3-bit LUTs, outliers (quantizes)",
+    "kvquant2": "KVQuant at 2 bits (quantizes)",
+    "kvquant4": "KVQuant at 4 bits (quantizes)",
+    "xkv": "xKV: cross-layer shared SVD bases of keys and values (low rank)",
+    "think": "ThinK: prunes the least important key channels (low rank)",
+    "matryoshka": "MatryoshkaKV: trained orthogonal projections cut to a rank (low rank)",
+    "matryoshka_pca": "MatryoshkaKV with the PCA projections (low rank)",
+    "minicache": "MiniCache: merges adjacent deep layers' caches by SLERP (depth merging)",
+}
+
+
+def available() -> dict[str, str]:
+  """``{name: one-line description}`` of every registered method (built-in and registered by
+  ``register``), sorted by name."""
+  out = {}
+  for name in sorted(REGISTRY):
+    cls = REGISTRY[name]
+    doc = " ".join((cls.__doc__ or cls.__name__).split())
+    out[name] = getattr(cls, "summary", None) or DESCRIPTIONS.get(name) or doc.split(". ")[0]
+  return out
+
+
+def register(name: str, *, replace: bool = False):
+  """Class decorator adding a user method to the registry, so ``make(name)`` and every
+  launcher's ``--method=name`` (with ``--method_module=your_module``) build it.
+
+  The class must be a frozen dataclass (a static ``jit`` argument) defining ``scores(cache,
+  obs) -> [L, B, K, S]`` (or ``compress``/``apply``); ``replace=True`` overrides a registered
+  name."""
+  if not name or not name.replace("_", "").isalnum():
+    raise ValueError(f"method name must be letters, digits and _, got {name!r}")
+
+  def deco(cls):
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+      raise TypeError(f"{cls.__name__}: a method must be a frozen dataclass "
+                      "(@dataclasses.dataclass(frozen=True)) so it can be a static jit argument")
+    if not any(hasattr(cls, h) for h in ("scores", "compress", "apply")):
+      raise TypeError(f"{cls.__name__}: define scores(cache, obs) -> [L, B, K, S] keep-scores")
+    if name in REGISTRY and REGISTRY[name] is not cls and not replace:
+      raise ValueError(f"method {name!r} is already registered ({REGISTRY[name].__name__}): "
+                       "pick another name, or pass replace=True")
+    REGISTRY[name] = cls
+    return cls
+  return deco
+
+
 def check_for_model(method, config, params, what: str = "the model") -> None:
   """Raises a clear error if a calibrated member of ``method`` (KVQuant, MatryoshkaKV) was
   calibrated on another model than the one with this ``config`` and ``params`` (fingerprints
   over every weight, ``lib.fingerprint``). ``what`` names the model in the error: pass its name
   and source path, e.g. ``f"{name} ({lm.source})"``."""
-  from lib.fingerprint import model_fingerprint  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.fingerprint import model_fingerprint  # pylint: disable=g-import-not-at-top
   for m in getattr(method, "methods", (method,)):
     if hasattr(m, "check_for"):
       m.check_for(config, params, what)
@@ -259,7 +320,7 @@ def check_for_model(method, config, params, what: str = "the model") -> None:
       cal.check_model(model_fingerprint(config, params), what)
 
 
-__all__ = ["check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select",
+__all__ = ["available", "register", "check_for_model", "Method", "Compose", "REGISTRY", "make", "compress", "select",
            "kept_fraction", "evicts", "size_warning", "MethodWarning", "StreamingLLM", "Knorm",
            "SnapKV", "TOVA", "H2O", "Keyformer", "PyramidKV", "AdaKV", "ExpectedAttention",
            "KVzip", "KIVI", "KIVI4", "KVQuant", "KVQuant2", "KVQuant4", "XKV", "ThinK",

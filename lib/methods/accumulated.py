@@ -15,13 +15,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lib.attention import block_scores, cache_block, store_block_size
-from lib.gumbel import gumbel_noise, hash_salts, query_head_ids
-from lib.cache import KVCache
-from lib.methods.base import Method, check_at_least, check_unit, evict_one, forced
-from pallas_kernels import platform as platform_lib
-from pallas_kernels.column_sums import column_sums as column_sums_kernel
-from pallas_kernels.column_sums import row_lse as row_lse_kernel
+from kvlab.lib.attention import block_scores, cache_block, store_block_size
+from kvlab.lib.gumbel import gumbel_noise, hash_salts, query_head_ids
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.base import Method, check_at_least, check_unit, evict_one, forced
+from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels.column_sums import column_sums as column_sums_kernel
+from kvlab.pallas_kernels.column_sums import row_lse as row_lse_kernel
 
 
 # How H2O's, TOVA's and Keyformer's column sums are formed. "kept": from the probabilities the

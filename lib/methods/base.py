@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.sharding import to_host
-from lib.cache import KVCache, round_capacity
+from kvlab.lib.sharding import to_host
+from kvlab.lib.cache import KVCache, round_capacity
 
 NEG_INF = -jnp.inf
 # Score of a slot a method must keep (window, recent, sinks): above any attention-derived
@@ -285,7 +285,7 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
   capacity = round_capacity(int(kept.max()) + (0 if paged else extra), block)
   out = _compress(method, cache, observations, jnp.asarray(kept, jnp.int32), capacity, scores)
   if paged:  # only what each head keeps; later tokens go to a window of ``extra`` slots
-    from lib.paged import page_cache  # pylint: disable=g-import-not-at-top
+    from kvlab.lib.paged import page_cache  # pylint: disable=g-import-not-at-top
     out = page_cache(out, page=method.page, room=extra, block=block,  # lengths as selected
                      host_lengths=np.minimum(kept, lengths))
   return out

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache
-from lib.methods.base import FORCED_BASE, check_at_least, check_unit, forced, reduce_group
-from lib.methods.eviction import SnapKV
-from lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.base import FORCED_BASE, check_at_least, check_unit, forced, reduce_group
+from kvlab.lib.methods.eviction import SnapKV
+from kvlab.lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
                                 window_queries, window_query_mask)
 
 
@@ -125,7 +125,7 @@ class AdaKV(Ragged, SnapKV):
     """The scoring method (with this budget), or None for the built-in SnapKV scores."""
     if self.scorer == "snapkv":
       return None
-    from lib.methods import REGISTRY  # pylint: disable=g-import-not-at-top (circular)
+    from kvlab.lib.methods import REGISTRY  # pylint: disable=g-import-not-at-top (circular)
     cls = REGISTRY[self.scorer]
     own = {"gqa": self.gqa} if "gqa" in {f.name for f in dataclasses.fields(cls)} else {}
     return cls(ratio=self.ratio, budget=self.budget, **own)

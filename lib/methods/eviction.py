@@ -11,11 +11,11 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from lib.cache import KVCache
-from lib.methods.accumulated import column_sums
-from lib.methods.base import (Method, check_at_least, check_choice, evict_one, forced,
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.accumulated import column_sums
+from kvlab.lib.methods.base import (Method, check_at_least, check_choice, evict_one, forced,
                               reduce_group, sinks_note, smallest_budget)
-from lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
+from kvlab.lib.methods.window import (avg_pool, in_window, last_queries, max_pool, window_attention,
                                 window_queries, window_query_mask)
 
 

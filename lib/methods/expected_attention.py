@@ -19,8 +19,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lib.cache import KVCache
-from lib.methods.base import Method, check_at_least, reduce_group, sinks_note
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.base import Method, check_at_least, reduce_group, sinks_note
 
 
 @functools.lru_cache(maxsize=None)

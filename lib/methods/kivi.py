@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.sharding import to_host
-from lib.cache import KVCache, round_capacity
-from lib.methods.base import check_at_least, check_types, warn
-from lib.quant import packing
-from lib.quant.store import (QuantStore, check_head_dim, check_plain, check_window, first_slots,
+from kvlab.lib.sharding import to_host
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.methods.base import check_at_least, check_types, warn
+from kvlab.lib.quant import packing
+from kvlab.lib.quant.store import (QuantStore, check_head_dim, check_plain, check_window, first_slots,
                              split_window)
 
 

@@ -33,13 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.sharding import to_host
-from lib.cache import KVCache, round_capacity
-from lib.methods.base import check_at_least, check_types
-from lib.quant import nuq, packing
-from lib.quant import kvquant_calibrate as calib
-from lib.quant.kvquant_store import KVQuantStore
-from lib.quant.store import (check_plain, check_window, sink_slots, split_window,
+from kvlab.lib.sharding import to_host
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.methods.base import check_at_least, check_types
+from kvlab.lib.quant import nuq, packing
+from kvlab.lib.quant import kvquant_calibrate as calib
+from kvlab.lib.quant.kvquant_store import KVQuantStore
+from kvlab.lib.quant.store import (check_plain, check_window, sink_slots, split_window,
                              take_slots)
 
 # The committed calibration of the default model (experiments/calibrate_kvquant.py), found

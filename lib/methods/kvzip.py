@@ -36,8 +36,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lib.cache import KVCache
-from lib.methods.base import Method, check_at_least, forced, scale, sinks_note
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.base import Method, check_at_least, forced, scale, sinks_note
 
 SHARE = ("head", "layer")
 

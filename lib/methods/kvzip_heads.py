@@ -33,9 +33,9 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache
-from lib.methods.base import Method, forced, smallest_budget
-from lib.methods.budgets import Ragged
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.base import Method, forced, smallest_budget
+from kvlab.lib.methods.budgets import Ragged
 
 DEFAULT_TABLE = os.path.normpath(os.path.join(
     os.path.dirname(__file__), "..", "..", "results", "kvzip_heads", "smollm2-135m.json"))
@@ -112,9 +112,9 @@ class KVzipHeads(Ragged, Method):
 
   def check_for(self, config, params, what: str = "the model") -> None:
     """Raises a clear error when the table was calibrated on another model."""
-    from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
+    from kvlab.lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
     self.head_table(config.num_layers, config.num_kv_heads)
-    from lib import fingerprint  # pylint: disable=g-import-not-at-top
+    from kvlab.lib import fingerprint  # pylint: disable=g-import-not-at-top
     table = load_table(self.table)
     want, have = table.get("fingerprint"), model_fingerprint(config, params)
     if want is not None and want != have:

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache, round_capacity
-from lib.lowrank import matryoshka as mk
-from lib.lowrank.projected import ProjectedStore, flat_offsets, flatten, layer_widths
-from lib.methods.base import check_types
-from lib.quant.store import check_plain, first_slots, split_window
-from lib.sharding import to_host
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.lowrank import matryoshka as mk
+from kvlab.lib.lowrank.projected import ProjectedStore, flat_offsets, flatten, layer_widths
+from kvlab.lib.methods.base import check_types
+from kvlab.lib.quant.store import check_plain, first_slots, split_window
+from kvlab.lib.sharding import to_host
 
 _ROOT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "results",
                                       "matryoshka", "smollm2-135m"))
@@ -71,7 +71,7 @@ class MatryoshkaKV:
 
   def check_for(self, config, params, what: str = "the model") -> None:
     """Raises a clear error when the projections were made for another model."""
-    from lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
+    from kvlab.lib.quant.kvquant_calibrate import model_fingerprint  # pylint: disable=g-import-not-at-top
     self.load_projections().check_model(model_fingerprint(config, params), config.num_layers,
                                         config.num_kv_heads, config.head_dim, what)
 

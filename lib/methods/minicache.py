@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache, round_capacity
-from lib.lowrank.merged import MergedStore, slerp_merge
-from lib.methods.base import check_types
-from lib.quant.store import check_plain, check_uniform_tokens, first_slots
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.lowrank.merged import MergedStore, slerp_merge
+from kvlab.lib.methods.base import check_types
+from kvlab.lib.quant.store import check_plain, check_uniform_tokens, first_slots
 
 
 @dataclasses.dataclass(frozen=True)

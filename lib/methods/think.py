@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib.cache import KVCache, round_capacity
-from lib.lowrank.channels import ChannelStore
-from lib.methods.base import check_at_least, check_types, warn
-from lib.methods.window import last_queries, window_queries
-from lib.quant.store import check_plain, first_slots, split_window
-from lib.sharding import to_host
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.lowrank.channels import ChannelStore
+from kvlab.lib.methods.base import check_at_least, check_types, warn
+from kvlab.lib.methods.window import last_queries, window_queries
+from kvlab.lib.quant.store import check_plain, first_slots, split_window
+from kvlab.lib.sharding import to_host
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lib.cache import KVCache
-from lib.methods.base import merge_chunks, scale
+from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.base import merge_chunks, scale
 
 
 @functools.lru_cache(maxsize=None)

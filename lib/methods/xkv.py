@@ -25,11 +25,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from lib.cache import KVCache, round_capacity
-from lib.lowrank.store import LowRankStore, factor
-from lib.methods.base import check_at_least, check_types
-from lib.quant.store import check_plain, check_uniform_tokens, first_slots
-from lib.rope import rotate
+from kvlab.lib.cache import KVCache, round_capacity
+from kvlab.lib.lowrank.store import LowRankStore, factor
+from kvlab.lib.methods.base import check_at_least, check_types
+from kvlab.lib.quant.store import check_plain, check_uniform_tokens, first_slots
+from kvlab.lib.rope import rotate
 
 
 def _observe(layer, x, cache):

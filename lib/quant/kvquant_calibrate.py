@@ -34,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lib import fingerprint as fingerprints
-from lib import saved_arrays
-from lib.fingerprint import model_fingerprint  # re-exported: callers import it from here
-from lib.quant import nuq
+from kvlab.lib import fingerprint as fingerprints
+from kvlab.lib import saved_arrays
+from kvlab.lib.fingerprint import model_fingerprint  # re-exported: callers import it from here
+from kvlab.lib.quant import nuq
 
 FORMAT = "kvlab-kvquant-calibration/1"
 
@@ -96,7 +96,7 @@ def kv_and_fisher(lm, tokens: Sequence[int]):
   Returns four float32 arrays ``[L, T, K, H]``: keys, values, Fisher of keys, Fisher of
   values (the gradient of the sample's mean next-token NLL, squared).
   """
-  from models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
   c = lm.config
   t = len(tokens)
   toks = jnp.asarray(tokens, jnp.int32)[None]
@@ -211,7 +211,7 @@ def calibrate(lm, samples: Sequence[Sequence[int]], *, bits: Sequence[int] = (2,
   for b in bits:
     for kind in ("k", "v"):
       luts[f"{kind}{b}"] = np.stack([per[kind, b, l] for l in range(c.num_layers)])
-  from lib.rope import inv_freq_for  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.rope import inv_freq_for  # pylint: disable=g-import-not-at-top
   inv_freq = np.asarray(inv_freq_for(c.rope, max(len(s) for s in samples)), np.float32)
   meta = {"format": FORMAT, "model": model_name, "source": getattr(lm, "source", ""),
           "fingerprint": model_fingerprint(c, lm.params),

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lib.quant import nuq, packing
-from lib.quant.store import put_slots
-from lib.rope import rotate
+from kvlab.lib.quant import nuq, packing
+from kvlab.lib.quant.store import put_slots
+from kvlab.lib.rope import rotate
 
 
 @struct.dataclass

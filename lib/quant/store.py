@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from lib.quant import packing
-from lib.quant.uniform import Quantized, dequantize, quantize
-from lib.sharding import to_host
+from kvlab.lib.quant import packing
+from kvlab.lib.quant.uniform import Quantized, dequantize, quantize
+from kvlab.lib.sharding import to_host
 
 
 @struct.dataclass
@@ -103,7 +103,7 @@ class QuantStore:
     """``(o [B, K, G, H], lse [B, K, G])`` of queries ``q [B, K, G, H]`` over this layer's
     packed codes by the Pallas kernel, which dequantizes in registers (the full-precision window
     is folded in by ``lib.attention``, so the kernel's own residual input is left empty)."""
-    from pallas_kernels.quantized_decode_attention import quantized_decode_attention  # pylint: disable=g-import-not-at-top
+    from kvlab.pallas_kernels.quantized_decode_attention import quantized_decode_attention  # pylint: disable=g-import-not-at-top
     at = lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
     b, k, g, h = q.shape
     if self.k_bits != self.v_bits:

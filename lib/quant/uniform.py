@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lib.quant import packing
+from kvlab.lib.quant import packing
 
 
 class Quantized(NamedTuple):
