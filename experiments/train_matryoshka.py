@@ -29,6 +29,7 @@ import time
 from absl import app, flags, logging
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from kvlab import models
 from kvlab.lib import distributed, flag_checks, outputs, sharding
@@ -56,6 +57,8 @@ flags.DEFINE_float("kl_weight", 0.25, "Loss = w * KL(teacher || student) + (1 - 
 flags.DEFINE_integer("rank_step", 8, "Ranks are sampled from {s, 2s, ..., head_dim}.")
 flags.DEFINE_integer("seed", 0, "Seed of window and rank sampling.")
 flags.DEFINE_integer("save_every", 25, "Checkpoint interval (steps).")
+flags.DEFINE_integer("log_every", 10, "Print loss / KL / CE to the console every N steps (the "
+                     "metrics file has every step); 0 = never.")
 flags.DEFINE_integer("eval_windows", 8, "Held-out windows for the PCA-vs-trained comparison.")
 flags.DEFINE_float("eval_rank", 0.5, "Rank (fraction of the head dim) of that comparison.")
 flags.DEFINE_float("search_budget", 0.5, "Greedy per-head rank search for this mean fraction "
@@ -83,6 +86,7 @@ flag_checks.at_least("warmup", 0)
 flag_checks.at_least("rank_step", 1)
 flag_checks.at_least("seed", 0)
 flag_checks.at_least("save_every", 1)
+flag_checks.at_least("log_every", 0)
 flag_checks.at_least("eval_windows", 1)
 flag_checks.at_least("search_step", 1)
 flag_checks.at_least("search_windows", 1)
@@ -172,8 +176,13 @@ def main(argv):
   pool = np.asarray(text_of_tokens(lm.tokenizer, FLAGS.pool_tokens, offset_chars=len(text) // 2),
                     np.int32)
   t0 = time.time()
+  def log(row):
+    if FLAGS.log_every and (row["step"] % FLAGS.log_every == 0 or row["step"] == cfg.steps):
+      tqdm.write(f"step {row['step']}/{cfg.steps}: loss {row['loss']:.4f} KL {row['kl']:.4f} "
+                 f"CE {row['ce']:.4f} ({row['seconds']:.2f} s)")
+
   theta, run = mt.train(lm, pca, pool, cfg, os.path.join(out, "train"), mesh=mesh,
-                        progress=True)
+                        progress=True, log=log)
   train_seconds = round(time.time() - t0, 1)
   trained = mt.to_projections(pca, theta, {"steps": cfg.steps, "train": cfg.__dict__})
   search_seconds = None

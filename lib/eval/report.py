@@ -19,7 +19,8 @@ def _fmt(stat, digits=2, pct=False):
 
 
 def leaderboard(cells: list[dict]) -> str:
-  """Markdown: one table per (task, length, protocol); rows method x ratio, full cache first."""
+  """Markdown: one table per (task, length, protocol); the full cache first, then each kept ratio
+  (largest first) with its methods best first."""
   groups = collections.defaultdict(list)
   for c in cells:
     groups[(c["task"], c["length"], c["protocol"])].append(c)
@@ -32,9 +33,17 @@ def leaderboard(cells: list[dict]) -> str:
     out.append(f"| method | kept | {head} | vs full | KL vs full (nats) | top-1 agree % "
                "| cache bytes / full | peak cache / full | n |")
     out.append("|---|---|---|---|---|---|---|---|---|")
-    order = sorted(cs, key=lambda c: (c["method"] != "full", c["method"], -c["ratio"]))
-    for c in order:
-      key = "ppl" if is_ppl else "score"
+    key = "ppl" if is_ppl else "score"
+
+    def rank(c):
+      """Full cache first; then each kept ratio (largest first), best score first (lowest
+      perplexity), KL vs full breaking ties, then the name."""
+      m = c[key]["mean"]
+      m = float("inf") if m is None else (m if is_ppl else -m)
+      kl = c["kl"]["mean"] if c["kl"]["mean"] is not None else float("inf")
+      return (c["method"] != "full", -c["ratio"], m, kl, c["method"])
+
+    for c in sorted(cs, key=rank):
       rel = "–"
       if full and full[key]["mean"]:
         rel = f"{100 * c[key]['mean'] / full[key]['mean']:.0f} %"
