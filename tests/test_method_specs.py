@@ -5,28 +5,14 @@ loads; compositions say what they keep; short prompts and oversized caches are n
 import re
 import warnings
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvlab import models
-from kvlab.lib import generate as gen
 from kvlab.lib import methods
 from kvlab.lib.methods import MethodWarning
+from test_methods_budgets import _prefill, tiny  # pylint: disable=unused-import
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_dir):
-  path, _ = tiny_dir("llama")
-  return models.load(path, progress=False, attn_block_size=8)
-
-
-def _prefill(m, ids, chunk, observe=None):
-  tokens, lengths = gen.pad_batch([ids], chunk)
-  cache = m.new_cache(1, tokens.shape[1])
-  _, cache, obs = gen.prefill(m.params, jnp.asarray(tokens), jnp.asarray(lengths), cache,
-                              apply_fn=m.apply_fn, chunk_size=chunk, observe=observe)
-  return cache, obs
 
 
 @pytest.mark.parametrize("spec", ["snapkv+", "+snapkv", "snapkv++kivi", "snapkv+ +kivi"])
