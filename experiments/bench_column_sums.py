@@ -31,8 +31,10 @@ import numpy as np
 from kvlab.lib.gumbel import hash_salts, query_head_ids
 from kvlab.lib.provenance import device_description, git_rev, write_result
 from kvlab.pallas_kernels import column_sums as cs
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_integer("kv_heads", 3, "kv heads (K).")
 flags.DEFINE_integer("group", 3, "query heads per kv head (G).")
 flags.DEFINE_integer("head_dim", 64, "head dim (H).")
@@ -120,6 +122,7 @@ def _time_all(paths, reps):
 
 def main(argv):
   del argv
+  launch_config.apply()
   k, g, h, t, s = FLAGS.kv_heads, FLAGS.group, FLAGS.head_dim, FLAGS.chunk, FLAGS.slots
   args = _inputs(k, g, h, t, s, getattr(jnp, FLAGS.dtype))
   lses = _lses(*args)  # once: every block shape and the dense paths take the same

@@ -30,8 +30,10 @@ from kvlab.lib.data.text import text_of_tokens
 from kvlab.lib.eval.runner import method_observations
 from kvlab.lib.methods.kvzip import reconstructor
 from kvlab.lib.provenance import device_description, git_rev, write_result
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model.")
 flags.DEFINE_integer("chunk", 512, "Prefill chunk (tokens per step of the chunked prefill).")
@@ -80,6 +82,7 @@ def _best(f, reps):
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   if not FLAGS.attention_probs:
     decoder.PROBS_MAX_BYTES = 0

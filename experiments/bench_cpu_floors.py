@@ -42,8 +42,10 @@ from kvlab.lib.cache import KVCache
 from kvlab.lib.methods import accumulated
 from kvlab.lib.methods.expected_attention import query_moments
 from kvlab.lib.provenance import device_description, git_rev, write_result
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_list("cached", ["1536", "3584"], "Cached keys before the chunk (chunks 3 and 7 of 4k).")
 flags.DEFINE_integer("reps", 5, "Timed repetitions per variant (median reported).")
 flags.DEFINE_string("vs_kvpress", "results/bench_vs_kvpress_maskbias_cpu.json",
@@ -259,6 +261,7 @@ def kvpress_ceiling(path: str, floors: dict) -> list:
 
 def main(argv):
   del argv
+  launch_config.apply()
   res = {"benchmark": "bench_cpu_floors", "device": device_description(), "git": git_rev(),
          "jax": jax.__version__, "reps": FLAGS.reps,
          "command": " ".join(["python -m experiments.bench_cpu_floors"] + sys.argv[1:])}

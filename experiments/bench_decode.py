@@ -38,8 +38,10 @@ from kvlab.lib.provenance import git_rev, write_result
 from kvlab.lib.quant import uniform
 from kvlab.pallas_kernels.quantized_decode_attention import (quantized_decode_attention,
                                                        quantized_decode_attention_reference)
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_list("lengths", ["1024", "2048", "4096", "8192", "16384", "32768"], "Context.")
 flags.DEFINE_integer("batch", 1, "Rows.")
 flags.DEFINE_integer("kv_heads", 3, "KV heads.")
@@ -83,6 +85,7 @@ def _quantized_case(rng, b, k, s, h, bits, group, r):
 
 def main(argv):
   del argv
+  launch_config.apply()
   rng = np.random.RandomState(0)
   b, k, g, h = FLAGS.batch, FLAGS.kv_heads, FLAGS.group_heads, FLAGS.head_dim
   accel = jax.devices()[0].platform != "cpu"

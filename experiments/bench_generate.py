@@ -29,8 +29,10 @@ from kvlab.lib import generate as gen
 from kvlab.lib.data.text import text_of_tokens
 from kvlab.lib.provenance import device_description, git_rev, write_result
 from kvlab.lib.reference import load_hf_reference
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model (the reference must load it too).")
 flags.DEFINE_list("lengths", ["1024", "4096"], "Prompt lengths.")
@@ -92,6 +94,7 @@ def hf_run(hf, ids, n_decode):
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   m = models.load(FLAGS.model, progress=False)
   m, _ = sharding.place_model(m, FLAGS.mesh)

@@ -22,8 +22,10 @@ from absl import app, flags
 from kvlab.lib.provenance import git_rev, write_result
 
 from kvlab.lib import flag_checks  # noqa
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_integer("length", 8192, "Prompt tokens (the default model's full context is 8192).")
 flags.DEFINE_float("ratio", 0.25, "Fraction kept.")
 flags.DEFINE_list("method", ["snapkv", "h2o"], "Methods.")
@@ -33,7 +35,7 @@ flags.DEFINE_string("out", "results/bench_online_memory_cpu.json", "JSON output.
 
 flag_checks.at_least("length", 1)
 flags.register_validator("ratio", lambda v: 0 < v <= 1, "must be in (0, 1]")
-flags.register_validator("limit_gib", lambda v: v > 0, "must be > 0")
+flags.register_validator("limit_gib", lambda v: v >= 0, "must be >= 0 (0 = skip the demo)")
 flag_checks.at_least("limit_batch", 1)
 
 
@@ -52,6 +54,7 @@ def _run(args, limit_bytes=None):
 
 def main(argv):
   del argv
+  launch_config.apply()
   # The default model's context is 8192 including the first generated token.
   length = FLAGS.length - 1 if FLAGS.length >= 8192 else FLAGS.length
   rows = [_run([f"--length={length}"])]

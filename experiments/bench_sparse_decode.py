@@ -34,8 +34,10 @@ from kvlab.lib.data.text import text_of_tokens
 from kvlab.lib.provenance import device_description, write_result
 from kvlab.lib.protocol import prefill_context
 from kvlab.pallas_kernels import sparse_decode_attention as sda
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_integer("length", 4096, "Prompt tokens prefilled before AdaKV compresses.")
 flags.DEFINE_string("model", "smollm2-135m", "Model (named, HF directory or .gguf).")
 flags.DEFINE_float("ratio", 0.25, "AdaKV kept fraction.")
@@ -52,6 +54,7 @@ def _time(fn, *args):
 
 def main(argv):
   del argv
+  launch_config.apply()
   lm = models.load(FLAGS.model, progress=False)
   c = lm.config
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)

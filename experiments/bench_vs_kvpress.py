@@ -41,8 +41,10 @@ from kvlab.lib.data.text import text_of_tokens
 from kvlab.lib.eval.runner import method_observations
 from kvlab.lib.methods.kvzip import reconstructor
 from kvlab.lib.provenance import device_description, git_rev
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_string("model", "smollm2-135m", "Model (transformers must load the same file).")
 flags.DEFINE_list("methods", ["snapkv", "streaming_llm", "knorm", "expected_attention"],
                   "Methods (kvlab registry names; 'none' = no compression on either side).")
@@ -209,6 +211,7 @@ def _same_prefix(a, b) -> int:
 
 def main(argv):
   del argv
+  launch_config.apply()
   import kvpress  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top

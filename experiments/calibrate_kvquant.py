@@ -26,8 +26,10 @@ from kvlab.lib import distributed, flag_checks, outputs, saved_arrays, sharding
 from kvlab.lib.data.text import stdlib_docs, text_of_tokens
 from kvlab.lib.quant import kvquant_calibrate as calib
 from kvlab.models import registry
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_integer("num_samples", 16, "Calibration samples (KVQuant: 16).")
@@ -72,6 +74,7 @@ def stored_identity(path: str) -> dict | None:
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   bits = [int(b) for b in FLAGS.bits]

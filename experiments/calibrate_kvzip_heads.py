@@ -23,7 +23,7 @@ import time
 from absl import app, flags
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from kvlab.lib.progress import tqdm
 
 from kvlab import models
 from kvlab.lib import flag_checks, outputs
@@ -34,8 +34,10 @@ from kvlab.lib.methods.kvzip_heads import table_from_scores
 from kvlab.lib.protocol import prefill_context, reconstruction_scores
 from kvlab.lib.provenance import git_rev
 from kvlab.models import registry
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_integer("length", 2048, "Context tokens per calibration sample.")
 flags.DEFINE_integer("samples", 4, "Calibration samples (stretches of the stdlib docs).")
@@ -66,6 +68,7 @@ def stored_identity(path: str) -> dict | None:
 
 def main(argv):
   del argv
+  launch_config.apply()
   if FLAGS.samples < 1 or FLAGS.length < 64:
     raise app.UsageError("--samples must be >= 1 and --length >= 64 tokens")
   path = FLAGS.out or outputs.default_out("kvzip_heads", registry.slug(FLAGS.model) + ".json")

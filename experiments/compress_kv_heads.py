@@ -21,7 +21,7 @@ import time
 
 from absl import app, flags
 import numpy as np
-from tqdm.auto import tqdm
+from kvlab.lib.progress import tqdm
 
 from kvlab import models
 from kvlab.lib import flag_checks, outputs
@@ -30,10 +30,12 @@ from kvlab.lib.eval.runner import run_perplexity
 from kvlab.lib.eval.tasks import perplexity_tokens
 from kvlab.lib.lowrank import kv_heads as kvh
 from kvlab.lib.provenance import write_result
-from kvlab.models import registry
+from kvlab.models import hf_export, registry
 from kvlab.models.decoder import make_apply_fn
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_integer("kv_heads", 1, "KV heads after the conversion (divides the model's).")
 flags.DEFINE_integer("num_samples", 8, "Calibration samples.")
@@ -97,6 +99,7 @@ def perplexity(lm, samples) -> dict:
 
 def main(argv):
   del argv
+  launch_config.apply()
   out = FLAGS.out or outputs.default_out(
       "kv_heads", f"{registry.slug(FLAGS.model)}_kv{FLAGS.kv_heads}.json")
   lm = models.load(FLAGS.model, progress=True)
@@ -135,7 +138,7 @@ def main(argv):
       "convert_s": round(t2 - t1, 1), "lora_recovery": False,
   }
   if FLAGS.save_dir:
-    result["saved_to"] = kvh.save_converted(conv, FLAGS.save_dir)
+    result["saved_to"] = hf_export.save_converted(conv, FLAGS.save_dir)
     with open(os.path.join(FLAGS.save_dir, IDENTITY_FILE), "w") as f:
       json.dump(conv_ident, f, indent=1)
   write_result(out, result)

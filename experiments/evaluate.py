@@ -17,7 +17,7 @@ import time
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
-from tqdm.auto import tqdm
+from kvlab.lib.progress import tqdm
 
 from kvlab import models
 from kvlab.lib import distributed, flag_checks, jsonl, sharding
@@ -29,8 +29,10 @@ from kvlab.lib.online import split_online
 from kvlab.lib.online_quantized import check_quantizable_each_chunk
 from kvlab.lib.provenance import git_rev
 from kvlab.lib.quant.kvquant_calibrate import model_fingerprint
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and cache dtype.")
@@ -130,6 +132,7 @@ def _identity(lm) -> dict:
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax (KVQuant calibrations) logs every read
   ratios = [float(r) for r in FLAGS.ratio]
@@ -156,7 +159,7 @@ def main(argv):
     raise app.UsageError(f"--out: {e}") from e
   print(f"loading {FLAGS.model} ...", file=sys.stderr, flush=True)
   dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
-  lm = models.load(FLAGS.model, dtype=dtype, progress=False)
+  lm = models.load(FLAGS.model, dtype=dtype, progress=True)
   lm, _ = sharding.place_model(lm, FLAGS.mesh)
   what = f"{FLAGS.model} ({lm.source})"
   for spec, _, m in cells:
@@ -191,7 +194,8 @@ def main(argv):
   except jsonl.LockedError as e:
     raise app.UsageError(f"--out: {e}") from e
   try:
-    bar = tqdm(jobs, desc="samples", unit="sample")
+    bar = tqdm(jobs, desc="samples", unit="sample", position=0)
+    steps = tqdm(desc="  this sample", unit="step", position=1, leave=False)  # cells done, ETA
     for task, n, seed in bar:
       protocol = "prefix" if task == "perplexity" else FLAGS.protocol
       want = [(s, r, m) for s, r, _ in cells for m in modes] + [("full", 1.0, "after")]
@@ -202,7 +206,8 @@ def main(argv):
               if any((task, n, protocol, seed, c[0], c[1], m) not in done for m in modes)]
       if task == "perplexity":
         prefix, cont = perplexity_tokens(lm.tokenizer, n, seed, FLAGS.continuation)
-        rows = run_perplexity(lm, prefix, cont, todo, seed=seed, chunk_size=FLAGS.chunk_size)
+        rows = run_perplexity(lm, prefix, cont, todo, seed=seed, chunk_size=FLAGS.chunk_size,
+                              progress=steps)
       else:
         depth = float(FLAGS.depths[seed % len(FLAGS.depths)]) if FLAGS.depths else None
         sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
@@ -210,7 +215,7 @@ def main(argv):
                           max_new_tokens=FLAGS.max_new_tokens, chunk_size=FLAGS.chunk_size,
                           during_prefill=FLAGS.compress_during_prefill,
                           batch_cells=FLAGS.batch_cells,
-                          quantize_each_chunk=FLAGS.quantize_each_chunk)
+                          quantize_each_chunk=FLAGS.quantize_each_chunk, progress=steps)
       for r in rows:
         r.update({"length": n})
         if aggregate.row_key(r) in done:
@@ -220,6 +225,7 @@ def main(argv):
         if f is not None:
           f.write(r)
         done.add(aggregate.row_key(r))
+    steps.close()
   finally:
     writer.__exit__(None, None, None)
   table = aggregate.cells(aggregate.unique_rows(aggregate.read_rows([FLAGS.out]))[0])

@@ -19,8 +19,10 @@ from kvlab.lib import methods
 from kvlab.lib.eval.runner import method_observations
 from kvlab.lib.protocol import ask, compress_for, prefill_context
 from kvlab.lib.sampling import SamplingConfig, sample
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_string("prompt", "What is the capital of France?", "User prompt.")
@@ -83,6 +85,7 @@ def _stream(m, ids, sampling):
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   dtype = jnp.float32 if FLAGS.dtype == "float32" else jnp.bfloat16
   t = time.perf_counter()

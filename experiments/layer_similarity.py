@@ -17,8 +17,10 @@ import numpy as np
 from kvlab import models
 from kvlab.lib import generate as gen
 from kvlab.lib.data.text import text_of_tokens
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_integer("length", 1024, "Prompt tokens.")
 flags.DEFINE_string("out", "results/layer_similarity_smollm2.json", "Output JSON.")
@@ -32,6 +34,7 @@ def adjacent_cosine(x: np.ndarray) -> np.ndarray:
 
 def main(argv):
   del argv
+  launch_config.apply()
   lm = models.load(FLAGS.model, progress=True)
   ids = text_of_tokens(lm.tokenizer, FLAGS.length)
   tokens, lengths = gen.pad_batch([ids], 512)

@@ -15,8 +15,10 @@ from kvlab import models
 from kvlab.lib.data.text import text_of_tokens
 from kvlab.lib.provenance import git_rev
 from kvlab.lib.reference import load_hf_reference
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_string("model", "smollm2-135m", "Model (transformers must load it too).")
 flags.DEFINE_integer("prompt_tokens", 256, "Real-text prompt length.")
 flags.DEFINE_integer("new_tokens", 32, "Greedy tokens compared.")
@@ -25,6 +27,7 @@ flags.DEFINE_string("out", "results/parity_smollm2.json", "JSON output.")
 
 def main(argv):
   del argv
+  launch_config.apply()
   import torch  # pylint: disable=g-import-not-at-top
   m = models.load(FLAGS.model, progress=False)
   hf = load_hf_reference(m.source)

@@ -30,8 +30,10 @@ from kvlab.lib.data.text import text_of_tokens
 from kvlab.lib import memory
 from kvlab.lib.memory import explain_oom
 from kvlab.lib.online import prefill_context_compressing
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Model to load.")
 flags.DEFINE_integer("length", 4096, "Prompt tokens (real stdlib-docs text).")
@@ -52,6 +54,7 @@ flag_checks.method_specs("method", "ratio", optional=True)
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   m = models.load(FLAGS.model, progress=False)
   m, _ = sharding.place_model(m, FLAGS.mesh)

@@ -20,8 +20,10 @@ import numpy as np
 from kvlab.lib import methods
 from kvlab.lib.cache import KVCache
 from kvlab.lib.provenance import write_result
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_list("lengths", ["1024", "4096", "8192"], "Cached tokens.")
 flags.DEFINE_list("method", ["kivi", "kivi4", "kvquant2", "kvquant", "kvquant4"],
                   "Quantizers.")
@@ -30,6 +32,7 @@ flags.DEFINE_string("out", "results/quant_bytes.json", "JSON output.")
 
 def main(argv):
   del argv
+  launch_config.apply()
   rows = []
   for n in (int(x) for x in FLAGS.lengths):
     shape = (30, 1, 3, n, 64)

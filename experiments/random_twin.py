@@ -19,8 +19,10 @@ from __future__ import annotations
 from absl import app, flags
 
 from kvlab.models.random_twin import write_config, write_weights
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_string("model", "smollm2-135m", "Model whose architecture and tokenizer to copy "
                     "(named or .gguf; stage config).")
 flags.DEFINE_string("out", None, "Checkpoint directory to write.", required=True)
@@ -30,6 +32,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the random weights.")
 
 def main(argv):
   del argv
+  launch_config.apply()
   if FLAGS.stage in ("config", "all"):
     write_config(FLAGS.model, FLAGS.out)
   if FLAGS.stage in ("weights", "all"):

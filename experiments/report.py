@@ -9,14 +9,17 @@ import os
 from absl import app, flags
 
 from kvlab.lib.eval import aggregate, report
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 flags.DEFINE_list("inputs", ["results/eval.jsonl"], "Per-sample JSONL files.")
 flags.DEFINE_string("out_dir", "results/report", "Where leaderboard.md, cells.json, *.png go.")
 
 
 def main(argv):
   del argv
+  launch_config.apply()
   missing = [p for p in FLAGS.inputs if not os.path.exists(p)]
   if missing:
     raise app.UsageError(f"no such results file(s): {missing}; run experiments.evaluate first")

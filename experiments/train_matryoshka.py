@@ -29,7 +29,7 @@ import time
 from absl import app, flags, logging
 import jax
 import numpy as np
-from tqdm.auto import tqdm
+from kvlab.lib.progress import tqdm
 
 from kvlab import models
 from kvlab.lib import distributed, flag_checks, outputs, sharding
@@ -38,8 +38,10 @@ from kvlab.lib.lowrank import matryoshka as mk
 from kvlab.lib.lowrank import matryoshka_search as ms
 from kvlab.lib.lowrank import matryoshka_train as mt
 from kvlab.models import registry
+from kvlab.lib import launch_config
 
 FLAGS = flags.FLAGS
+launch_config.define()
 distributed.define_flags()
 flags.DEFINE_string("model", "smollm2-135m", "Named model, HF checkpoint dir or .gguf file.")
 flags.DEFINE_string("out", "", "Output directory (default: runs/matryoshka/<model>).")
@@ -126,6 +128,7 @@ def start_run(out: str, ident: dict) -> None:
 
 def main(argv):
   del argv
+  launch_config.apply()
   distributed.initialize_from_flags()
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
   out = os.path.abspath(FLAGS.out or outputs.default_out("matryoshka",

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 
@@ -136,17 +137,28 @@ class KVCache:
 
   def free_slots(self) -> int | None:
     """Tokens that can still be appended to every (layer, row, head) before a write would pass
-    the capacity (host side; None under ``jit``, where lengths are not concrete): the full-
-    precision part's free slots, plus a streaming store's (KIVI, KVQuant) free slots, into
-    which decoding flushes its oldest tokens."""
+    the capacity (host side; None under ``jit``, where lengths are not concrete).
+
+    Per head: the full-precision part's free slots, plus, for a streaming store (KIVI,
+    KVQuant), the whole groups its free slots hold, which decoding fills by flushing the window's
+    oldest ``group`` tokens once it holds ``residual + group`` (besides its sinks): only where
+    the window's capacity lets it reach that size. The minimum over heads."""
     from kvlab.lib.sharding import to_host  # pylint: disable=g-import-not-at-top
     if isinstance(self.lengths, jax.core.Tracer):
       return None
-    free = self.capacity - int(to_host(self.lengths).max())  # multi-host: gathered
+    free = self.capacity - to_host(self.lengths).astype(np.int64)  # [L, B, K]; multi-host: gathered
     q = self.quant
     if q is not None and hasattr(q, "insert") and not isinstance(q.lengths, jax.core.Tracer):
-      free += q.capacity - int(to_host(q.lengths).max())
-    return free
+      g = q.group
+      groups = (q.capacity - to_host(q.lengths).astype(np.int64)) // g * g  # [L, B, K]
+      sink = getattr(q, "sink", 0)
+      skip = 0
+      if sink:  # sinks sit at the front of the window (lib.quant.store.flush)
+        pos = to_host(self.positions[..., :sink])
+        skip = ((pos >= 0) & (pos < sink)).sum(-1)
+      flushes = self.capacity >= q.residual + g + skip
+      free = free + np.where(flushes, groups, 0)
+    return int(free.min())
 
   def append(self, k_new: jax.Array, v_new: jax.Array, n_new: jax.Array) -> "KVCache":
     """Writes T new tokens per (layer, row, head) after its valid slots.

@@ -182,8 +182,9 @@ def decode_loop(params, cache: KVCache, first_logits: jax.Array, rng: jax.Array,
                 stop_tokens: tuple[int, ...] = (), method=None, pad_id: int = 0):
   """The jitted decode loop (``_decode_loop``: returns ``(tokens [B, max_new_tokens],
   num_generated [B], cache)``); raises first if ``max_new_tokens`` do not fit the cache's free
-  slots (a method with decode-time eviction needs one free slot)."""
-  need = 1 if _evicts(method) else max_new_tokens
+  slots (the last token is returned, not appended: ``max_new_tokens - 1`` slots; a method with
+  decode-time eviction needs one free slot)."""
+  need = min(1, max_new_tokens - 1) if _evicts(method) else max_new_tokens - 1
   _room_error(cache, need, f"decoding {max_new_tokens} tokens",
               "compress with room for them (kvlab.compress(..., room=...), "
               "lib.methods.compress(..., extra=...)), or lower max_new_tokens")

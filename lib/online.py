@@ -28,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvlab.lib import generate as gen
+from kvlab.lib import online_quantized
 from kvlab.lib.cache import KVCache, round_capacity
 from kvlab.lib.memory import check_fits, explain_oom
 from kvlab.lib.methods.base import select, warn
+from kvlab.lib.online_chunk import chunk_forward, initial_accumulator
 from kvlab.lib.paged import page_cache
 
 
@@ -102,31 +104,6 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
   return logits[last_chunk, jnp.arange(b)], cache
 
 
-def chunk_forward(params, apply_fn, method, cache, acc, xs, lengths, chunk_size: int):
-  """One prefill chunk ``xs = (tokens [B, C], start)`` through the model with the method's
-  hook. Returns ``(logits [B, V] of each row's last real token in the chunk, cache with the
-  chunk appended, observations, acc, n_valid [B])``; for methods whose statistics are sums
-  over the queries so far (``accumulate``), the observations are ``acc`` updated."""
-  tok, start = xs
-  n_valid = jnp.clip(lengths - start, 0, chunk_size)
-  idx = jnp.clip(lengths - 1 - start, 0, chunk_size - 1)
-  logits, cache, obs = apply_fn(params, tok, cache, n_valid, idx, method.observe)
-  if acc is not None:
-    acc = method.accumulate(acc, obs)
-    obs = acc
-  return logits, cache, obs, acc, n_valid
-
-
-def initial_accumulator(params, apply_fn, method, cache, tokens, lengths):
-  """Zeros shaped like the observations of ``tokens [B, C]`` for methods that ``accumulate``
-  them over the chunks (expected attention's query moments); None for the others."""
-  if not hasattr(method, "accumulate"):
-    return None
-  shapes = jax.eval_shape(
-      lambda c: apply_fn(params, tokens, c, lengths, None, method.observe)[2], cache)
-  return jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
-
-
 def split_online(method):
   """``(eviction method, quantizers)`` of a method usable while prefilling: one eviction
   method, optionally followed by quantizers (``snapkv+kivi``). Raises ``ValueError`` naming the
@@ -177,7 +154,6 @@ def prefill_context_compressing(params, apply_fn, context, method, *, num_layers
   """
   method, quantizers = split_online(method)
   if quantize_each_chunk:
-    from kvlab.lib import online_quantized  # pylint: disable=g-import-not-at-top
     online_quantized.check_quantizable_each_chunk(method, quantizers)
   chunk = min(chunk_size, gen.round_up(max(len(c) for c in context), 8))
   tokens, lengths = gen.pad_batch(context, chunk)

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from kvlab.lib.cache import KVCache, round_capacity
 from kvlab.lib.memory import check_fits, explain_oom
 from kvlab.lib.methods.base import select
-from kvlab.lib.online import chunk_forward, initial_accumulator
+from kvlab.lib.online_chunk import chunk_forward, initial_accumulator
 from kvlab.lib.quant.store import QuantStore, first_slots, split_window
 from kvlab.lib.quant.uniform import quantize
 

@@ -120,6 +120,15 @@ def check_batch(batch: int, mesh: Mesh) -> None:
                      f"is a multiple of {d}, or a mesh with data:{math.gcd(batch, d)}")
 
 
+def kernel_spec(mesh: Mesh, batch: int, kv_heads: int) -> P:
+  """``P(data, model)`` over the leading (row, kv head) axes of a decode kernel's inputs
+  (``pallas_kernels.sharded``), replicating what does not divide (logged)."""
+  check_batch(batch, mesh)
+  data = "data" if mesh.shape["data"] > 1 else None
+  heads = "model" if splits(kv_heads, mesh.shape["model"], "kv heads of the kernel") else None
+  return P(data, heads)
+
+
 def cache_specs(cache, mesh: Mesh):
   """``PartitionSpec`` per leaf of a ``KVCache`` (any quantized store included), same tree."""
   check_batch(cache.batch, mesh)

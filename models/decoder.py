@@ -202,8 +202,10 @@ class Decoder(nn.Module):
 
 def make_apply_fn(cfg: ModelConfig, dtype=jnp.float32, attn_block_size: int = 512,
                   attn_impl: str = "xla"):
-  """Returns the pure ``apply_fn(params, tokens, cache, n_valid, logit_index, observe)`` that
-  ``lib.generate`` expects. Modules are built once per observe hook and cached.
+  """Returns the pure ``apply_fn(params, tokens, cache, n_valid, logit_index, observe, *,
+  probe=None, project=None)`` that ``lib.generate`` expects (``Decoder.__call__`` for the
+  arguments; ``probe`` and ``project`` serve the calibrations in ``lib`` that differentiate
+  through the model). Modules are built once per observe hook and cached.
 
   ``attn_impl``: ``"xla"`` (default, every backend), ``"pallas"`` (decode steps read a paged
   store with the Pallas kernel; for GPU/TPU, not yet measured there), ``"interpret"`` (the same
@@ -215,10 +217,12 @@ def make_apply_fn(cfg: ModelConfig, dtype=jnp.float32, attn_block_size: int = 51
     raise ValueError(f"attn_impl must be one of {IMPLS + ('auto',)}, got {attn_impl!r}")
   modules: dict[Any, Decoder] = {}
 
-  def apply_fn(params, tokens, cache, n_valid, logit_index=None, observe=None):
+  def apply_fn(params, tokens, cache, n_valid, logit_index=None, observe=None, *, probe=None,
+               project=None):
     if observe not in modules:
       modules[observe] = Decoder(cfg, dtype, attn_block_size, observe, attn_impl)
-    return modules[observe].apply({"params": params}, tokens, cache, n_valid, logit_index)
+    return modules[observe].apply({"params": params}, tokens, cache, n_valid, logit_index, probe,
+                                  project)
 
   return apply_fn
 

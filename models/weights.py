@@ -11,7 +11,7 @@ from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from kvlab.lib.progress import tqdm
 
 from kvlab.models.config import ModelConfig
 

@@ -44,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kvlab.lib.gumbel import noise_of_hash
 from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels.hash_noise import noise_of_hash
 
 _EXACT = jax.lax.Precision.HIGHEST  # float32 products on GPU too (Triton would take TF32)
 _NEG = -1e30

@@ -39,8 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from kvlab.lib.quant import packing
-from kvlab.pallas_kernels import platform as platform_lib
+from kvlab.pallas_kernels import packing, platform as platform_lib
 from kvlab.pallas_kernels.kivi_block import dequantized_block
 from kvlab.pallas_kernels.outputs import merge_partitions, partial_outputs
 from kvlab.pallas_kernels.quantized_decode_attention_tpu import quantized_decode_attention_tpu

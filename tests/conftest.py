@@ -88,9 +88,11 @@ def _fresh_jax_caches():
 # The longest modules (minutes each on 2 cores, mostly XLA compiles; see `--durations`) run
 # first, so that with `pytest -n 2 --dist loadfile` (``make test``) no worker is left with one
 # of them at the end while the other idles.
-_LONG_FIRST = ("test_sharding.py", "test_matryoshka.py", "test_eval.py", "test_lowrank.py",
-               "test_memory.py", "test_kivi.py", "test_default_model.py",
-               "test_methods_budgets.py", "test_online.py")
+_LONG_FIRST = ("test_notebook.py", "test_eval.py", "test_sharding.py", "test_fault.py",
+               "test_calibration_outputs.py", "test_default_model.py", "test_memory.py",
+               "test_matryoshka.py", "test_kvlab_api.py", "test_run_identity.py",
+               "test_capacity.py", "test_lowrank.py", "test_kivi.py", "test_methods_budgets.py",
+               "test_online.py", "test_kvquant.py")
 
 
 def pytest_collection_modifyitems(items):

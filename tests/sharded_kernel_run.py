@@ -46,9 +46,10 @@ def main(out: str):
   for spec in ("data:4,model:2", "data:2,model:4", "data:8"):
     mesh = sharding.make_mesh(spec)
     try:
-      sq = sharded.sharded_quantized_decode_attention(mesh, q, *quant, bits=4, group=32,
-                                                      block=32, interpret=True)
-      sp = sharded.sharded_paged_decode_attention(mesh, q, *pages, interpret=True)
+      rows_heads = sharding.kernel_spec(mesh, b, k)
+      sq = sharded.sharded_quantized_decode_attention(mesh, rows_heads, q, *quant, bits=4,
+                                                      group=32, block=32, interpret=True)
+      sp = sharded.sharded_paged_decode_attention(mesh, rows_heads, q, *pages, interpret=True)
       got[spec] = {"quantized": float(np.abs(np.asarray(sq) - one_q).max()),
                    "paged": float(np.abs(np.asarray(sp) - one_p).max()),
                    "out_sharding": str(sq.sharding.spec)}

@@ -162,6 +162,23 @@ def test_kvzip_cells_repeat_the_context_after_the_chat_prefix(chat_tiny):
   assert all(r["compress_s"] > 0 for r in rows[1:])  # each cell is charged the repeats
 
 
+class _Steps:
+  """Records what ``run_sample`` reports to a progress bar."""
+
+  def __init__(self):
+    self.total, self.n, self.seen = None, 0, []
+
+  def reset(self, total):
+    self.total, self.n = total, 0
+
+  def update(self, n):
+    self.n += n
+
+  def set_postfix_str(self, what, refresh=True):
+    del refresh
+    self.seen.append(what)
+
+
 def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):
   """Each cell gets an 'after' and a 'during' row; 'during' never allocated the full cache."""
   from kvlab import models  # pylint: disable=g-import-not-at-top
@@ -172,8 +189,12 @@ def test_compress_during_prefill_rows_next_to_after_prefill(chat_tiny):
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
   s = make_sample("niah_single", 400, 0, count)
   cells = [(n, 0.25, methods.make(n, ratio=0.25)) for n in ("streaming_llm", "h2o")]
+  progress = _Steps()
   rows = run_sample(lm, s, cells, protocol="query_agnostic", max_new_tokens=4, chunk_size=64,
-                    during_prefill=True)
+                    during_prefill=True, progress=progress)
+  # progress within the sample: prefill, full cache, then 2 cells x 2 modes compressed, answered
+  assert progress.total == progress.n == 2 + 2 * 2 * 2
+  assert progress.seen[:2] == ["prefill", "full cache"] and "answered h2o @ 0.25" in progress.seen
   assert [(r["method"], r["prefill_mode"]) for r in rows] == [
       ("full", "after"), ("streaming_llm", "after"), ("streaming_llm", "during"),
       ("h2o", "after"), ("h2o", "during")]

@@ -4,8 +4,8 @@ as an uninterrupted run.
 
 Each kill waits until the run has written a random number of rows (or training steps), then a
 random few milliseconds more, so kills land mid-run (between rows, inside a sample's cells, in a
-checkpoint save) rather than during start-up. One case also tears the last line by hand (a crash
-in the middle of a write, which a SIGKILL between writes rarely produces). Bounded: at most
+checkpoint save) rather than during start-up. Each case then also tears the last line by hand (a
+crash in the middle of a write, which a SIGKILL between writes rarely produces). Bounded: at most
 ``_KILLS`` kills per seed and a time limit on every process.
 """
 
@@ -82,14 +82,12 @@ def eval_reference(chat_tiny, tmp_path_factory):
   return {(r["sample"], r["method"]): r for r in _rows(out)}
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_evaluate_killed_and_resumed_keeps_every_row_once(seed, chat_tiny, eval_reference,
-                                                          tmp_path):
-  rng = random.Random(seed)
+def test_evaluate_killed_and_resumed_keeps_every_row_once(chat_tiny, eval_reference, tmp_path):
+  rng = random.Random(1)
   out = str(tmp_path / "rows.jsonl")
   cmd = _eval_cmd(chat_tiny, out)
   landed = _run_killed(cmd, out, rng)
-  if seed == 1:  # a crash in the middle of a write: half a row, no newline
+  if os.path.exists(out):  # then a crash in the middle of a write: half a row, no newline
     with open(out, "a") as f:
       f.write('{"task": "niah_single", "length": 200, "sam')
   _finish(cmd)
@@ -122,15 +120,14 @@ def train_reference(chat_tiny, tmp_path_factory):
   return _rows(os.path.join(out, "train", "metrics.jsonl"))
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_train_matryoshka_killed_and_resumed_keeps_every_step_once(seed, chat_tiny,
-                                                                   train_reference, tmp_path):
-  rng = random.Random(100 + seed)
+def test_train_matryoshka_killed_and_resumed_keeps_every_step_once(chat_tiny, train_reference,
+                                                                   tmp_path):
+  rng = random.Random(101)
   out = str(tmp_path / "run")
   metrics = os.path.join(out, "train", "metrics.jsonl")
   cmd = _train_cmd(chat_tiny, out)
   landed = _run_killed(cmd, metrics, rng)
-  if seed == 1 and os.path.exists(metrics):
+  if os.path.exists(metrics):  # then a torn last line
     with open(metrics, "a") as f:
       f.write('{"step": 99, "lo')
   _finish(cmd)

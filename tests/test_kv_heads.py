@@ -13,6 +13,7 @@ from kvlab import models
 from kvlab.lib import generate as gen
 from kvlab.lib.lowrank import kv_heads as kvh
 from kvlab.lib.rope import apply_rope
+from kvlab.models import hf_export
 from kvlab.models.decoder import make_apply_fn
 from kvlab.models.tokenizer import Tokenizer
 
@@ -160,8 +161,8 @@ def test_save_and_load_round_trip(biased, tmp_path):
   keys, values = (rng.randn(3, 64, 4, 16) for _ in range(2))
   cfg, params = kvh.compress_kv_heads(biased.config, biased.params, keys, values, 2)
   conv = dataclasses.replace(biased, config=cfg, params=params, apply_fn=make_apply_fn(cfg))
-  out = kvh.save_converted((conv.config, conv.params), str(tmp_path / "conv"),
-                           tokenizer=_byte_tokenizer())
+  out = hf_export.save_converted((conv.config, conv.params), str(tmp_path / "conv"),
+                                 tokenizer=_byte_tokenizer())
   back = models.load(out, progress=False, attn_block_size=8)
   assert back.config == conv.config and back.config.num_kv_heads == 2
   assert back.tokenizer.encode("abc") == [26, 0, 1, 2] and back.tokenizer.eos_id == 27
@@ -174,9 +175,10 @@ def test_hf_config_round_trips_a_gguf_style_config(llama):
   from kvlab.models.config import from_hf_config  # pylint: disable=g-import-not-at-top
   cfg = dataclasses.replace(llama.config, eos_token_ids=(2, 7), bos_token_id=1,
                             rope=dataclasses.replace(llama.config.rope, original_max_position=8192))
-  back = from_hf_config(kvh.hf_config(cfg))
+  back = from_hf_config(hf_export.hf_config(cfg))
   assert back.num_kv_heads == 2 and back.eos_token_ids == (2, 7)
-  assert kvh._comparable(back) == kvh._comparable(cfg)  # pylint: disable=protected-access
+  same = hf_export._comparable  # pylint: disable=protected-access
+  assert same(back) == same(cfg)
   bad = dataclasses.replace(cfg, qkv_bias=True)  # q/k/v bias without o bias: not a Llama config
   with pytest.raises(ValueError, match="attention_bias"):
-    kvh.save_converted((bad, llama.params), "/nonexistent/never-written")
+    hf_export.save_converted((bad, llama.params), "/nonexistent/never-written")

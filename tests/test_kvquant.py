@@ -253,6 +253,33 @@ def test_kvquant_composes_after_eviction(tiny, calibration):
     methods.make("kvquant", ratio=0.5)
 
 
+@pytest.mark.parametrize("room", [0, 19])
+def test_kvquant_free_slots_are_exactly_usable(tiny, calibration, room):
+  """Capacity safety on KVQuant's store (issue 33; tests/test_capacity.py covers the others):
+  decoding ``free_slots() + 1`` tokens keeps every position once (the sink stays in the window,
+  decoded groups stream into the store); one more token is refused before any work."""
+  _, path = calibration
+  prompts = [np.random.RandomState(8).randint(0, 160, n).tolist() for n in (70, 45)]
+  m = methods.make("kvquant4", calibration=path)
+  first, cache, obs = _prefill(tiny, prompts, m)
+  q = methods.compress(m, cache, obs, extra=room)
+  free = q.free_slots()
+  assert free >= room
+  held = lambda c, i: np.concatenate([np.asarray(c.quant.positions)[i][: int(c.quant.lengths[i])],
+                                      np.asarray(c.positions)[i][: int(c.lengths[i])]])
+  before = {i: held(q, i) for i in np.ndindex(*q.lengths.shape)}
+  with pytest.raises(ValueError, match=f"{free} free slots.*decoding {free + 2} tokens"):
+    gen.decode_loop(tiny.params, q, first, jax.random.PRNGKey(0), apply_fn=tiny.apply_fn,
+                    max_new_tokens=free + 2)
+  _, n, out = gen.decode_loop(tiny.params, q, first, jax.random.PRNGKey(0),
+                              apply_fn=tiny.apply_fn, max_new_tokens=free + 1)
+  assert (np.asarray(n) == free + 1).all()
+  for i, old in before.items():
+    start = len(prompts[i[1]])
+    np.testing.assert_array_equal(np.sort(held(out, i)),
+                                  np.sort(np.concatenate([old, np.arange(start, start + free)])))
+
+
 def test_kvquant_quantizes_a_cache_compressed_during_prefill(tiny, calibration):
   from kvlab.lib.online import prefill_context_compressing  # pylint: disable=g-import-not-at-top
   _, path = calibration

@@ -150,7 +150,7 @@ def prefill_modes(during_prefill: bool, quantize_each_chunk: bool = False) -> tu
 def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, protocol: str,
                max_new_tokens: int, chunk_size: int = 512,
                during_prefill: bool = False, batch_cells: int = 8,
-               quantize_each_chunk: bool = False) -> list[dict]:
+               quantize_each_chunk: bool = False, progress=None) -> list[dict]:
   """Evaluates ``cells`` = [(method spec, ratio, Method)] on one sample.
 
   ``lm`` is a ``models.LanguageModel``-like object (params, apply_fn, tokenizer, config,
@@ -163,6 +163,10 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
   ``batch_cells`` rows per batch (``lib.eval.batching``; 1 answers every cell alone). Their
   rows carry ``answer_batch`` (rows in the batch) and ``answer_s`` = the batch's seconds
   divided by it.
+
+  ``progress`` (a ``tqdm`` bar, or anything with ``reset(total)``, ``update(n)`` and
+  ``set_postfix_str(s, refresh)``) counts the sample's steps: the prefill, the full-cache
+  answers, then each cell's compression and each cell's answers (``2 + 2 * cells * modes``).
   """
   if batch_cells < 1:
     raise ValueError(f"batch_cells must be >= 1, got {batch_cells}")
@@ -177,12 +181,16 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
         for qq, _ in queries]
   longest = max(len(q) for q in qs)
   gen.check_context([len(ctx) + longest], max_new_tokens, c.max_position_embeddings)
+  modes = prefill_modes(during_prefill, quantize_each_chunk)
+  step = _stepper(progress, 2 + 2 * len(cells) * len(modes))
+  step(0, "prefill")
   hooks = tuple(dict.fromkeys(m.observe for _, _, m in cells if m.observe is not None))
   observe = methods_lib._joint_observe(hooks) if hooks else None  # pylint: disable=protected-access
   cache, obs_all, t_pre = prefill_context(
       lm.params, lm.apply_fn, [ctx], num_layers=c.num_layers, kv_heads=c.num_kv_heads,
       head_dim=c.head_dim, dtype=lm.dtype, observe=observe, chunk_size=chunk_size, block=block)
   room = gen.round_up(longest, 8) + max_new_tokens + 16
+  step(1, "full cache")
   base = {"task": sample.task, "sample": sample.seed, "depth": sample.depth,
           "protocol": protocol, "context_tokens": len(ctx), "prefill_s": t_pre,
           "n_questions": len(queries)}
@@ -206,6 +214,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
            **size_fields("full", None, full_bytes, full_bytes, len(ctx)),
            "prefill_mode": "after", "peak_cache_bytes": full_bytes, "answer_batch": 1}]
   pending = []  # (index in rows, row without answers, plain cache) answered in batches
+  step(1, "compress")
 
   memo = {}
   for spec, ratio, method in cells:
@@ -215,7 +224,6 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
     # the prefill-compressed cache (no decode-time eviction inside that single forward).
     evicting = hasattr(method, "update")
     m_room = gen.round_up(longest, 8) + 1 if evicting else room
-    modes = prefill_modes(during_prefill, quantize_each_chunk)
     for mode in modes:
       if mode == "after":
         small, kept, t_c = compress_for(method, cache, obs, m_room, block)
@@ -237,6 +245,7 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
               **size_fields(spec, method, kept, full_bytes, len(ctx)),
               "prefill_mode": mode, "peak_cache_bytes": peak}
       plain = None if evicting or batch_cells == 1 else plain_rows(small)
+      step(1, f"compressed {spec} @ {ratio:g}")
       if plain is not None:
         pending.append((len(rows), meta, plain))
         rows.append(None)
@@ -253,10 +262,24 @@ def run_sample(lm, sample: Sample, cells: Sequence[tuple[str, float, Any]], *, p
         per_q.append({"score": string_match_all(pred, answers), "prediction": pred,
                       **fidelity(logits, ref_logits, targets), "answer_s": t_a})
       rows.append({**meta, **_mean(per_q), "answer_batch": 1})
+      step(1, f"answered {spec} @ {ratio:g}")
   for i, row in _answer_batched(lm, pending, qs, queries, refs, room=room,
                                 max_new_tokens=max_new_tokens, batch_cells=batch_cells):
     rows[i] = row
+    step(1, f"answered {row['method']} @ {row['ratio']:g}")
   return rows
+
+
+def _stepper(progress, total: int):
+  """``step(n, what)``: advances ``progress`` by ``n`` and shows ``what`` (no-op without one)."""
+  if progress is None:
+    return lambda n, what: None
+  progress.reset(total=total)
+
+  def step(n: int, what: str):
+    progress.set_postfix_str(what, refresh=False)
+    progress.update(n)
+  return step
 
 
 def _answer_batched(lm, pending, qs, queries, refs, *, room, max_new_tokens, batch_cells):
@@ -308,12 +331,15 @@ def _ll(logits, targets):
 
 def run_perplexity(lm, prefix: list[int], continuation: list[int],
                    cells: Sequence[tuple[str, float, Any]], *, seed: int = 0,
-                   chunk_size: int = 512) -> list[dict]:
+                   chunk_size: int = 512, progress=None) -> list[dict]:
   """Perplexity of ``continuation`` after the ``prefix``'s cache was compressed.
 
   Rows carry ``ppl`` (exp of the mean next-token NLL over the continuation), and KL / top-1
-  agreement against the full cache at every continuation position.
+  agreement against the full cache at every continuation position. ``progress`` as in
+  ``run_sample`` (``1 + cells`` steps).
   """
+  step = _stepper(progress, 1 + len(cells))
+  step(0, "prefill")
   c = lm.config
   block = lm.attn_block_size
   gen.check_context([len(prefix) + len(continuation)], 1, c.max_position_embeddings)
@@ -331,6 +357,7 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
   memo = {}
   ref = _force(lm, full, continuation)[:-1]
   nll = -_ll(ref, targets)["ll"] / len(targets)
+  step(1, "full cache")
   rows = [{**base, "method": "full", "ratio": 1.0, "score": None, "ppl": float(np.exp(nll)),
            "kl": 0.0, "top1": 1.0, "ll": -nll, "ll_ref": -nll, "prediction": "",
            "cache_bytes": full_bytes, "full_bytes": full_bytes, "compress_s": 0.0,
@@ -348,4 +375,5 @@ def run_perplexity(lm, prefix: list[int], continuation: list[int],
                  "prediction": "", "cache_bytes": kept, "full_bytes": full_bytes,
                  **size_fields(spec, method, kept, full_bytes, len(prefix)),
                  "compress_s": t_c, "answer_s": 0.0})
+    step(1, f"{spec} @ {ratio:g}")
   return rows

@@ -115,24 +115,26 @@ def as_ranks(rank: float, head_dim: int) -> int:
 
 # ---- PCA from calibration text ----------------------------------------------------------------
 
+def _observe_moments(layer, x, cache):
+  """Observation hook: one layer's key and value sums and outer products per kv head."""
+  del layer, cache
+  ok = x.valid[:, None, :, None].astype(jnp.float32)  # [B, 1, T, 1]
+  k, v = x.k.astype(jnp.float32) * ok, x.v.astype(jnp.float32) * ok
+  return (k.sum((0, 2)), jnp.einsum("BKTi,BKTj->Kij", k, k),
+          v.sum((0, 2)), jnp.einsum("BKTi,BKTj->Kij", v, v))
+
+
 def kv_moments(lm, samples: Sequence[Sequence[int]], progress: bool = False) -> dict:
   """Sums over ``samples`` (token lists) of the post-RoPE keys and values per (layer, kv head):
-  ``{"n": N, "sum_k": [L, K, H], "outer_k": [L, K, H, H], "sum_v", "outer_v"}`` (float64)."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  ``{"n": N, "sum_k": [L, K, H], "outer_k": [L, K, H, H], "sum_v", "outer_v"}`` (float64).
 
-  def observe(layer, x, cache):
-    del layer, cache
-    ok = x.valid[:, None, :, None].astype(jnp.float32)  # [B, 1, T, 1]
-    k, v = x.k.astype(jnp.float32) * ok, x.v.astype(jnp.float32) * ok
-    return (k.sum((0, 2)), jnp.einsum("BKTi,BKTj->Kij", k, k),
-            v.sum((0, 2)), jnp.einsum("BKTi,BKTj->Kij", v, v))
-
-  dec = Decoder(lm.config, lm.dtype, lm.attn_block_size, observe)
+  ``lm``: a loaded model; its ``params``, ``apply_fn`` and ``new_cache`` run the forward."""
+  from kvlab.lib.progress import tqdm  # pylint: disable=g-import-not-at-top
+  apply_fn = lm.apply_fn
 
   @jax.jit
   def one(params, toks, cache):
-    _, _, obs = dec.apply({"params": params}, toks, cache, jnp.array([toks.shape[1]]), None)
+    _, _, obs = apply_fn(params, toks, cache, jnp.array([toks.shape[1]]), None, _observe_moments)
     return obs
 
   acc = None

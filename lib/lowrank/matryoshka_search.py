@@ -26,14 +26,14 @@ from kvlab.lib.lowrank import matryoshka as mk
 def sensitivities(lm, p: mk.Projections, windows: np.ndarray, step: int,
                   progress: bool = False) -> np.ndarray:
   """``err [2, L, K, G]``: mean KL vs the full model with one head cut to each grid rank
-  (the last grid entry, rank H, is 0)."""
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
+  (the last grid entry, rank H, is 0). ``lm``: a loaded model (``params``, ``apply_fn``,
+  ``new_cache``)."""
+  from kvlab.lib.progress import tqdm  # pylint: disable=g-import-not-at-top
   l, k, h = p.shape
   if h % step:
     raise ValueError(f"rank step {step} must divide the head dim {h}")
   grid = np.arange(step, h + 1, step)
-  dec = Decoder(lm.config, lm.dtype, lm.attn_block_size)
+  apply_fn = lm.apply_fn
   toks = jnp.asarray(windows, jnp.int32)
   b, t = toks.shape
   n = jnp.full((b,), t, jnp.int32)
@@ -43,14 +43,13 @@ def sensitivities(lm, p: mk.Projections, windows: np.ndarray, step: int,
 
   @jax.jit
   def teacher(params, toks, cache):
-    return jax.nn.log_softmax(dec.apply({"params": params}, toks, cache, n, None)[0][:, :-1])
+    return jax.nn.log_softmax(apply_fn(params, toks, cache, n)[0][:, :-1])
 
   @jax.jit
   def kl(params, toks, cache, ranks, ref):
     pk = mk.projector(u[0], mk.rank_mask(ranks[0], h))
     pv = mk.projector(u[1], mk.rank_mask(ranks[1], h))
-    logits = dec.apply({"params": params}, toks, cache, n, None, None,
-                       (pk, means[0], pv, means[1]))[0]
+    logits = apply_fn(params, toks, cache, n, project=(pk, means[0], pv, means[1]))[0]
     lp = jax.nn.log_softmax(logits[:, :-1])
     return jnp.mean(jnp.sum(jnp.exp(ref) * (ref - lp), -1))
 

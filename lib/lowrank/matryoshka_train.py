@@ -88,20 +88,20 @@ def sample_ranks(key: jax.Array, shape: tuple[int, ...], head_dim: int, step: in
 def make_loss(lm) -> Callable:
   """``loss(theta, params, pca_u, tokens [B, T], masks [2, L, K, H], kl_weight, cache) ->
   (loss, (kl, ce))``; ``cache`` an empty cache of capacity T. The model's params and the cache
-  are arguments, so jit neither embeds them as constants nor constant-folds attention."""
-  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
-  dec = Decoder(lm.config, lm.dtype, lm.attn_block_size)
+  are arguments, so jit neither embeds them as constants nor constant-folds attention. ``lm``:
+  a loaded model; its ``apply_fn`` runs the teacher and the projected student."""
+  apply_fn = lm.apply_fn
 
   def loss(theta, params, pca_u, toks, masks, kl_weight, cache):
     b, t = toks.shape
     n = jnp.full((b,), t, jnp.int32)
-    teacher, _, _ = dec.apply({"params": params}, toks, cache, n, None)
+    teacher, _, _ = apply_fn(params, toks, cache, n)
     teacher = jax.lax.stop_gradient(teacher)
     u_k = mk.orthogonal(pca_u[0], theta["x_k"])
     u_v = mk.orthogonal(pca_u[1], theta["x_v"])
     project = (mk.projector(u_k, masks[0]), theta["mean_k"], mk.projector(u_v, masks[1]),
                theta["mean_v"])
-    student, _, _ = dec.apply({"params": params}, toks, cache, n, None, None, project)
+    student, _, _ = apply_fn(params, toks, cache, n, project=project)
     lp_t = jax.nn.log_softmax(teacher[:, :-1])
     lp_s = jax.nn.log_softmax(student[:, :-1])
     kl = jnp.mean(jnp.sum(jnp.exp(lp_t) * (lp_t - lp_s), -1))
@@ -166,7 +166,7 @@ def train(lm, pca: mk.Projections, pool: np.ndarray, cfg: TrainConfig, ckpt_dir:
     per-step metrics are also appended to ``ckpt_dir/metrics.jsonl``.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.progress import tqdm  # pylint: disable=g-import-not-at-top
   l, k, h = pca.shape
   if h % cfg.rank_step:
     raise ValueError(f"rank_step {cfg.rank_step} must divide the head dim {h}")

@@ -19,8 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from kvlab.lib.cache import KVCache
+from kvlab.lib.methods.accumulated import H2O, Keyformer
 from kvlab.lib.methods.base import FORCED_BASE, check_at_least, check_unit, forced, reduce_group
-from kvlab.lib.methods.eviction import SnapKV
+from kvlab.lib.methods.eviction import Knorm, SnapKV, StreamingLLM, TOVA
+from kvlab.lib.methods.expected_attention import ExpectedAttention
+from kvlab.lib.methods.kvzip import KVzip
 from kvlab.lib.methods.window import (avg_pool, in_window, max_pool, window_attention,
                                 window_queries, window_query_mask)
 
@@ -76,10 +79,14 @@ class PyramidKV(Ragged, SnapKV):
     return out
 
 
-# Scorers AdaKV can take budgets from: prefill scorers whose scores are per (layer, row, head,
-# slot). Ragged ones (pyramidkv, adakv) and quantizers / low-rank methods are not scorers.
-ADAKV_SCORERS = ("snapkv", "tova", "h2o", "keyformer", "knorm", "expected_attention",
-                 "streaming_llm", "kvzip")
+# Scorers AdaKV can take budgets from, by their registry names: prefill scorers whose scores
+# are per (layer, row, head, slot). Ragged ones (pyramidkv, adakv) and quantizers / low-rank
+# methods are not scorers. The classes are imported here, not looked up in ``lib.methods``'s
+# registry, which imports this module.
+_SCORERS = {"snapkv": SnapKV, "tova": TOVA, "h2o": H2O, "keyformer": Keyformer, "knorm": Knorm,
+            "expected_attention": ExpectedAttention, "streaming_llm": StreamingLLM,
+            "kvzip": KVzip}
+ADAKV_SCORERS = tuple(_SCORERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +132,7 @@ class AdaKV(Ragged, SnapKV):
     """The scoring method (with this budget), or None for the built-in SnapKV scores."""
     if self.scorer == "snapkv":
       return None
-    from kvlab.lib.methods import REGISTRY  # pylint: disable=g-import-not-at-top (circular)
-    cls = REGISTRY[self.scorer]
+    cls = _SCORERS[self.scorer]
     own = {"gqa": self.gqa} if "gqa" in {f.name for f in dataclasses.fields(cls)} else {}
     return cls(ratio=self.ratio, budget=self.budget, **own)
 

@@ -93,40 +93,41 @@ class Calibration:
 def kv_and_fisher(lm, tokens: Sequence[int]):
   """Pre-RoPE keys, values and their squared gradients for one calibration sample.
 
+  ``lm``: a loaded model; its ``apply_fn`` (with the ``probe`` argument of
+  ``models.decoder.make_apply_fn``), ``params`` and ``new_cache`` run the forward.
+
   Returns four float32 arrays ``[L, T, K, H]``: keys, values, Fisher of keys, Fisher of
   values (the gradient of the sample's mean next-token NLL, squared).
   """
-  from kvlab.models.decoder import Decoder  # pylint: disable=g-import-not-at-top
   c = lm.config
-  t = len(tokens)
   toks = jnp.asarray(tokens, jnp.int32)[None]
-  key = (c, lm.dtype, lm.attn_block_size)
+  key = (lm.apply_fn, c.num_layers, c.num_kv_heads, c.head_dim)
   if key not in _FNS:
-    _FNS[key] = _fisher_fn(Decoder(c, lm.dtype, lm.attn_block_size))
-  cache = lm.new_cache(1, t)
+    _FNS[key] = _fisher_fn(lm.apply_fn, c.num_layers, c.num_kv_heads, c.head_dim)
+  cache = lm.new_cache(1, len(tokens))
   return _FNS[key](lm.params, toks, cache)
 
 
 _FNS: dict = {}
 
 
-def _fisher_fn(dec):
+def _observe_pre_rope(layer, x, cache):
+  """Observation hook: the pre-RoPE keys and the values (after the probe: the same values)."""
+  del layer, cache
+  return x.k_pre, x.v
+
+
+def _fisher_fn(apply_fn, num_layers: int, kv_heads: int, head_dim: int):
   """The jitted ``(params, tokens [1, T], cache) -> (k, v, fisher_k, fisher_v)``."""
-  c = dec.cfg
-
-  def observe(layer, x, cache):  # the pre-RoPE keys (after the probe: the same values)
-    del layer, cache
-    return x.k_pre, x.v
-
-  dec_obs = dec.clone(observe=observe)
 
   @jax.jit
   def fn(params, toks, cache):
     t = toks.shape[1]
-    zeros = jnp.zeros((c.num_layers, 1, t, c.num_kv_heads, c.head_dim), jnp.float32)
+    zeros = jnp.zeros((num_layers, 1, t, kv_heads, head_dim), jnp.float32)
 
     def loss(probe):
-      logits, _, obs = dec_obs.apply({"params": params}, toks, cache, jnp.array([t]), None, probe)
+      logits, _, obs = apply_fn(params, toks, cache, jnp.array([t]), None, _observe_pre_rope,
+                                probe=probe)
       lp = jax.nn.log_softmax(logits[0, :-1])
       nll = -jnp.take_along_axis(lp, toks[0, 1:, None], axis=1).mean()
       return nll, obs
@@ -185,7 +186,7 @@ def calibrate(lm, samples: Sequence[Sequence[int]], *, bits: Sequence[int] = (2,
   """Runs the whole calibration on token ``samples`` (each a list of ids). Returns a
   ``Calibration`` with LUTs for every width in ``bits``; its meta names the model
   (``model_name``, ``lm.source``) and holds its fingerprint."""
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from kvlab.lib.progress import tqdm  # pylint: disable=g-import-not-at-top
   c = lm.config
   n_out = nuq.outlier_count(c.head_dim, outlier_fraction)
   ks, vs, fks, fvs = [], [], [], []
