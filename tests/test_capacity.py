@@ -55,16 +55,17 @@ def _decode(lm, cache, logits, n, **kw):
                          max_new_tokens=n, **kw)
 
 
-SPECS = ["knorm", "kivi4:group=16:residual=16", "snapkv+kivi4:group=16:residual=16", "adakv:window=8:page=8",
-         "tova:ratio=0.7+knorm"]
+# (spec, room): each store with no room and with some; composition members with room.
+CASES = [("knorm", 0), ("knorm", 21), ("kivi4:group=16:residual=16", 0),
+         ("kivi4:group=16:residual=16", 21), ("snapkv+kivi4:group=16:residual=16", 21),
+         ("adakv:window=8:page=8", 0), ("adakv:window=8:page=8", 21), ("tova:ratio=0.7+knorm", 21)]
 
 
 def _row(flat: int, cache) -> int:
   return np.unravel_index(flat, np.asarray(cache.lengths).shape)[1]
 
 
-@pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("room", [0, 21])
+@pytest.mark.parametrize("spec,room", CASES)
 def test_free_slots_are_exactly_usable_and_one_more_is_refused(tiny, spec, room):
   """Decoding ``free_slots() + 1`` tokens (the last one is not appended) fills the cache: every
   token written lands in a slot of its own; ``free_slots() + 2`` is refused up front."""

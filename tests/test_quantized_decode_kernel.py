@@ -31,7 +31,7 @@ def _case(rng, b, k, g, h, s, r, bits, group, n_quant, n_res):
       n_res=jnp.asarray(n_res, jnp.int32))
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(b=st.integers(1, 4), k=st.integers(1, 8), g=st.integers(1, 8), h=st.sampled_from((64, 128)),
        bits=st.sampled_from((2, 4, 8)), blocks=st.integers(1, 3), residual=st.booleans(),
        partitions=st.sampled_from((None, 1, 2, 3)), bf16_dots=st.booleans(),
