@@ -7,6 +7,10 @@ Every sample is prefilled once; the full cache answers first (the reference), th
 method x ratio compresses a copy and answers. One JSONL row per sample x cell, with the config and
 git revision; a killed run resumes where it stopped (finished rows are skipped). A leaderboard is
 printed at the end (``experiments.report`` writes markdown and plots from the same file).
+
+--haystack and --needle take lists (e.g. --haystack=docs,code,license,changelog --needle=pin,uuid):
+each haystack x needle format is its own run identity in the same file, and the report adds a
+table by haystack and one averaged over haystacks.
 """
 
 import contextlib
@@ -24,7 +28,9 @@ from kvlab.lib import distributed, flag_checks, jsonl, sharding
 from kvlab.lib import methods
 from kvlab.lib.eval import aggregate, identity
 from kvlab.lib.eval.runner import PROTOCOLS, prefill_modes, run_perplexity, run_sample
-from kvlab.lib.eval.tasks import TASKS, make_sample, perplexity_tokens
+from kvlab.lib.data import haystacks
+from kvlab.lib.eval.tasks import (DEFAULT_NEEDLE, HAYSTACKS, NEEDLES, TASKS, make_sample,
+                                  perplexity_tokens, uses_haystack, uses_needle)
 from kvlab.lib.online import split_online
 from kvlab.lib.online_quantized import check_quantizable_each_chunk
 from kvlab.lib.provenance import git_rev
@@ -43,7 +49,10 @@ flags.DEFINE_list("task", ["niah_single"], f"Tasks: {', '.join(TASKS)}.")
 flags.DEFINE_list("lengths", ["1024"], "Context lengths in tokens.")
 flags.DEFINE_integer("num_samples", 20, "Samples per (task, length).")
 flags.DEFINE_enum("protocol", "query_agnostic", PROTOCOLS, "When the question is seen.")
-flags.DEFINE_enum("haystack", "noise", ["noise", "docs"], "Needle-task filler text.")
+flags.DEFINE_list("haystack", ["noise"], "Needle-task filler texts, each run in turn: "
+                  f"{', '.join(HAYSTACKS)} (lib.data.haystacks).")
+flags.DEFINE_list("needle", [DEFAULT_NEEDLE], "Needle formats of the niah tasks, each run in "
+                  f"turn: {', '.join(NEEDLES)} (lib.eval.tasks).")
 flags.DEFINE_integer("seed", 0, "First sample seed.")
 flags.DEFINE_list("depths", [], "Needle depths (0 = start, 1 = end) cycled over samples, for a "
                   "depth x length grid; empty = random depth per sample.")
@@ -67,6 +76,8 @@ flags.DEFINE_bool("append_run", False,
 
 flag_checks.float_list("ratio", low=0.0, high=1.0, low_open=True)
 flag_checks.choice_list("task", TASKS)
+flag_checks.choice_list("haystack", HAYSTACKS, unavailable=haystacks.unavailable)
+flag_checks.choice_list("needle", NEEDLES)
 flag_checks.int_list("lengths", minimum=1)
 flag_checks.float_list("depths", low=0.0, high=1.0, example="0,0.5,1", allow_empty=True,
                        unique=False)
@@ -102,6 +113,15 @@ def _check_fits_model(lm) -> None:
                            f"use --lengths<={room}")
 
 
+def _settings(task: str) -> list[tuple[str, str]]:
+  """The (haystack, needle format) pairs ``task`` runs on: every pair for the niah tasks; the
+  haystacks with the default needle for variable tracking; the first haystack for the tasks
+  that use neither."""
+  hs = FLAGS.haystack if uses_haystack(task) else FLAGS.haystack[:1]
+  ns = FLAGS.needle if uses_needle(task) else [DEFAULT_NEEDLE]
+  return [(h, nd) for h in hs for nd in ns]
+
+
 def _check_samples(lm, count) -> None:
   """Builds each (task, length)'s first sample: a length too short for its needles, or a
   perplexity text shorter than asked, fails here rather than after a model's worth of work."""
@@ -114,20 +134,29 @@ def _check_samples(lm, count) -> None:
             raise ValueError(f"the offline text yields {len(prefix)} + {len(cont)} tokens, "
                              f"not {n} + {FLAGS.continuation}")
         else:
-          make_sample(task, n, FLAGS.seed, count, haystack=FLAGS.haystack,
-                      depth=float(FLAGS.depths[0]) if FLAGS.depths else None)
+          for h, nd in _settings(task):
+            try:
+              make_sample(task, n, FLAGS.seed, count, haystack=h, needle=nd,
+                          depth=float(FLAGS.depths[0]) if FLAGS.depths else None)
+            except ValueError as e:
+              raise ValueError(f"--haystack={h} --needle={nd}: {e}") from e
       except ValueError as e:
         raise app.UsageError(f"--task={task} --lengths={n}: {e}") from e
 
 
-def _identity(lm) -> dict:
-  """Everything that shapes a row besides its cell and sample (``lib.eval.identity``)."""
-  return identity.identity(
-      model=FLAGS.model, model_fingerprint=model_fingerprint(lm.config, lm.params),
-      dtype=FLAGS.dtype, git=git_rev(), protocol=FLAGS.protocol, haystack=FLAGS.haystack,
+def _identities(lm) -> dict:
+  """``{(haystack, needle): identity}``: everything that shapes a row besides its cell and
+  sample (``lib.eval.identity``), for each haystack x needle format the run covers; the needle
+  enters only when not the default (``identity.needle_field``)."""
+  fingerprint, git = model_fingerprint(lm.config, lm.params), git_rev()
+  pairs = {p for t in FLAGS.task for p in _settings(t)}
+  return {(h, nd): identity.identity(
+      model=FLAGS.model, model_fingerprint=fingerprint,
+      dtype=FLAGS.dtype, git=git, protocol=FLAGS.protocol, haystack=h,
       depths=[float(d) for d in FLAGS.depths], max_new_tokens=FLAGS.max_new_tokens,
       continuation=FLAGS.continuation, chunk_size=FLAGS.chunk_size,
-      attn_block_size=lm.attn_block_size, batch_cells=FLAGS.batch_cells)
+      attn_block_size=lm.attn_block_size, batch_cells=FLAGS.batch_cells,
+      **identity.needle_field(nd)) for h, nd in sorted(pairs)}
 
 
 def main(argv):
@@ -170,19 +199,19 @@ def main(argv):
   _check_fits_model(lm)
   count = lambda s: len(lm.tokenizer.encode(s, add_special_tokens=False))
   _check_samples(lm, count)
-  ident = _identity(lm)
-  rid = identity.run_id(ident)
+  idents = _identities(lm)  # one run identity per haystack x needle
   try:
-    same = identity.check_resume(old_rows, ident, FLAGS.out, append_run=FLAGS.append_run)
+    same = identity.check_resume(old_rows, list(idents.values()), FLAGS.out,
+                                 append_run=FLAGS.append_run)
   except identity.MixedRunsError as e:
     raise app.UsageError(str(e)) from e
-  done = {aggregate.row_key(r) for r in same}
+  done = {(r["run"],) + aggregate.row_key(r) for r in same}  # keys within each run identity
   config = {k: FLAGS[k].value for k in ("model", "method", "ratio", "task", "lengths",
                                         "num_samples", "protocol", "haystack", "seed", "depths",
                                         "max_new_tokens", "compress_during_prefill", "batch_cells",
                                         "chunk_size", "quantize_each_chunk", "dtype")}
-  jobs = [(t, n, FLAGS.seed + i) for t in FLAGS.task for n in lengths
-          for i in range(FLAGS.num_samples)]
+  jobs = [(t, h, nd, n, FLAGS.seed + i) for t in FLAGS.task for h, nd in _settings(t)
+          for n in lengths for i in range(FLAGS.num_samples)]
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   # multi-host: every process computes, process 0 writes (under an exclusive lock: a second
   # writer to the same file is refused instead of duplicating rows)
@@ -196,21 +225,23 @@ def main(argv):
   try:
     bar = tqdm(jobs, desc="samples", unit="sample", position=0)
     steps = tqdm(desc="  this sample", unit="step", position=1, leave=False)  # cells done, ETA
-    for task, n, seed in bar:
+    for task, hay, needle, n, seed in bar:
+      ident = idents[(hay, needle)]
+      rid = identity.run_id(ident)
       protocol = "prefix" if task == "perplexity" else FLAGS.protocol
       want = [(s, r, m) for s, r, _ in cells for m in modes] + [("full", 1.0, "after")]
-      if all((task, n, protocol, seed) + w in done for w in want):
+      if all((rid, task, n, protocol, seed) + w in done for w in want):
         continue
-      bar.set_postfix_str(f"{task} {n} tok, sample {seed}")
+      bar.set_postfix_str(f"{task} {n} tok, {hay} haystack, {needle} needle, sample {seed}")
       todo = [c for c in cells
-              if any((task, n, protocol, seed, c[0], c[1], m) not in done for m in modes)]
+              if any((rid, task, n, protocol, seed, c[0], c[1], m) not in done for m in modes)]
       if task == "perplexity":
         prefix, cont = perplexity_tokens(lm.tokenizer, n, seed, FLAGS.continuation)
         rows = run_perplexity(lm, prefix, cont, todo, seed=seed, chunk_size=FLAGS.chunk_size,
                               progress=steps)
       else:
         depth = float(FLAGS.depths[seed % len(FLAGS.depths)]) if FLAGS.depths else None
-        sample = make_sample(task, n, seed, count, haystack=FLAGS.haystack, depth=depth)
+        sample = make_sample(task, n, seed, count, haystack=hay, depth=depth, needle=needle)
         rows = run_sample(lm, sample, todo, protocol=FLAGS.protocol,
                           max_new_tokens=FLAGS.max_new_tokens, chunk_size=FLAGS.chunk_size,
                           during_prefill=FLAGS.compress_during_prefill,
@@ -218,13 +249,13 @@ def main(argv):
                           quantize_each_chunk=FLAGS.quantize_each_chunk, progress=steps)
       for r in rows:
         r.update({"length": n})
-        if aggregate.row_key(r) in done:
+        if (rid,) + aggregate.row_key(r) in done:
           continue
-        r.update({"git": ident["git"], "time": time.time(), "config": config, "run": rid,
-                  "identity": ident})
+        r.update({"git": ident["git"], "time": time.time(), "run": rid, "identity": ident,
+                  "config": {**config, "haystack": hay, "needle": needle}})
         if f is not None:
           f.write(r)
-        done.add(aggregate.row_key(r))
+        done.add((rid,) + aggregate.row_key(r))
     steps.close()
   finally:
     writer.__exit__(None, None, None)

@@ -1,6 +1,9 @@
 r"""Turn evaluation rows into a markdown leaderboard and PNG plots.
 
   python -m experiments.report --inputs=results/eval_niah_1k.jsonl --out_dir=results/report
+
+leaderboard.md holds a table per (task, length, protocol); a task measured on several haystacks
+(evaluate --haystack=docs,code,...) also gets a table by haystack and one averaged over them.
 """
 
 import json

@@ -82,8 +82,11 @@ def float_list(name: str, *, low: float, high: float, low_open: bool = False,
   _register(name, check, flag_values)
 
 
-def choice_list(name: str, allowed: Sequence[str], *, flag_values=flags.FLAGS) -> None:
-  """A comma list of names from ``allowed``, no repeats."""
+def choice_list(name: str, allowed: Sequence[str], *,
+                unavailable: Callable[[str], str | None] | None = None,
+                flag_values=flags.FLAGS) -> None:
+  """A comma list of names from ``allowed``, no repeats; ``unavailable(name)`` (optional) says
+  why a known name cannot be used on this machine (None when it can)."""
   def check(values):
     if not values:
       return f"give at least one of {', '.join(allowed)}"
@@ -92,6 +95,10 @@ def choice_list(name: str, allowed: Sequence[str], *, flag_values=flags.FLAGS) -
         return f"unknown {v!r}; known: {', '.join(allowed)}"
     if _duplicates(values):
       return f"{_duplicates(values)[0]} is listed twice"
+    for v in values:
+      why = unavailable(v) if unavailable else None
+      if why:
+        return why
     return None
   _register(name, check, flag_values)
 

@@ -8,6 +8,7 @@ import os
 from kvlab.lib import jsonl
 from kvlab.lib.eval import identity
 from kvlab.lib.eval.metrics import mean_ci
+from kvlab.lib.eval.tasks import DEFAULT_NEEDLE, uses_needle
 
 CELL_KEYS = ("task", "length", "protocol", "method", "ratio")
 METRICS = ("score", "ppl", "kl", "top1", "ll", "ll_ref", "cache_bytes", "full_bytes",
@@ -26,10 +27,14 @@ def label(row: dict) -> str:
   return row["method"]
 
 
-def task_label(row: dict) -> str:
-  """``niah_single`` (noise haystack, the default) or ``niah_single [docs haystack]``."""
-  h = haystack(row)
-  return row["task"] if h in (None, "noise") else f"{row['task']} [{h} haystack]"
+def task_label(row: dict, with_haystack: bool = True) -> str:
+  """``niah_single`` (noise haystack and number needle, the defaults), ``niah_single [docs
+  haystack]``, ``niah_single [code haystack, uuid needle]``; ``with_haystack=False`` leaves the
+  haystack out (the label a task shares across haystacks)."""
+  h, nd = haystack(row), needle(row)
+  extra = ([f"{h} haystack"] if with_haystack and h not in (None, "noise") else []) + (
+      [f"{nd} needle"] if nd not in (None, DEFAULT_NEEDLE) else [])
+  return f"{row['task']} [{', '.join(extra)}]" if extra else row["task"]
 
 
 def read_rows(paths) -> list[dict]:
@@ -60,10 +65,11 @@ def setting(row: dict) -> str | None:
 
 
 def sample_key(row: dict) -> tuple:
-  """What makes a row one measurement: its cell, its sample (the task seed), haystack and
-  setting (rows of one setting written by two runs count once; of two settings, twice)."""
+  """What makes a row one measurement: its cell, its sample (the task seed), haystack, needle
+  format and setting (rows of one setting written by two runs count once; of two settings,
+  twice)."""
   return (tuple(label(row) if k == "method" else row.get(k) for k in CELL_KEYS)
-          + (row.get("sample"), haystack(row), model_label(row), setting(row)))
+          + (row.get("sample"), haystack(row), needle(row), model_label(row), setting(row)))
 
 
 def haystack(row: dict) -> str | None:
@@ -72,6 +78,14 @@ def haystack(row: dict) -> str | None:
   if row.get("task") == "perplexity":
     return None
   return row.get("config", {}).get("haystack", "noise")
+
+
+def needle(row: dict) -> str | None:
+  """The needle format of a niah row (``number`` for rows that predate the flag); None for
+  the other tasks, which have none."""
+  if not uses_needle(row.get("task")):
+    return None
+  return row.get("config", {}).get("needle", DEFAULT_NEEDLE)
 
 
 def unique_rows(rows: list[dict]) -> tuple[list[dict], int]:
@@ -84,24 +98,33 @@ def unique_rows(rows: list[dict]) -> tuple[list[dict], int]:
   return [rows[i] for i in keep], len(rows) - len(keep)
 
 
+def core_setting(row: dict) -> str | None:
+  """The row's setting without its haystack and needle format: what the rows of one run share
+  across the haystacks and needles it was given (None for rows without an identity)."""
+  return identity.setting_id(row.get("identity"), without=("haystack", "needle"))
+
+
 def cells(rows: list[dict]) -> list[dict]:
   """Groups rows by (task, length, protocol, method label, ratio) and summarises each metric.
 
   A cell's ``method`` is ``label(row)``: the two prefill modes of one method are two cells;
-  its ``task`` is ``task_label(row)``: needles in the docs haystack are other cells than in
-  the noise one."""
+  its ``task`` is ``task_label(row)``: needles in the docs haystack, or in another needle
+  format, are other cells than in the noise one. Each cell also names its ``haystack`` and
+  ``needle`` (None where the task has none) and its ``base`` task label (the ``task`` without
+  the haystack: the cells a report averages over haystacks share it)."""
   groups = collections.defaultdict(list)
   models = {model_label(r) for r in rows}
   settings = collections.defaultdict(set)  # model -> its settings (None: no identity)
   for r in rows:
-    settings[model_label(r)].add(setting(r))
+    settings[model_label(r)].add(core_setting(r))
 
-  def task_of(r):
+  def task_of(r, with_haystack=True):
     """The task label, with the model when rows span several models and the setting when
-    one model's rows span several settings: such rows are never one cell."""
-    t = task_label(r)
+    one model's rows span several settings (besides their haystacks and needles, which the
+    label names): such rows are never one cell."""
+    t = task_label(r, with_haystack)
     if len(settings[model_label(r)]) > 1:
-      t = f"{t} [setting {setting(r) or 'unrecorded'}]"
+      t = f"{t} [setting {core_setting(r) or 'unrecorded'}]"
     if len(models) > 1:
       t = f"{model_label(r)}: {t}"
     return t
@@ -112,6 +135,8 @@ def cells(rows: list[dict]) -> list[dict]:
   out = []
   for key, rs in sorted(groups.items(), key=lambda kv: tuple(str(x) for x in kv[0])):
     cell = dict(zip(CELL_KEYS, key))
+    cell.update(haystack=haystack(rs[0]), needle=needle(rs[0]),
+                base=task_of(rs[0], with_haystack=False))
     for m in METRICS:
       cell[m] = mean_ci([r.get(m) for r in rs], outcomes=m == "score")
     cell["bytes_ratio"] = (cell["cache_bytes"]["mean"] / cell["full_bytes"]["mean"]
@@ -124,15 +149,15 @@ def cells(rows: list[dict]) -> list[dict]:
   return out
 
 
-def done_keys(path: str, filler: str | None) -> set:
-  """Keys of the rows already in ``path`` for this ``filler`` (rows of the other filler are
-  other samples: a run with ``--haystack=docs`` into a file of noise rows must not skip); a
-  torn last line is skipped with a warning, as in ``read_rows``."""
+def done_keys(path: str, filler: str | None, needle_format: str = DEFAULT_NEEDLE) -> set:
+  """Keys of the rows already in ``path`` for this ``filler`` and needle format (rows of
+  another filler or needle are other samples: a run with ``--haystack=docs`` into a file of
+  noise rows must not skip); a torn last line is skipped with a warning, as in ``read_rows``."""
   if not os.path.exists(path):
     return set()
   keys = set()
   for r in jsonl.read(path):
-    if haystack(r) not in (None, filler):
+    if haystack(r) not in (None, filler) or needle(r) not in (None, needle_format):
       continue
     keys.add((r["task"], r["length"], r["protocol"], r["sample"], r["method"], r["ratio"],
               r.get("prefill_mode", "after")))

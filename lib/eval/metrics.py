@@ -54,3 +54,24 @@ def mean_ci(values, n_boot: int = 2000, seed: int = 0, outcomes: bool = False) -
   boots = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
   lo, hi = np.percentile(boots, [2.5, 97.5])
   return {"mean": float(x.mean()), "ci95": [float(lo), float(hi)], "n": int(x.size)}
+
+
+def mean_of_means(stats: list[dict], low: float | None = None,
+                  high: float | None = None) -> dict:
+  """The mean of per-stratum means (each a ``mean_ci`` result, e.g. one per haystack) with a
+  95 % interval by combining standard errors: each stratum's SE is read off its own interval,
+  ``(hi - lo) / (2 * 1.96)`` (Wilson for 0/1 scores, so a 0 % or 100 % stratum still counts its
+  uncertainty), the average's SE is ``sqrt(sum SE_h^2) / H``, and the interval is
+  ``mean +- 1.96 SE`` clipped to ``[low, high]``. The strata are fixed (these haystacks), not a
+  sample of possible ones. ``n`` is the samples over all strata; None when a stratum is empty.
+  """
+  if not stats or any(s["mean"] is None for s in stats):
+    return {"mean": None, "ci95": [None, None], "n": sum(s["n"] for s in stats)}
+  z = 1.959964
+  mean = float(np.mean([s["mean"] for s in stats]))
+  se = float(np.sqrt(sum(((s["ci95"][1] - s["ci95"][0]) / (2 * z)) ** 2 for s in stats))
+             / len(stats))
+  lo, hi = mean - z * se, mean + z * se
+  lo = lo if low is None else max(lo, low)
+  hi = hi if high is None else min(hi, high)
+  return {"mean": mean, "ci95": [float(lo), float(hi)], "n": int(sum(s["n"] for s in stats))}

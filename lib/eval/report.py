@@ -7,7 +7,9 @@ import os
 
 import numpy as np
 
+from kvlab.lib.data.haystacks import HAYSTACKS
 from kvlab.lib.eval.aggregate import label
+from kvlab.lib.eval.metrics import mean_of_means
 
 
 def _fmt(stat, digits=2, pct=False):
@@ -20,7 +22,8 @@ def _fmt(stat, digits=2, pct=False):
 
 def leaderboard(cells: list[dict]) -> str:
   """Markdown: one table per (task, length, protocol); the full cache first, then each kept ratio
-  (largest first) with its methods best first."""
+  (largest first) with its methods best first. Tasks measured on several haystacks then get a
+  table by haystack and one averaged over haystacks (``haystack_tables``)."""
   groups = collections.defaultdict(list)
   for c in cells:
     groups[(c["task"], c["length"], c["protocol"])].append(c)
@@ -53,6 +56,69 @@ def leaderboard(cells: list[dict]) -> str:
                  f"{_fmt(c['kl'], 3)} | {_fmt(c['top1'], 1, True)} | "
                  f"{c['bytes_ratio']:.3f} | {peak} | {c[key]['n']} |")
     out.append("")
+  by_haystack = haystack_tables(cells)
+  if by_haystack:
+    out.append(by_haystack)
+  return "\n".join(out)
+
+
+def haystack_tables(cells: list[dict]) -> str:
+  """Markdown: for each (task without haystack, length, protocol) measured on two or more
+  haystacks, a table of scores by haystack and one of the average over haystacks (the mean of
+  the per-haystack means, 95 % CI by combining their standard errors,
+  ``lib.eval.metrics.mean_of_means``), with the lowest haystack beside it; "" when no task
+  spans two haystacks."""
+  groups = collections.defaultdict(list)
+  for c in cells:
+    if c.get("haystack") is not None and c.get("base"):
+      groups[(c["base"], c["length"], c["protocol"])].append(c)
+  order = {h: i for i, h in enumerate(HAYSTACKS)}
+  out = []
+  for (base, length, protocol), cs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    hs = sorted({c["haystack"] for c in cs}, key=lambda h: (order.get(h, len(order)), h))
+    if len(hs) < 2:
+      continue
+    by = collections.defaultdict(dict)  # (method, ratio) -> haystack -> cell
+    for c in cs:
+      by[(c["method"], c["ratio"])][c["haystack"]] = c
+    avg = {k: mean_of_means([v[h]["score"] if h in v else {"mean": None, "n": 0} for h in hs],
+                            0.0, 1.0) for k, v in by.items()}
+    full = next((avg[k] for k in avg if k[0] == "full"), None)
+
+    def rank(k):
+      m = avg[k]["mean"]
+      return (k[0] != "full", -k[1], float("inf") if m is None else -m, k[0])
+
+    keys = sorted(by, key=rank)
+    out.append(f"### {base}, {length} tokens, {protocol}: score % by haystack\n")
+    out.append("| method | kept | " + " | ".join(hs) + " | n per haystack |")
+    out.append("|---|---|" + "---|" * len(hs) + "---|")
+    for k in keys:
+      v = by[k]
+      ns = sorted({v[h]["score"]["n"] for h in hs if h in v})
+      out.append(f"| {k[0]} | {k[1]:g} | "
+                 + " | ".join(_fmt(v[h]["score"], 1, True) if h in v else "–" for h in hs)
+                 + f" | {'/'.join(str(n) for n in ns)} |")
+    out.append("")
+    out.append(f"### {base}, {length} tokens, {protocol}: average over {len(hs)} haystacks "
+               f"({', '.join(hs)})\n")
+    out.append("| method | kept | mean of haystack means % [95% CI] | vs full | lowest haystack "
+               "| n |")
+    out.append("|---|---|---|---|---|---|")
+    for k in keys:
+      a, v = avg[k], by[k]
+      rel = "–"
+      if full and full["mean"] and a["mean"] is not None:
+        rel = f"{100 * a['mean'] / full['mean']:.0f} %"
+      low = min((h for h in hs if h in v and v[h]["score"]["mean"] is not None),
+                key=lambda h: v[h]["score"]["mean"], default=None)
+      worst = "–" if low is None else f"{low} {100 * v[low]['score']['mean']:.1f}"
+      out.append(f"| {k[0]} | {k[1]:g} | {_fmt(a, 1, True)} | {rel} | {worst} | {a['n']} |")
+    out.append("")
+    out.append("The average weighs each haystack alike (the mean of the per-haystack means); "
+               "its interval combines the per-haystack standard errors, each read off that "
+               "haystack's interval (Wilson for 0/1 scores, else bootstrap): SE = sqrt(sum of "
+               "SE_h^2) / H. A method missing on a haystack has no average (–).\n")
   return "\n".join(out)
 
 
