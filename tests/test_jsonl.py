@@ -100,7 +100,7 @@ def test_a_second_appender_fails_clearly_while_another_process_holds_the_file(tm
     with pytest.raises(jsonl.LockedError, match=rf"eval\.jsonl is being appended to by another "
                        rf"writer \(pid {proc.pid}: -c {re.escape(p)}.*; wait for it.*another file"):
       with jsonl.appender(p):
-        pass
+        pytest.fail("a second appender got the file while another process held it")
   finally:
     proc.stdin.close()
     assert proc.wait(timeout=60) == 0

@@ -129,6 +129,15 @@ def _options(part: str) -> tuple[str, dict[str, str]]:
 _INT = re.compile(r"[+-]?\d+")
 
 
+def _finite_float(raw: str) -> float | None:
+  """``raw`` as a finite float, or None when it is not one."""
+  try:
+    v = float(raw)
+  except ValueError:
+    return None
+  return v if math.isfinite(v) else None
+
+
 def _typed(cls, key: str, raw: str):
   """Option ``key=raw`` of method ``cls`` as its field's type: an int field takes a whole
   number, a float field any number, a bool field true/false, an optional field also none."""
@@ -136,24 +145,21 @@ def _typed(cls, key: str, raw: str):
   low = raw.lower()
   if "None" in types and low == "none":
     return None
-  try:
-    if "bool" in types:
-      if low in ("true", "false"):
-        return low == "true"
-      kind = "true or false"
-    elif "int" in types:
-      if _INT.fullmatch(raw):
-        return int(raw)
-      kind = "a whole number"
-    elif "float" in types:
-      kind = "a number"
-      v = float(raw)
-      if math.isfinite(v):
-        return v
-    else:
-      return raw
-  except ValueError:
-    pass
+  if "bool" in types:
+    if low in ("true", "false"):
+      return low == "true"
+    kind = "true or false"
+  elif "int" in types:
+    if _INT.fullmatch(raw):
+      return int(raw)
+    kind = "a whole number"
+  elif "float" in types:
+    kind = "a number"
+    v = _finite_float(raw)
+    if v is not None:
+      return v
+  else:
+    return raw
   raise ValueError(f"{cls.name}: option {key}={raw} must be {kind}: e.g. "
                    f"--method={cls.name}:{key}={example(cls, key)}")
 
