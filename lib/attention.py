@@ -94,7 +94,9 @@ def chunk_attention(
     layer: index into the leading layer axis of the cache arrays. Inside a layer scan, pass
       the whole stacked cache and the index: only the blocks read are sliced out, whereas
       scanning over per-layer slices makes XLA copy every layer's cache on every step.
-    sliding_window: keys with ``q_pos - k_pos >= sliding_window`` are masked (Mistral).
+    sliding_window: keys with ``q_pos - k_pos >= sliding_window`` are masked (Mistral). An int,
+      or a traced int32 scalar: a hybrid model's (Gemma 3) per-layer window inside the layer
+      scan (its global layers pass one no distance reaches); Pallas kernels then do not apply.
     block_size: cache slots per online-softmax block (a decode step, T = 1, may use fewer:
       ``decode_block_size``).
     quant: the cache's stored part (``KVCache.quant``: packed codes, low-rank factors or
@@ -459,7 +461,8 @@ class LayerInputs(NamedTuple):
   inv_freq: jax.Array   # [H/2] RoPE inverse frequencies of this call
   lse: Any = None       # [B, K, G, T] each query's log softmax normaliser over cache + chunk
   probs: Any = None     # KeptProbs of this call's attention, when the hook asks (see below)
-  sliding_window: int | None = None  # the model's window (static), for hooks that mask
+  sliding_window: Any = None  # the layer's window, for hooks that mask: a static int (Mistral)
+  #   or, in a hybrid model (Gemma 3), a traced int32 scalar (global layers: beyond any distance)
   gumbel_probs: Any = None  # KeptProbs of softmax((s + G) / tau), when the hook asks (below)
 
 

@@ -8,6 +8,12 @@ space (or, for a compressed cache, simply absent: a compressed cache is allocate
 smaller capacity, so its saving shows in ``nbytes``). Every kept slot remembers the original
 position of its token, so keys keep their RoPE phase after eviction and attention can apply
 position-based masks (sliding windows) to a reordered cache.
+
+Hybrid models (Gemma 3) mark their sliding-window layers in ``windows`` (static metadata, one
+entry per layer): compression keeps a local layer's window and compresses the global layers
+(``lib.methods.base.compress``), and ``nbytes_by_kind`` reports bytes per layer kind. The local
+layers still use the plain slot layout (no ring buffer yet), so before compression they hold the
+whole prompt like global layers do.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ class KVCache:
       ``trimmed()`` and ``grown(n)``; the streaming ones also ``insert`` (decode-time flush).
       ``keys/values`` then hold the newest tokens in full precision (the window) and attention
       reads both. None for a plain cache.
+    windows: static per-layer tuple for hybrid models: a local (sliding-window) layer's window,
+      0 for a global layer; None when every layer is alike (the cache then knows no kinds).
   """
 
   keys: jax.Array
@@ -50,6 +58,7 @@ class KVCache:
   next_position: jax.Array
   scores: jax.Array | None = None
   quant: Any = None
+  windows: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)
 
   @classmethod
   def init(
@@ -61,10 +70,18 @@ class KVCache:
       capacity: int,
       head_dim: int,
       dtype=jnp.float32,
+      windows: tuple[int, ...] | None = None,
   ) -> "KVCache":
-    """Allocates an empty cache with ``capacity`` slots per (layer, row, head)."""
+    """Allocates an empty cache with ``capacity`` slots per (layer, row, head); ``windows``:
+    per layer, a local layer's sliding window or 0 (hybrid models: the model config's
+    ``layer_windows``)."""
     if capacity <= 0:
       raise ValueError(f"cache capacity must be positive, got {capacity}")
+    if windows is not None:
+      windows = tuple(int(w) for w in windows)
+      if len(windows) != num_layers or min(windows) < 0:
+        raise ValueError(f"windows must give one window >= 0 per layer ({num_layers}), got "
+                         f"{windows}")
     shape = (num_layers, batch, kv_heads, capacity, head_dim)
     return cls(
         keys=jnp.zeros(shape, dtype),
@@ -72,6 +89,7 @@ class KVCache:
         positions=jnp.full(shape[:-1], -1, jnp.int32),
         lengths=jnp.zeros(shape[:3], jnp.int32),
         next_position=jnp.zeros((batch,), jnp.int32),
+        windows=windows,
     )
 
   @classmethod
@@ -106,6 +124,30 @@ class KVCache:
   def nbytes(self) -> int:
     """Bytes allocated by the cache, summed over its leaves (never from a formula)."""
     return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(self)))
+
+  @property
+  def local_layers(self) -> np.ndarray:
+    """``[L]`` bool: the layers with a sliding window (all False unless ``windows`` is set)."""
+    if self.windows is None:
+      return np.zeros((self.num_layers,), bool)
+    return np.asarray(self.windows) > 0
+
+  def nbytes_by_kind(self) -> dict[str, int]:
+    """Bytes allocated per layer kind, from the leaves: ``{"global": .., "local": .., "other":
+    ..}``. Per-layer leaves (keys, values, positions, lengths, scores: leading axis L) are split
+    by ``local_layers``; per-row ``next_position`` and any stored part (``quant``) count as
+    "other". The three sum to ``nbytes``."""
+    local = self.local_layers
+    out = {"global": 0, "local": 0, "other": 0}
+    for x in (self.keys, self.values, self.positions, self.lengths, self.scores):
+      if x is None:
+        continue
+      per_layer = x.nbytes // x.shape[0]
+      out["local"] += per_layer * int(local.sum())
+      out["global"] += per_layer * int((~local).sum())
+    rest = [self.next_position] + jax.tree_util.tree_leaves(self.quant)
+    out["other"] = int(sum(x.nbytes for x in rest))
+    return out
 
   def trimmed(self) -> "KVCache":
     """The same contents with no free slots (rounded to 8; a quantized part to its group):

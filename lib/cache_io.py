@@ -57,7 +57,8 @@ def save_cache(cache: KVCache, path: str, meta: dict | None = None) -> str:
   multi-host run must call it. Returns the absolute path."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   arrays, _ = _fields(cache)
-  layout: dict[str, Any] = {"quant": None}
+  layout: dict[str, Any] = {"quant": None,  # per-layer windows of a hybrid model (or None)
+                            "windows": None if cache.windows is None else list(cache.windows)}
   if cache.quant is not None:
     q_arrays, q_static = _fields(cache.quant)
     arrays["quant"] = q_arrays
@@ -124,4 +125,5 @@ def _assemble(arrays: dict, layout: dict) -> KVCache:
     static = {k: tuple(v) if isinstance(v, list) else v  # JSON lists back to (hashable) tuples
               for k, v in layout["quant"]["static"].items()}
     quant = cls(**q, **static)
-  return KVCache(**arrays, quant=quant)
+  windows = layout.get("windows")
+  return KVCache(**arrays, quant=quant, windows=None if windows is None else tuple(windows))

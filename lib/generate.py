@@ -89,6 +89,9 @@ def prefill(params, tokens: jax.Array, lengths: jax.Array, cache: KVCache, *,
             apply_fn: ApplyFn, chunk_size: int = 512, observe=None):
   """Runs the prompt through the model chunk by chunk, appending to ``cache`` (see
   ``_prefill``); raises first if the padded prompt does not fit the cache's free slots."""
+  windows = getattr(apply_fn, "layer_windows", None)
+  if windows is not None and cache.windows is None:  # a cache made without the model (lib code)
+    cache = cache.replace(windows=windows)
   _room_error(cache, int(tokens.shape[1]), f"a padded prompt of {tokens.shape[1]} tokens",
               "allocate the cache with room for it (lm.new_cache(batch, capacity)), or compress "
               "with room=... slots for what is appended later")

@@ -75,7 +75,8 @@ def prefill_compressing(params, tokens, lengths, kept, *, apply_fn, chunk_size: 
   starts = jnp.arange(nc, dtype=jnp.int32) * chunk_size
   carried = hasattr(method, "carried_scores")
   cache = KVCache.init(num_layers=num_layers, batch=b, kv_heads=kv_heads, capacity=capacity,
-                       head_dim=head_dim, dtype=dtype)
+                       head_dim=head_dim, dtype=dtype,
+                       windows=getattr(apply_fn, "layer_windows", None))
   if carried:
     cache = cache.replace(scores=jnp.zeros(cache.positions.shape, jnp.float32))
 

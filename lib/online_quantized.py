@@ -95,7 +95,8 @@ def _joined_layer(cache: KVCache, layer, carried=None) -> KVCache:
   scores = None if carried is None else jnp.take_along_axis(carried, idx, axis=2)[None]
   return KVCache(keys=take(keys)[None], values=take(values)[None],
                  positions=jnp.where(valid, jnp.take_along_axis(positions, idx, axis=2), -1)[None],
-                 lengths=n[None], next_position=cache.next_position, scores=scores)
+                 lengths=n[None], next_position=cache.next_position, scores=scores,
+                 windows=cache.windows)
 
 
 def recompress_quantized(method, kivi, cache: KVCache, obs, now, carried=None):
@@ -171,7 +172,8 @@ def prefill_compressing_quantized(params, tokens, lengths, kept, *, apply_fn, ch
   chunks = tokens.reshape(b, nc, chunk_size).transpose(1, 0, 2)
   starts = jnp.arange(nc, dtype=jnp.int32) * chunk_size
   cache = KVCache.init(num_layers=num_layers, batch=b, kv_heads=kv_heads, capacity=w_cap,
-                       head_dim=head_dim, dtype=dtype)
+                       head_dim=head_dim, dtype=dtype,
+                       windows=getattr(apply_fn, "layer_windows", None))
   cache = cache.replace(quant=empty_store(kivi, num_layers=num_layers, batch=b,
                                           kv_heads=kv_heads, q_cap=q_cap, head_dim=head_dim))
   carried = None

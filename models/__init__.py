@@ -31,6 +31,7 @@ class LanguageModel:
   dtype: Any = jnp.float32
   source: str = ""
   attn_block_size: int = 512
+  base: bool = False  # a base (not instruction-tuned) model: prompts are raw text, no template
 
   @property
   def fingerprint(self) -> str:
@@ -43,7 +44,7 @@ class LanguageModel:
   def stop_tokens(self) -> tuple[int, ...]:
     ids = set(self.config.eos_token_ids)
     if self.tokenizer is not None:
-      for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>"):
+      for t in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
         i = self.tokenizer.token_id(t)
         if i is not None:
           ids.add(i)
@@ -56,7 +57,7 @@ class LanguageModel:
     c = self.config
     cap = round_capacity(capacity, self.attn_block_size)
     kw = dict(num_layers=c.num_layers, batch=batch, kv_heads=c.num_kv_heads, capacity=cap,
-              head_dim=c.head_dim, dtype=self.dtype)
+              head_dim=c.head_dim, dtype=self.dtype, windows=c.layer_windows)
     check_fits(KVCache.planned_nbytes(**kw), f"a full KV cache of {batch} x {cap} tokens",
                "compress while prefilling (--compress_during_prefill), or lower the batch or "
                "the prompt length")
@@ -112,7 +113,9 @@ class LanguageModel:
         block=self.attn_block_size)
     if method is not None and len(batch) == 1:
       obs, _ = method_observations(self, method, cache, batch[0], (obs,), (hook,), chunk_size)
-    return cache, obs
+    # A hybrid model's cache learns its layer kinds here (lib makes it without them), so that
+    # kvlab.compress keeps the local layers' windows.
+    return cache.replace(windows=c.layer_windows), obs
 
   def decode(self, cache: KVCache, question, *, max_new_tokens: int = 64, method=None):
     """Appends ``question`` (token ids, one list per cache row) to ``cache`` (consumed) and
@@ -135,11 +138,13 @@ class LanguageModel:
 
 def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
          attn_block_size: int = 512, attn_impl: str = "xla") -> LanguageModel:
-  """Loads ``smollm2-135m`` (default), an HF checkpoint directory or a ``.gguf`` file.
-  ``attn_impl`` picks the decode attention over paged stores (``models.decoder.make_apply_fn``)."""
+  """Loads a named model (``smollm2-135m``, the default; ``gemma3-270m``, a base model: its
+  prompts are raw text), an HF checkpoint directory or a ``.gguf`` file. ``attn_impl`` picks the
+  decode attention over paged stores (``models.decoder.make_apply_fn``)."""
   from kvlab.models import registry, tokenizer as tok_mod  # pylint: disable=g-import-not-at-top
 
   kind, path = registry.resolve(name_or_path)
+  base = registry.is_base(name_or_path)
   if kind == "gguf":
     from kvlab.models.gguf_loader import load_gguf  # pylint: disable=g-import-not-at-top
     cfg, params, reader = load_gguf(path, dtype, progress)
@@ -151,10 +156,14 @@ def load(name_or_path: str, dtype=jnp.float32, progress: bool = True,
       tokenizer = tok_mod.from_hf_dir(path)
     except FileNotFoundError:
       tokenizer = None  # weights-only checkpoints (tests) still run on token ids
+  if base and tokenizer is not None and tokenizer.chat_template:
+    # A base model completes raw text: no chat template unless the caller sets one back
+    # (lm.tokenizer.chat_template = lm.tokenizer.base_chat_template).
+    tokenizer.base_chat_template, tokenizer.chat_template = tokenizer.chat_template, None
   apply_fn = make_apply_fn(cfg, dtype, attn_block_size, attn_impl)
   # The loaders' temporaries (the file's tensors before conversion) sit in reference cycles:
   # collect them now, or about 0.3 GiB of the default model's load stays resident until some
   # later allocation happens to trigger the collector (memory checks would count it).
   gc.collect()
   return LanguageModel(cfg, params, tokenizer, apply_fn, dtype, source=path,
-                       attn_block_size=attn_block_size)
+                       attn_block_size=attn_block_size, base=base)

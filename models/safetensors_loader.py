@@ -57,6 +57,26 @@ def _weight_files(path: str) -> dict[str, str]:
   return out
 
 
+# Where multimodal checkpoints (Gemma3ForConditionalGeneration) keep the text decoder: stored
+# prefix -> the causal LM's ``model.`` (transformers 5 writes the first, 4.x the second).
+_TEXT_PREFIXES = ("model.language_model.", "language_model.model.")
+
+
+def _text_decoder_names(files: dict[str, str]) -> dict[str, str]:
+  """HF causal-LM tensor name -> stored name: the identity, or for a multimodal checkpoint its
+  text decoder's tensors under the causal LM's names (vision tower tensors are left out)."""
+  if "model.embed_tokens.weight" in files:
+    return {k: k for k in files}
+  for prefix in _TEXT_PREFIXES:
+    if prefix + "embed_tokens.weight" in files:
+      out = {"model." + k[len(prefix):]: k for k in files if k.startswith(prefix)}
+      for head in ("lm_head.weight", "language_model.lm_head.weight"):
+        if head in files:
+          out["lm_head.weight"] = head
+      return out
+  return {k: k for k in files}
+
+
 def _open(file: str):
   try:
     return safe_open(file, framework="numpy")
@@ -70,14 +90,16 @@ def load_safetensors_dir(path: str, dtype=jnp.float32, progress: bool = True
   """Returns ``(config, params)`` for an HF checkpoint directory, weights cast to ``dtype``."""
   cfg = from_hf_config(read_hf_config(path))
   files = _weight_files(path)
+  stored = _text_decoder_names(files)
   # transformers drops lm_head.weight when embeddings are tied; some exports keep it.
-  missing = [n for n in expected_hf_names(cfg) if n not in files]
+  missing = [n for n in expected_hf_names(cfg) if n not in stored]
   if missing:
     raise CheckpointError(f"{len(missing)} tensors missing from {path!r}, e.g. {missing[:3]}; "
                           "the checkpoint is incomplete or not a supported architecture")
   handles: dict[str, object] = {}
 
   def get(name: str) -> np.ndarray:
+    name = stored[name]
     fn = files[name]
     if fn not in handles:
       handles[fn] = _open(fn)

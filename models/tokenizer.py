@@ -1,5 +1,6 @@
-"""Tokenizer glue: HF ``tokenizer.json`` or a byte-level BPE built from GGUF vocab/merges,
-plus the checkpoint's own chat template rendered with jinja2."""
+"""Tokenizer glue: HF ``tokenizer.json``, or a tokenizer built from GGUF metadata (byte-level
+BPE from vocab/merges, or SentencePiece BPE from vocab/scores), plus the checkpoint's own chat
+template rendered with jinja2."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Sequence
 import jinja2
 import jinja2.sandbox
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 # Split patterns of the byte-level BPE pre-tokenizers named by GGUF ``tokenizer.ggml.pre``.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
@@ -39,11 +40,12 @@ class Tokenizer:
   Attributes:
     bos_id, eos_id: special token ids (or None).
     add_bos: whether ``encode(..., add_special_tokens=True)`` prepends BOS.
+    add_eos: whether ``encode(..., add_special_tokens=True)`` appends EOS.
     chat_template: jinja2 source of the checkpoint's template (or None).
   """
 
   def __init__(self, tok: tokenizers.Tokenizer, *, bos_token: str | None, eos_token: str | None,
-               chat_template: str | None, add_bos: bool):
+               chat_template: str | None, add_bos: bool, add_eos: bool = False):
     self._tok = tok
     self.bos_token = bos_token
     self.eos_token = eos_token
@@ -51,19 +53,24 @@ class Tokenizer:
     self.eos_id = tok.token_to_id(eos_token) if eos_token else None
     self.chat_template = chat_template
     self.add_bos = add_bos
+    self.add_eos = add_eos
 
   @property
   def vocab_size(self) -> int:
     return self._tok.get_vocab_size()
 
   def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Text -> token ids. Templated chat text already holds its specials: pass False."""
+    """Text -> ``[T]`` token ids (BOS/EOS as the checkpoint asks when ``add_special_tokens``).
+    Templated chat text already holds its specials: pass False."""
     ids = self._tok.encode(text, add_special_tokens=False).ids
     if add_special_tokens and self.add_bos and self.bos_id is not None:
       ids = [self.bos_id] + ids
+    if add_special_tokens and self.add_eos and self.eos_id is not None:
+      ids = ids + [self.eos_id]
     return ids
 
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    """``[T]`` token ids -> text (control tokens dropped when ``skip_special_tokens``)."""
     return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
   def token_id(self, token: str) -> int | None:
@@ -121,36 +128,127 @@ def from_hf_dir(path: str) -> Tokenizer:
   eos = _token_str(conf.get("eos_token"))
   # tokenizer.json post-processors may add BOS themselves; we add it only when the config asks.
   add_bos = bool(conf.get("add_bos_token", False))
-  return Tokenizer(tok, bos_token=bos, eos_token=eos, chat_template=template, add_bos=add_bos)
+  return Tokenizer(tok, bos_token=bos, eos_token=eos, chat_template=template, add_bos=add_bos,
+                   add_eos=bool(conf.get("add_eos_token", False)))
+
+
+# GGUF ``tokenizer.ggml.token_type`` values (llama.cpp's llama_token_type).
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_SPM_SPACE = "\u2581"  # "▁": SentencePiece's escaped space
 
 
 def from_gguf(reader) -> Tokenizer:
-  """Byte-level BPE from ``tokenizer.ggml.tokens/merges`` (GPT-2 style models)."""
+  """Tokenizer from a GGUF's ``tokenizer.ggml.*`` metadata.
+
+  ``tokenizer.ggml.model`` ``gpt2`` (Llama 3, Qwen, SmolLM): byte-level BPE from the stored
+  merges. ``llama`` (Llama 2, Mistral, Gemma): SentencePiece BPE rebuilt from the scores (see
+  ``_spm_bpe``). BOS/EOS as the file's ``add_bos_token``/``add_eos_token`` say; the chat
+  template is the file's own, or None.
+  """
   from kvlab.models.gguf_loader import field  # pylint: disable=g-import-not-at-top
 
   kind = field(reader, "tokenizer.ggml.model")
-  if kind != "gpt2":
-    raise ValueError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE "
-                     "'gpt2', used by Llama 3, Qwen and SmolLM); use an HF directory with "
-                     "tokenizer.json instead")
-  tokens = field(reader, "tokenizer.ggml.tokens")
-  merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+  tokens = list(field(reader, "tokenizer.ggml.tokens"))
   types = field(reader, "tokenizer.ggml.token_type")
-  vocab = {t: i for i, t in enumerate(tokens)}
-  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                        byte_fallback=False))
-  tok.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre", "gpt2"))
-  tok.decoder = decoders.ByteLevel()
-  # CONTROL (3) and USER_DEFINED (4) tokens are never split by the BPE.
-  special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
-             for i, ty in enumerate(types) if ty in (3, 4)]
-  tok.add_special_tokens(special)
   bos_id = field(reader, "tokenizer.ggml.bos_token_id")
   eos_id = field(reader, "tokenizer.ggml.eos_token_id")
+  if kind == "gpt2":
+    merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges")]
+    tok = _byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre", "gpt2"))
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", False))
+  elif kind == "llama":
+    scores = field(reader, "tokenizer.ggml.scores")
+    if scores is None:
+      raise ValueError("GGUF tokenizer model 'llama' (SentencePiece) without "
+                       "tokenizer.ggml.scores: the file cannot rebuild its merges; re-convert "
+                       "it with llama.cpp's convert_hf_to_gguf.py")
+    if types is None:  # old files: every token normal except the named specials
+      types = [_NORMAL] * len(tokens)
+      for key in ("bos", "eos", "unknown", "padding"):
+        i = field(reader, f"tokenizer.ggml.{key}_token_id")
+        if i is not None:
+          types[i] = _UNKNOWN if key == "unknown" else _CONTROL
+    tok = _spm_bpe(tokens, scores, types,
+                   add_space_prefix=bool(field(reader, "tokenizer.ggml.add_space_prefix", True)),
+                   unk_id=field(reader, "tokenizer.ggml.unknown_token_id"))
+    # SentencePiece checkpoints start with BOS unless the file says otherwise.
+    add_bos = bool(field(reader, "tokenizer.ggml.add_bos_token", True))
+  else:
+    raise ValueError(f"GGUF tokenizer model {kind!r} is not supported; kvlab reads 'gpt2' "
+                     "(byte-level BPE: Llama 3, Qwen, SmolLM) and 'llama' (SentencePiece BPE: "
+                     "Llama 2, Mistral, Gemma). Use an HF directory with tokenizer.json instead")
   return Tokenizer(
       tok,
       bos_token=tokens[bos_id] if bos_id is not None else None,
       eos_token=tokens[eos_id] if eos_id is not None else None,
       chat_template=field(reader, "tokenizer.chat_template"),
-      add_bos=bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+      add_bos=add_bos,
+      add_eos=bool(field(reader, "tokenizer.ggml.add_eos_token", False)),
   )
+
+
+def _byte_level_bpe(tokens: list[str], merges: list[tuple[str, str]], types, pre: str):
+  """GPT-2 style byte-level BPE over ``tokens [V]`` and the stored ``merges``."""
+  vocab = {t: i for i, t in enumerate(tokens)}
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                        byte_fallback=False))
+  tok.pre_tokenizer = _pre_tokenizer(pre)
+  tok.decoder = decoders.ByteLevel()
+  # CONTROL (3) and USER_DEFINED (4) tokens are never split by the BPE.
+  special = [tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+             for i, ty in enumerate(types) if ty in (_CONTROL, _USER_DEFINED)]
+  tok.add_special_tokens(special)
+  return tok
+
+
+def _spm_bpe(tokens: list[str], scores, types, *, add_space_prefix: bool,
+             unk_id: int | None) -> tokenizers.Tokenizer:
+  """SentencePiece BPE (llama.cpp's "SPM" vocabulary) from ``tokens/scores/types [V]``.
+
+  The file stores no merges. SentencePiece BPE encodes by repeatedly joining the adjacent pair
+  whose concatenation is the best-scoring vocabulary piece; a ``tokenizers`` BPE gives the same
+  result when its merges are every split ``(left, right)`` of every NORMAL piece with both
+  halves NORMAL pieces, ranked by the piece's score (best first). Spaces become "▁" (plus one
+  in front of each text segment when ``add_space_prefix``: Llama 2 and Mistral do, Gemma does
+  not); the whole segment is one BPE word (no pre-split), as in SentencePiece. Characters not
+  in the vocabulary fall back to their UTF-8 ``<0xXX>`` byte tokens. USER_DEFINED pieces (Gemma:
+  runs of newlines, spaces and tabs, HTML tags) are matched in the raw text before the BPE and
+  kept when decoding; CONTROL pieces (``<bos>``, ``<start_of_turn>``, ...) are special: always
+  matched, dropped by ``decode(skip_special_tokens=True)``.
+  """
+  # A USER_DEFINED piece holding spaces (Gemma's runs "  ", "   ", ...) is matched in the
+  # normalized text, where spaces are "▁", so it is stored escaped: "▁▁" matches "  ".
+  pieces = [t.replace(" ", _SPM_SPACE) if ty == _USER_DEFINED else t
+            for t, ty in zip(tokens, types)]
+  normal = {}
+  for i, (t, ty) in enumerate(zip(tokens, types)):
+    if ty == _NORMAL and t not in normal:
+      normal[t] = i
+  ranked = []  # (-score, piece id, split) per merge
+  for t, i in normal.items():
+    for k in range(1, len(t)):
+      if t[:k] in normal and t[k:] in normal:
+        ranked.append((-float(scores[i]), i, k))
+  ranked.sort()
+  merges = [(tokens[i][:k], tokens[i][k:]) for _, i, k in ranked]
+  vocab = {}
+  for i, t in enumerate(pieces):
+    vocab.setdefault(t, i)
+  unk = tokens[unk_id] if unk_id is not None and 0 <= unk_id < len(tokens) else None
+  byte_fallback = any(ty == _BYTE for ty in types)
+  tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=unk,
+                                        fuse_unk=True, byte_fallback=byte_fallback))
+  steps = [normalizers.Replace(" ", _SPM_SPACE)]
+  if add_space_prefix:  # per segment: the text's start and after each special/user token
+    steps.insert(0, normalizers.Prepend(_SPM_SPACE))
+  tok.normalizer = normalizers.Sequence(steps)
+  dec = [decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+  if add_space_prefix:
+    dec.append(decoders.Strip(" ", 1, 0))
+  tok.decoder = decoders.Sequence(dec)
+  tok.add_special_tokens([tokenizers.AddedToken(tokens[i], special=True, normalized=False)
+                          for i, ty in enumerate(types) if ty in (_CONTROL, _UNKNOWN)])
+  tok.add_tokens([tokenizers.AddedToken(pieces[i], special=False,
+                                        normalized=pieces[i] != tokens[i])
+                  for i, ty in enumerate(types) if ty == _USER_DEFINED])
+  return tok

@@ -37,6 +37,19 @@ _LAYER_MAP = {
     "b_down": ("mlp.down_proj.bias", False),
 }
 
+# Gemma 3's four norms per layer ("sandwich"): the norm before the MLP has its own name, and
+# HF's post_attention_layernorm is the norm *after* attention (Llama's is the one before the MLP).
+_SANDWICH_MAP = {
+    "mlp_norm": ("pre_feedforward_layernorm.weight", False),
+    "post_attn_norm": ("post_attention_layernorm.weight", False),
+    "post_mlp_norm": ("post_feedforward_layernorm.weight", False),
+}
+
+
+def layer_map(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
+  """kvlab layer param -> (HF suffix under ``model.layers.{i}.``, transpose?) for ``cfg``."""
+  return {**_LAYER_MAP, **_SANDWICH_MAP} if cfg.sandwich_norms else dict(_LAYER_MAP)
+
 
 def layer_param_names(cfg: ModelConfig) -> list[str]:
   """Names of the per-layer parameters of ``cfg`` (biases and q/k norms only where it has them)."""
@@ -49,6 +62,8 @@ def layer_param_names(cfg: ModelConfig) -> list[str]:
     names += ["q_norm", "k_norm"]
   if cfg.mlp_bias:
     names += ["b_gate", "b_up", "b_down"]
+  if cfg.sandwich_norms:
+    names += ["post_attn_norm", "post_mlp_norm"]
   return names
 
 
@@ -57,8 +72,9 @@ def expected_hf_names(cfg: ModelConfig) -> list[str]:
   names = ["model.embed_tokens.weight", "model.norm.weight"]
   if not cfg.tie_word_embeddings:
     names.append("lm_head.weight")
+  lmap = layer_map(cfg)
   for i in range(cfg.num_layers):
-    names += [f"model.layers.{i}.{_LAYER_MAP[n][0]}" for n in layer_param_names(cfg)]
+    names += [f"model.layers.{i}.{lmap[n][0]}" for n in layer_param_names(cfg)]
   return names
 
 
@@ -76,10 +92,11 @@ def build_params(cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype=jnp.f
 
   layers = {}
   names = layer_param_names(cfg)
+  lmap = layer_map(cfg)
   it = tqdm(range(cfg.num_layers), desc=f"loading {source}", disable=not progress, leave=False)
   for i in it:
     for n in names:
-      suffix, tr = _LAYER_MAP[n]
+      suffix, tr = lmap[n]
       x = fetch(f"model.layers.{i}.{suffix}", tr)
       if n not in layers:
         layers[n] = np.empty((cfg.num_layers,) + x.shape, np_dtype)

@@ -31,9 +31,10 @@ STEPS = 32
 # (data:4,model:2), PyramidKV's per-layer budgets included. The other meshes run the
 # families whose layout they change, since each method and mesh is a fresh set of compiles
 # (this test was the suite's longest module): data:8 splits rows only (xKV's token factors
-# split by row there); data:2,model:4 gives each model shard one kv head (per-head budgets,
-# paged); data:1,model:8 does not divide the 4 kv heads and replicates the cache with a logged
-# reason, asserted by the test.
+# split by row there); data:2,model:4 (one kv head per model shard: per-head budgets, paged)
+# is run by hand when those change (the suite's CI time; tests/sharded_kernel_run.py keeps
+# that mesh for the kernels); data:1,model:8 does not divide the 4 kv heads and replicates the
+# cache with a logged reason, asserted by the test.
 ONLY = {"data:8": ("snapkv", "h2o", "streaming_llm+xkv"),
         "data:2,model:4": ("snapkv", "adakv", "streaming_llm+kivi4"),
         "data:1,model:8": ("snapkv",)}

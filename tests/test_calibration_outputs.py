@@ -52,27 +52,35 @@ KVQUANT = ("--num_samples=1", "--seqlen=32", "--bits=2", "--qnorm_bits=2", "--km
            "--max_points=2000")
 
 
-def test_calibrate_kvquant_default_out_is_under_runs_named_after_the_model(tok_tiny, tmp_path):
-  from kvlab.lib.quant import kvquant_calibrate as calib  # pylint: disable=g-import-not-at-top
-  model = tok_tiny(0)
+@pytest.fixture(scope="module")
+def kvquant_run(tok_tiny, tmp_path_factory):
+  """One calibration of tiny-0 with the default --out, run in a fresh directory: ``(cwd,
+  out)``; the committed calibration's metadata must not change."""
   committed = os.path.join(ROOT, "results", "calibration", "kvquant_smollm2-135m", "meta",
                            "metadata")
   before = os.stat(committed).st_mtime_ns
-  p = _launch("experiments.calibrate_kvquant", tmp_path, f"--model={model}", *KVQUANT)
+  cwd = tmp_path_factory.mktemp("kvquant_run")
+  p = _launch("experiments.calibrate_kvquant", cwd, f"--model={tok_tiny(0)}", *KVQUANT)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert not (tmp_path / "results").exists()  # the old default: results/calibration/...smollm2
-  out = tmp_path / "runs" / "calibration" / "kvquant_tiny-0"
+  assert os.stat(committed).st_mtime_ns == before
+  return cwd, cwd / "runs" / "calibration" / "kvquant_tiny-0"
+
+
+def test_calibrate_kvquant_default_out_is_under_runs_named_after_the_model(tok_tiny, kvquant_run):
+  from kvlab.lib.quant import kvquant_calibrate as calib  # pylint: disable=g-import-not-at-top
+  cwd, out = kvquant_run
+  model = tok_tiny(0)
+  assert not (cwd / "results").exists()  # the old default: results/calibration/...smollm2
   cal = calib.load(str(out))
   assert cal.meta["model"] == model and cal.meta["source"] == model
   assert cal.meta["fingerprint"].startswith("w1-")
-  assert os.stat(committed).st_mtime_ns == before
 
 
-def test_calibrate_kvquant_refuses_an_output_of_another_model_or_settings(tok_tiny, tmp_path):
-  out = str(tmp_path / "cal")
+def test_calibrate_kvquant_refuses_an_output_of_another_model_or_settings(tok_tiny, kvquant_run,
+                                                                          tmp_path):
+  _, cal_dir = kvquant_run
+  out = str(cal_dir)
   a, b = tok_tiny(0), tok_tiny(1)
-  p = _launch("experiments.calibrate_kvquant", tmp_path, f"--model={a}", f"--out={out}", *KVQUANT)
-  assert p.returncode == 0, p.stderr[-3000:]
   meta = os.path.join(out, "meta", "metadata")
   written = os.stat(meta).st_mtime_ns
   p = _launch("experiments.calibrate_kvquant", tmp_path, f"--model={b}", f"--out={out}", *KVQUANT)
@@ -106,12 +114,12 @@ def test_train_matryoshka_refuses_to_resume_with_changed_settings(tok_tiny, tmp_
   p = _launch("experiments.train_matryoshka", tmp_path, f"--model={model}", "--steps=2",
               *MATRYOSHKA)
   assert p.returncode == 0, p.stderr[-3000:]
-  for changed, line in (("--lr=0.002", "--lr: 0.001 -> 0.002"), ("--steps=3", "--steps: 2 -> 3")):
-    p = _launch("experiments.train_matryoshka", tmp_path, f"--model={model}", "--steps=2",
-                *MATRYOSHKA, changed)
-    assert p.returncode != 0, f"resumed under {changed}"
-    assert "made with other settings" in p.stderr and line in p.stderr, p.stderr[-3000:]
-    assert "same flags" in p.stderr and "another --out" in p.stderr
+  p = _launch("experiments.train_matryoshka", tmp_path, f"--model={model}", *MATRYOSHKA,
+              "--steps=3", "--lr=0.002")  # both changes named in one refusal
+  assert p.returncode != 0, "resumed under --steps=3 --lr=0.002"
+  assert "made with other settings" in p.stderr, p.stderr[-3000:]
+  assert "--lr: 0.001 -> 0.002" in p.stderr and "--steps: 2 -> 3" in p.stderr, p.stderr[-3000:]
+  assert "same flags" in p.stderr and "another --out" in p.stderr
   out = tmp_path / "runs" / "matryoshka" / "tiny-0"  # the default --out, named after the model
   assert json.load(open(out / "run.json"))["settings"]["lr"] == 0.001
   assert json.load(open(out / "summary.json"))["train"]["steps"] == 2

@@ -20,7 +20,7 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_KILLS = 3
+_KILLS = 2
 _LIMIT_S = 240
 
 

@@ -13,7 +13,7 @@ from kvlab.lib import sharding
 from kvlab.lib.cache import KVCache
 from xla_env import with_host_devices
 
-MESHES = ("data:8", "data:4,model:2", "data:2,model:4", "data:1,model:8")
+MESHES = ("data:8", "data:4,model:2", "data:1,model:8")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 import transformers
 
@@ -46,3 +47,36 @@ def make_checkpoint(name: str, path: str, seed: int = 0):
   os.makedirs(path, exist_ok=True)
   model.save_pretrained(path, safe_serialization=True)
   return model
+
+
+def hf_greedy(model, ids, steps):
+  """transformers' logits of the prompt ``ids`` ``[T, V]``, then ``steps`` greedy decode steps
+  with its KV cache: ``(prompt logits, tokens [steps + 1], step logits [steps, V] or None)``."""
+  with torch.no_grad():
+    out = model(torch.tensor([ids]), use_cache=True)
+    pkv, prefill = out.past_key_values, out.logits[0].numpy()
+    tok = int(prefill[-1].argmax())
+    toks, logits = [tok], []
+    for _ in range(steps):
+      out = model(torch.tensor([[tok]]), past_key_values=pkv, use_cache=True)
+      pkv = out.past_key_values
+      lg = out.logits[0, -1].numpy()
+      logits.append(lg)
+      tok = int(lg.argmax())
+      toks.append(tok)
+  return prefill, toks, np.stack(logits) if logits else None
+
+
+def kvlab_greedy_steps(m, cache, tok: int, steps: int):
+  """``steps`` greedy kvlab decode steps of one row from ``cache`` after first token ``tok``:
+  ``(tokens [steps + 1], step logits [steps, V])``, as ``hf_greedy`` returns them."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from kvlab.lib import generate as gen  # pylint: disable=g-import-not-at-top
+  toks, logits = [tok], []
+  for _ in range(steps):
+    lg, cache = gen.decode_step(m.params, jnp.asarray([tok], jnp.int32), cache,
+                                apply_fn=m.apply_fn)
+    logits.append(np.asarray(lg[0]))
+    tok = int(np.argmax(lg[0]))
+    toks.append(tok)
+  return toks, np.stack(logits)

@@ -37,7 +37,8 @@ def plain_rows(cache: KVCache) -> KVCache | None:
   if isinstance(cache.quant, PagedStore) and int(jnp.max(cache.lengths)) == 0:
     keys, values, positions = cache.quant.dense()
     return KVCache(keys=keys, values=values, positions=positions,
-                   lengths=cache.quant.lengths, next_position=cache.next_position)
+                   lengths=cache.quant.lengths, next_position=cache.next_position,
+                   windows=cache.windows)
   return None
 
 
@@ -54,7 +55,10 @@ def stack_rows(caches: Sequence[KVCache], capacity: int) -> KVCache:
   if bad:
     raise ValueError(f"caches {bad} carry a stored part or scores; pass them through "
                      "plain_rows first (and answer those that return None one at a time)")
+  if len({c.windows for c in caches}) > 1:
+    raise ValueError("stack_rows got caches of models with different per-layer windows")
   rows = [c.resize(capacity) for c in caches]
   cat = lambda name, axis: jnp.concatenate([getattr(c, name) for c in rows], axis=axis)
   return KVCache(keys=cat("keys", 1), values=cat("values", 1), positions=cat("positions", 1),
-                 lengths=cat("lengths", 1), next_position=cat("next_position", 0))
+                 lengths=cat("lengths", 1), next_position=cat("next_position", 0),
+                 windows=caches[0].windows)

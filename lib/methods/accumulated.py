@@ -80,7 +80,9 @@ def _hook(gumbel_tau: float | None, seed: int, impl: str):
   fused = impl in ("kernel", "interpret")
 
   def observe(layer, x, cache):
-    if fused and cache.quant is None and x.lse is not None:
+    # The kernel takes a static window; a hybrid model's (Gemma 3) is per layer, traced.
+    static_window = x.sliding_window is None or isinstance(x.sliding_window, int)
+    if fused and cache.quant is None and x.lse is not None and static_window:
       return _kernel_column_sums(layer, x, cache, interpret=impl == "interpret", gumbel=spec)
     if spec is None:
       if x.probs is not None:  # the attention kept its softmax: nothing to recompute

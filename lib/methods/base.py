@@ -242,6 +242,39 @@ def select(cache: KVCache, scores: jax.Array, kept: jax.Array, capacity: int) ->
   return out.resize(capacity, check=False) if capacity > k else out
 
 
+def check_hybrid(method) -> None:
+  """Raises unless ``method`` can compress a hybrid cache (``KVCache.windows``: Gemma 3's
+  sliding-window layers beside global ones). Token-selecting methods can: ``compress`` keeps
+  each local layer's window (the only tokens it will attend to again) and lets the method
+  choose on the global layers. Not yet: decode-time eviction (H2O, TOVA evict on every layer),
+  data-dependent budgets across layers and heads (AdaKV), and stored parts (quantization,
+  low-rank, channel pruning, depth merging: they would compress local layers too)."""
+  for member in getattr(method, "methods", ()):  # Compose: every member, before any runs
+    check_hybrid(member)
+  why = None
+  if hasattr(method, "update"):
+    why = "it evicts during decoding, on every layer"
+  elif hasattr(method, "budgets"):
+    why = "it shares one budget across layers and heads"
+  elif hasattr(method, "apply") and not hasattr(method, "methods"):
+    why = "it stores the cache in a compact form on every layer (quantized / low-rank / merged)"
+  if why is not None:
+    raise ValueError(f"{getattr(method, 'name', type(method).__name__)} cannot compress a hybrid "
+                     f"cache (sliding-window local layers beside global layers, Gemma 3) yet: "
+                     f"{why}. Use a token-selecting method (snapkv, streaming_llm, knorm, "
+                     f"expected_attention, keyformer, pyramidkv, kvzip), which compresses the "
+                     f"global layers and keeps each local layer's window, or the full cache")
+
+
+def keep_windows(kept: np.ndarray, lengths: np.ndarray, windows) -> np.ndarray:
+  """Budgets ``kept [L, B, K]`` with every local layer's (``windows [L] > 0``) set to its
+  window: ``min(length, window)``, the most recent tokens (``_compress`` forces them in).
+  A local layer never attends further back, so this is lossless there; global layers keep
+  the method's budget."""
+  w = np.asarray(windows)[:, None, None]
+  return np.where(w > 0, np.minimum(lengths, w), kept).astype(kept.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("method", "capacity"))
 def _compress(method, cache, obs, kept, capacity, scores=None):
   if hasattr(method, "carried_scores") and hasattr(method, "update"):
@@ -251,6 +284,9 @@ def _compress(method, cache, obs, kept, capacity, scores=None):
   if scores is None:
     scores = (method.scores(cache, obs, kept=kept) if getattr(method, "scores_take_kept", False)
               else method.scores(cache, obs))
+  local = cache.local_layers
+  if local.any():  # hybrid: a local layer keeps its most recent tokens (keep_windows)
+    scores = jnp.where(jnp.asarray(local)[:, None, None, None], forced(cache.positions), scores)
   return select(cache, scores, kept, capacity)
 
 
@@ -268,14 +304,21 @@ def compress(method: Method, cache: KVCache, observations: Any = None, *, extra:
       pages would take more slots than the padded layout (``_pages_save``: short prompts).
 
   Warns (``MethodWarning``) where the method's window or sinks do not fit the budget
-  (``Method.budget_notes``).
+  (``Method.budget_notes``). On a hybrid cache (``cache.windows``, Gemma 3) local layers keep
+  their window and the method compresses the global layers; methods that cannot raise
+  (``check_hybrid``).
   """
+  hybrid = bool(cache.local_layers.any())
+  if hybrid:
+    check_hybrid(method)
   if hasattr(method, "apply"):  # Compose and other multi-step methods
     return method.apply(cache, observations, extra=extra, block=block)
   lengths = to_host(cache.lengths)
   kept = method.kept(lengths)
   for note in method.budget_notes(lengths, kept):
     warn(note)
+  if hybrid:
+    kept = keep_windows(kept, lengths, cache.windows)
   scores = None
   if hasattr(method, "budgets"):  # data-dependent budgets (AdaKV): fetch them to size the cache
     budgets, scores = _budgets(method, cache, observations, jnp.asarray(kept, jnp.int32))

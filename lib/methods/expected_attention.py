@@ -85,15 +85,15 @@ class ExpectedAttention(Method):
 
   def scores(self, cache: KVCache, obs):
     s1, s2, n = obs["s1"].sum(0), obs["s2"].sum(0), obs["n"].sum(0)  # [L,B,N,H], ..., [L,B]
-    inv_freq = obs["inv_freq"][-1, 0]  # [H/2] (same for every layer)
+    inv_freq = obs["inv_freq"][-1]  # [L, H/2]: per layer (Gemma 3's local/global RoPE)
     n = jnp.maximum(n, 1.0)  # [L, B]
     mu = s1 / n[..., None, None]  # [L, B, N, H]
     cov = s2 / n[..., None, None, None] - jnp.einsum("LBNH,LBNJ->LBNHJ", mu, mu)
     h = cache.head_dim
-    cos, sin = mean_rotation(inv_freq, cache.next_position, self.future)
-    r = _rotate(cos, sin, h)  # [B, H, H]
-    mu = jnp.einsum("BHJ,LBNJ->LBNH", r, mu)
-    cov = jnp.einsum("BHJ,LBNJI,BKI->LBNHK", r, cov, r)
+    rotation = lambda f: _rotate(*mean_rotation(f, cache.next_position, self.future), h)
+    r = jax.vmap(rotation)(inv_freq)  # [L, B, H, H]
+    mu = jnp.einsum("LBHJ,LBNJ->LBNH", r, mu)
+    cov = jnp.einsum("LBHJ,LBNJI,LBKI->LBNHK", r, cov, r)
     kh, nh = cache.kv_heads, mu.shape[2]
     g = nh // kh
 
