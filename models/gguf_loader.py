@@ -110,7 +110,9 @@ def config_from_gguf(reader) -> ModelConfig:
   scaling_type = g("rope.scaling.type", "none")
   rope_type = {"none": "default", "linear": "linear"}.get(scaling_type)
   if rope_type is None:
-    raise ValueError(f"GGUF rope.scaling.type={scaling_type!r} is not supported")
+    raise ValueError(f"GGUF rope.scaling.type={scaling_type!r} is not supported from GGUF "
+                     "metadata (kvlab reads none/linear there); load the model's HF directory, "
+                     "whose config.json rope_scaling kvlab reads (yarn, longrope, llama3, ...)")
   vocab = g("vocab_size") or len(field(reader, "tokenizer.ggml.tokens"))
   eos = field(reader, "tokenizer.ggml.eos_token_id")
   eot = field(reader, "tokenizer.ggml.eot_token_id")
