@@ -31,8 +31,28 @@ PREFIX = "w1-"
 _MEMO: dict[tuple, tuple[list, str, str]] = {}
 
 
+# Fields ModelConfig / RopeConfig gained after fingerprints were first committed (Gemma 3, YaRN,
+# LongRoPE), with their defaults: left out of the hash while at those defaults, so every earlier
+# model keeps its fingerprint (committed calibrations and resumable result files record it).
+_ADDED_LATER = {
+    "norm_offset": 0.0, "sandwich_norms": False, "mlp_act": "silu", "embed_scale": False,
+    "query_scale": None, "final_logit_softcap": None, "layer_types": None, "rope_local": None,
+    "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True, "mscale": None,
+    "mscale_all_dim": None, "attention_factor": None, "short_factor": None, "long_factor": None,
+}
+
+
+def _without_later_defaults(d):
+  """``d`` (a config as nested dicts) without the ``_ADDED_LATER`` fields at their defaults."""
+  if not isinstance(d, dict):
+    return d
+  return {k: _without_later_defaults(v) for k, v in d.items()
+          if not (k in _ADDED_LATER and v == _ADDED_LATER[k])}
+
+
 def _config_json(config) -> str:
-  d = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else str(config)
+  d = (_without_later_defaults(dataclasses.asdict(config)) if dataclasses.is_dataclass(config)
+       else str(config))
   return json.dumps(d, sort_keys=True, default=str)
 
 
