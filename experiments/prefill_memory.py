@@ -1,11 +1,11 @@
 r"""Peak host memory of prefilling one long prompt: ``python -m experiments.prefill_memory``.
 
 Prints one JSON line: prompt length, chunk size, cache bytes (from the leaves), the process's
-peak resident memory over its life (``ru_maxrss``: loading the weights can set it) and during
+peak resident memory over its life (``VmHWM``: loading the weights can set it) and during
 the prefill alone (sampled every 5 ms); both include the fp32 weights and the XLA runtime.
 With ``--method``, the cache is compressed to ``--ratio`` either after the prefill (the full
 cache exists first) or, with ``--compress_during_prefill``, after every chunk (the cache never
-holds more than budget + one chunk). Run one mode per process: ``ru_maxrss`` is a high-water mark.
+holds more than budget + one chunk). Run one mode per process: ``VmHWM`` is a high-water mark.
 
 ``--batch=B`` prefills B prompts of different lengths (``length``, ``length - 64``, ...). Under a
 memory limit (``prlimit --as=...``, a cgroup, the available RAM or ``KVLAB_MEMORY_LIMIT_GIB``
@@ -14,7 +14,6 @@ with one clear error (exit code 2, and a JSON line with ``"error"``).
 """
 
 import json
-import resource
 import sys
 import time
 
@@ -64,7 +63,7 @@ def main(argv):
   tokens, lengths = gen.pad_batch(prompts, FLAGS.chunk_size)
   gen.check_context(lengths, 1, c.max_position_embeddings)
   weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(m.params))
-  rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  rss_loaded = memory.peak_resident_bytes()
   rss_now = memory.resident_bytes()
   t = time.perf_counter()
   method = methods.make(FLAGS.method, ratio=FLAGS.ratio) if FLAGS.method else None
@@ -82,7 +81,7 @@ def main(argv):
     print(json.dumps({**row, "error": str(e)}))
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  peak = memory.peak_resident_bytes()
   print(json.dumps({
       **row, "weight_bytes": weights, "rss_after_load_bytes": rss_loaded,
       "rss_before_prefill_bytes": rss_now, "peak_rss_prefill_bytes": during.peak_bytes,

@@ -64,6 +64,16 @@ def resident_bytes() -> int | None:
   return None if kib is None else kib * 1024
 
 
+def peak_resident_bytes() -> int:
+  """The process's peak resident memory since it started this program: ``VmHWM`` (reset by
+  exec), else ``ru_maxrss``. ``ru_maxrss`` alone is kept across exec, so a launcher started by
+  a large parent (a pytest worker) would report the parent's peak."""
+  kib = _proc_kib("VmHWM")
+  if kib is not None:
+    return kib * 1024
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def headroom() -> tuple[int, str] | None:
   """``(bytes still allocatable, which limit)`` for the tightest known limit, or None."""
   found = []
